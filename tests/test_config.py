@@ -1,0 +1,176 @@
+"""ReformerConfig: HF defaults, validation messages, JSON round trip, presets, derived values."""
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+
+from torch_reformer.config import ACTIVATION_NAMES, PRESETS, ReformerConfig
+
+OUR_OWN_FIELDS = {"memory_mode", "position_embedding_type"}
+
+
+def _as_plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_defaults_equal_hf_defaults_for_every_shared_field():
+    transformers = pytest.importorskip("transformers")
+    ours = ReformerConfig()
+    theirs = transformers.ReformerConfig()
+    shared = [f.name for f in dataclasses.fields(ours) if f.name not in OUR_OWN_FIELDS]
+    for name in shared:
+        assert _as_plain(getattr(ours, name)) == _as_plain(getattr(theirs, name)), name
+    # every Reformer-specific HF field exists here
+    hf_own_fields = set(transformers.ReformerConfig.__annotations__) - {"model_type", "keys_to_ignore_at_inference",
+                                                                        "attribute_map"}
+    assert hf_own_fields <= set(shared)
+
+
+def test_hf_config_dict_loads_without_warnings():
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.ReformerConfig(
+        attn_layers=["lsh", "local", "lsh"],
+        num_buckets=[4, 8],
+        axial_pos_embds=False,
+        hidden_size=64,
+        is_decoder=True,
+        id2label={0: "a", 1: "b", 2: "c"},
+        hash_seed=7,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = ReformerConfig.from_dict(json.loads(hf_config.to_json_string()))
+    assert ours.attn_layers == ("lsh", "local", "lsh")
+    assert ours.num_buckets == (4, 8)
+    assert ours.position_embedding_type == "learned" and ours.axial_pos_embds is False
+    assert ours.num_labels == 3
+    assert (ours.hidden_size, ours.is_decoder, ours.hash_seed) == (64, True, 7)
+
+
+def test_our_dict_builds_an_equal_hf_config():
+    transformers = pytest.importorskip("transformers")
+    ours = ReformerConfig.from_preset("crime-and-punishment")
+    shared = {k: v for k, v in ours.to_dict().items() if k not in OUR_OWN_FIELDS}
+    theirs = transformers.ReformerConfig(**shared)
+    for name, value in shared.items():
+        assert _as_plain(getattr(theirs, name)) == value, name
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_json_round_trip_is_exact(name, tmp_path):
+    config = ReformerConfig.from_preset(name, memory_mode="checkpoint")
+    assert ReformerConfig.from_dict(json.loads(config.to_json_string())) == config
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    assert ReformerConfig.from_json_file(path) == config
+    written = json.loads(path.read_text())
+    assert isinstance(written["attn_layers"], list) and isinstance(written["axial_pos_shape"], list)
+
+
+def test_lists_are_stored_as_tuples():
+    config = ReformerConfig(attn_layers=["local", "lsh"], num_buckets=[4, 8], eos_token_id=[1, 2])
+    assert config.attn_layers == ("local", "lsh")
+    assert config.num_buckets == (4, 8)
+    assert config.eos_token_id == (1, 2)
+    assert config == ReformerConfig(attn_layers=("local", "lsh"), num_buckets=(4, 8), eos_token_id=(1, 2))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(attn_layers=["local", "global"]), ValueError, r"unknown attention type.*'global'.*use only"),
+        (dict(attn_layers=[]), ValueError, "attn_layers is empty"),
+        (dict(attn_layers="lsh"), TypeError, "list or tuple of str"),
+        (dict(hidden_size=128), ValueError, r"sums to 256 but hidden_size is 128.*choose per-axis widths"),
+        (dict(axial_pos_shape=(8, 8, 8)), ValueError, "equal length"),
+        (dict(axial_pos_shape=(0, 8)), ValueError, "positive integers"),
+        (dict(num_buckets=7), ValueError, r"odd or too small value 7.*even integer"),
+        (dict(num_buckets=[8, 3]), ValueError, r"odd or too small value 3"),
+        (dict(num_buckets=[]), ValueError, "empty sequence"),
+        (dict(num_buckets=8.0), TypeError, "num_buckets must be an int"),
+        (dict(feed_forward_size=0), ValueError, r"feed_forward_size must be >= 1.*positive integer"),
+        (dict(num_hashes=-1), ValueError, "num_hashes must be >= 1"),
+        (dict(chunk_size_lm_head=-1), ValueError, r"chunk_size_lm_head must be >= 0.*pass 0"),
+        (dict(hidden_dropout_prob=1.0), ValueError, r"hidden_dropout_prob must lie in \[0, 1\)"),
+        (dict(lsh_attention_probs_dropout_prob=-0.1), ValueError, "must lie in"),
+        (dict(classifier_dropout=1.5), ValueError, "classifier_dropout must lie in"),
+        (dict(hidden_act="gelu2"), ValueError, r"hidden_act 'gelu2' is not supported: choose one of"),
+        (dict(memory_mode="fast"), ValueError, r"memory_mode 'fast' is not known: choose one of"),
+        (dict(position_embedding_type="rotary"), ValueError, "position_embedding_type must be one of"),
+        (dict(problem_type="ranking"), ValueError, "problem_type 'ranking' is not known"),
+        (dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps must be > 0"),
+        (dict(initializer_range=-1.0), ValueError, "must be >= 0"),
+        (dict(pad_token_id=320), ValueError, r"pad_token_id=320 is outside the vocabulary \[0, 320\)"),
+        (dict(eos_token_id=[2, 400]), ValueError, "eos_token_id=400 is outside"),
+        (dict(hidden_size="256"), TypeError, "hidden_size must be an int"),
+        (dict(num_hashes=True), TypeError, "num_hashes must be an int"),
+        (dict(is_decoder=1), TypeError, "is_decoder must be True or False"),
+        (dict(hidden_dropout_prob="0.1"), TypeError, "hidden_dropout_prob must be a number"),
+        (dict(axial_pos_shape=(64.0, 64)), TypeError, "must hold only int"),
+    ],
+)
+def test_bad_values_raise_with_a_fix(overrides, error, message):
+    with pytest.raises(error, match=message):
+        ReformerConfig(**overrides)
+
+
+def test_from_dict_rejects_wrong_types_and_warns_on_unknown_keys(tmp_path):
+    with pytest.raises(TypeError, match="must be an int"):
+        ReformerConfig.from_dict({"vocab_size": "320"})
+    with pytest.raises(TypeError, match="must be a dict"):
+        ReformerConfig.from_dict([("vocab_size", 320)])
+    with pytest.warns(UserWarning, match="hiden_size"):
+        config = ReformerConfig.from_dict({"hiden_size": 3, "model_type": "reformer", "architectures": None})
+    assert config == ReformerConfig()
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        ReformerConfig.from_json_file(bad)
+
+
+def test_position_embedding_type_and_axial_flag_agree():
+    assert ReformerConfig(axial_pos_embds=False).position_embedding_type == "learned"
+    learned = ReformerConfig(position_embedding_type="learned")
+    assert learned.axial_pos_embds is False
+    none = ReformerConfig(position_embedding_type="none", hidden_size=64)  # axial widths not checked
+    assert none.axial_pos_embds is False and none.max_length is None
+    assert ReformerConfig().axial_pos_embds is True
+
+
+def test_derived_values():
+    config = ReformerConfig(attn_layers=["local", "lsh", "full"], local_attn_chunk_length=6, lsh_attn_chunk_length=4)
+    assert config.num_layers == 3
+    assert config.pad_multiple == 12
+    assert ReformerConfig(attn_layers=["full", "full"]).pad_multiple == 1
+    assert ReformerConfig(attn_layers=["lsh"], lsh_attn_chunk_length=32).pad_multiple == 32
+    assert ReformerConfig(axial_pos_shape=(8, 16, 4), axial_pos_embds_dim=(64, 64, 128)).max_length == 512
+    assert ReformerConfig(axial_pos_embds=False, max_position_embeddings=100).max_length == 100
+
+
+def test_presets():
+    tiny = ReformerConfig.from_preset("tiny")
+    assert tiny.attn_layers == ("local", "lsh") and tiny.hidden_size == 32 and tiny.hash_seed is not None
+    assert tiny.hidden_dropout_prob == tiny.local_attention_probs_dropout_prob == 0.0
+    enwik8 = ReformerConfig.from_preset("enwik8")
+    assert enwik8.attn_layers == ("local", "local", "lsh", "local") * 3
+    assert (enwik8.hidden_size, enwik8.feed_forward_size, enwik8.num_attention_heads) == (1024, 4096, 8)
+    assert (enwik8.attention_head_size, enwik8.lsh_attn_chunk_length, enwik8.local_attn_chunk_length) == (128, 256, 128)
+    assert (enwik8.num_buckets, enwik8.num_hashes, enwik8.max_length) == (512, 4, 65536)
+    assert enwik8.is_decoder and enwik8.vocab_size == 258
+    crime = ReformerConfig.from_preset("crime-and-punishment", memory_mode="autograd")
+    assert crime.attn_layers == ("local", "lsh") * 3 and crime.num_buckets == (64, 128)
+    assert (crime.axial_pos_shape, crime.axial_pos_embds_dim, crime.max_length) == ((512, 1024), (64, 192), 524288)
+    assert crime.memory_mode == "autograd"
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ReformerConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="sums to"):
+        ReformerConfig.from_preset("tiny", hidden_size=48)
+
+
+def test_activation_names_match_the_layers():
+    from torch_reformer.layers import get_activation
+
+    for name in ACTIVATION_NAMES:
+        assert callable(get_activation(name))
