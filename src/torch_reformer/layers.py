@@ -1,0 +1,519 @@
+"""The Reformer's non-attention building blocks, each a pure function plus a thin module.
+
+Legend: B batch, L sequence length, d model width (``hidden_size``), F feed-forward width
+(``feed_forward_size``), V vocabulary, N = B * L rows, C chunk length.
+
+- Position embeddings. ``AxialPositionalEmbedding`` factorises positions into an N-D grid
+  ``(n1, ..., nk)`` with one small table per axis (widths ``d1 + ... + dk = d``): position
+  ``p`` reads the row-major coordinates of ``p`` and concatenates the per-axis rows. It
+  gathers per axis, so memory is O(L * d) even for a 1M-position grid, and it works for any
+  length up to the product and any ``position_ids`` (decoding offsets), in training and eval.
+  ``LearnedPositionalEmbedding`` is the ordinary (max_positions, d) table.
+- ``ChunkedFeedForward``: LayerNorm -> Linear(d, F) -> dropout -> activation -> Linear(F, d)
+  -> dropout (dropout before the activation, as in HF). With ``chunk_size > 0`` the (B, L, F)
+  intermediate never exists whole, in forward or backward: ``chunked_recompute`` runs the
+  chunks without autograd, keeps only the input, and in backward recomputes and
+  back-propagates one chunk at a time, replaying the forward's dropout masks.
+- ``lm_head_loss``: the LM head (Linear(2H, V) + bias) fused with mean cross-entropy. With
+  ``chunk_size > 0`` it never holds (N, V) logits: the gradients with respect to hidden,
+  weight and bias are computed chunk by chunk during the forward pass and only scaled in
+  backward. The softmax is always computed in at least fp32.
+- ``get_activation`` maps HF activation names to functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ACTIVATION_NAMES
+
+# ---------------------------------------------------------------------------- activations
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    # HF's "gelu_new", "gelu_fast" and "gelu_pytorch_tanh" are all this tanh approximation.
+    return F.gelu(x, approximate="tanh")
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mish": F.mish,
+    "leaky_relu": F.leaky_relu,
+    "linear": _identity,
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The elementwise activation HF calls ``name`` (see ``config.ACTIVATION_NAMES``)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {ACTIVATION_NAMES}")
+    return _ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------- position embeddings
+
+
+def check_positions(position_ids: Tensor, capacity: int, capacity_text: str, fix: str) -> None:
+    """Raise unless ``position_ids`` is an integer tensor with values in ``[0, capacity)``.
+
+    ``capacity_text`` names the capacity in the error (e.g. "prod((64, 64))=4096"), ``fix`` says what to change.
+    The range check reads two numbers back from the device; it is skipped while
+    ``torch.compile`` traces, where a data-dependent branch would split the graph.
+    """
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if position_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (value.item() for value in torch.aminmax(position_ids))
+    if low < 0:
+        raise ValueError(f"position_ids must be >= 0, got {low}")
+    if high >= capacity:
+        raise ValueError(f"sequence length {high + 1} exceeds the {capacity_text}: {fix}")
+
+
+def unravel_positions(position_ids: Tensor, axial_pos_shape: Sequence[int]) -> list[Tensor]:
+    """Row-major grid coordinates of each position: one tensor per axis, shaped like the input."""
+    coordinates = []
+    stride = math.prod(axial_pos_shape)
+    for axis_size in axial_pos_shape:
+        stride //= axis_size
+        coordinates.append(torch.div(position_ids, stride, rounding_mode="floor") % axis_size)
+    return coordinates
+
+
+def axial_position_embedding(position_ids: Tensor, axis_tables: Sequence[Tensor]) -> Tensor:
+    """Concatenated per-axis rows for each position.
+
+    position_ids: any shape, e.g. (B, L) or (L,), values in [0, n1 * ... * nk).
+    axis_tables: k tables, table k of shape (n_k, d_k).
+    Returns position_ids.shape + (d1 + ... + dk,).
+    """
+    coordinates = unravel_positions(position_ids, [table.shape[0] for table in axis_tables])
+    rows = [F.embedding(coordinate, table) for coordinate, table in zip(coordinates, axis_tables)]  # (..., d_k) each
+    return torch.cat(rows, dim=-1)  # (..., d)
+
+
+class AxialPositionalEmbedding(nn.Module):
+    """Axial position embeddings over the grid ``axial_pos_shape`` (any number of axes).
+
+    ``self.weights[k]`` has HF's layout: shape (1, .., n_k, .., 1, d_k) with n_k at position k,
+    e.g. (n1, 1, d1) and (1, n2, d2) in 2-D, so HF weights copy over unchanged.
+    ``forward(position_ids)``: (B, L) or (L,) integers -> (B, L, d) or (L, d).
+    """
+
+    def __init__(self, axial_pos_shape: Sequence[int], axial_pos_embds_dim: Sequence[int], init_std: float = 1.0):
+        super().__init__()
+        self.axial_pos_shape = tuple(int(size) for size in axial_pos_shape)
+        self.axial_pos_embds_dim = tuple(int(dim) for dim in axial_pos_embds_dim)
+        if not self.axial_pos_shape or len(self.axial_pos_shape) != len(self.axial_pos_embds_dim):
+            raise ValueError(
+                f"axial_pos_shape {self.axial_pos_shape} and axial_pos_embds_dim {self.axial_pos_embds_dim} "
+                "must be non-empty and of equal length (one embedding width per axis)"
+            )
+        if min(self.axial_pos_shape + self.axial_pos_embds_dim) < 1:
+            raise ValueError("axial_pos_shape and axial_pos_embds_dim must hold positive integers")
+        self.init_std = init_std
+        self.capacity = math.prod(self.axial_pos_shape)
+        self.weights = nn.ParameterList()
+        for axis, (size, dim) in enumerate(zip(self.axial_pos_shape, self.axial_pos_embds_dim)):
+            shape = [1] * len(self.axial_pos_shape) + [dim]
+            shape[axis] = size
+            self.weights.append(nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in self.weights:
+            nn.init.normal_(weight, std=self.init_std)
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        check_positions(
+            position_ids,
+            self.capacity,
+            f"axial positional embedding's capacity prod({self.axial_pos_shape})={self.capacity}",
+            "increase axial_pos_shape",
+        )
+        tables = [weight.reshape(size, -1) for weight, size in zip(self.weights, self.axial_pos_shape)]  # (n_k, d_k)
+        return axial_position_embedding(position_ids, tables)
+
+    def extra_repr(self) -> str:
+        return f"axial_pos_shape={self.axial_pos_shape}, axial_pos_embds_dim={self.axial_pos_embds_dim}"
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """One learned vector per position, HF layout ``embedding.weight`` of shape (max_positions, dim).
+
+    ``forward(position_ids)``: (B, L) or (L,) integers -> (B, L, dim) or (L, dim).
+    """
+
+    def __init__(self, max_positions: int, dim: int, init_std: float = 0.02):
+        super().__init__()
+        if max_positions < 1 or dim < 1:
+            raise ValueError(f"max_positions ({max_positions}) and dim ({dim}) must be positive")
+        self.init_std = init_std
+        self.embedding = nn.Embedding(max_positions, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=self.init_std)
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        capacity = self.embedding.num_embeddings
+        check_positions(
+            position_ids,
+            capacity,
+            f"learned positional embedding's capacity max_position_embeddings={capacity}",
+            "increase max_position_embeddings",
+        )
+        return self.embedding(position_ids)
+
+
+# ---------------------------------------------------------------------------- chunked recomputation
+
+
+def _capture_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    device_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), device_state
+
+
+def _restore_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    cpu_state, device_state = state
+    torch.set_rng_state(cpu_state)
+    if device_state is not None:
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def _apply_chunks(fn: Callable[..., Tensor], hidden: Tensor, params: Sequence[Tensor], chunk_size: int) -> Tensor:
+    """``fn`` over ``hidden`` in chunks of ``chunk_size`` along dim -2, into one preallocated output."""
+    length = hidden.shape[-2]
+    first = fn(hidden[..., :chunk_size, :], *params)  # (B, C, d_out)
+    output = first.new_empty(hidden.shape[:-2] + (length, first.shape[-1]))  # (B, L, d_out)
+    output[..., :chunk_size, :] = first
+    for start in range(chunk_size, length, chunk_size):
+        output[..., start : start + chunk_size, :] = fn(hidden[..., start : start + chunk_size, :], *params)
+    return output
+
+
+class _ChunkedRecompute(torch.autograd.Function):
+    """Forward: ``fn`` chunk by chunk without autograd, saving only the inputs (and the RNG state).
+    Backward: per chunk, recompute ``fn`` with autograd under the forward's RNG and autocast
+    state, back-propagate that chunk, and accumulate parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, preserve_rng_state, hidden, *params):
+        ctx.fn, ctx.chunk_size = fn, chunk_size
+        ctx.rng_state = _capture_rng_state(hidden.device) if preserve_rng_state else None
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(hidden, *params)
+        return _apply_chunks(fn, hidden, params, chunk_size)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, *params = ctx.saved_tensors
+        needs_hidden, needs_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        leaves = [param.detach().requires_grad_(need) for param, need in zip(params, needs_params)]
+        trainable = [leaf for leaf in leaves if leaf.requires_grad]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_trainable: list[Tensor | None] = [None] * len(trainable)
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        forked_devices = [hidden.device] if hidden.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked_devices, enabled=ctx.rng_state is not None):
+            if ctx.rng_state is not None:
+                _restore_rng_state(hidden.device, ctx.rng_state)
+            for start in range(0, hidden.shape[-2], ctx.chunk_size):
+                chunk = slice(start, start + ctx.chunk_size)
+                hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
+                with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                    output_chunk = ctx.fn(hidden_chunk, *leaves)  # (B, C, d_out)
+                inputs = ([hidden_chunk] if needs_hidden else []) + trainable
+                grads = torch.autograd.grad(output_chunk, inputs, grad_output[..., chunk, :], allow_unused=True)
+                if needs_hidden:
+                    grad_hidden[..., chunk, :] = grads[0]
+                    grads = grads[1:]
+                grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
+        grads_by_trainable = iter(grad_trainable)
+        grad_params = [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
+        return (None, None, None, grad_hidden, *grad_params)
+
+
+def _add_grads(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
+    if grad is None:
+        return total
+    return grad if total is None else total + grad
+
+
+def chunked_recompute(
+    fn: Callable[..., Tensor],
+    hidden: Tensor,
+    params: Sequence[Tensor],
+    chunk_size: int,
+    preserve_rng_state: bool = True,
+) -> Tensor:
+    """``fn(hidden, *params)`` for a position-wise ``fn``, computed in chunks along dim -2.
+
+    hidden: (..., L, d) -> (..., L, d_out). With ``chunk_size > 0`` and ``L > chunk_size``,
+    only one chunk's intermediates exist at a time, in forward and in backward (each chunk is
+    recomputed in backward; ``preserve_rng_state`` replays its random draws, e.g. dropout).
+    ``params`` are the tensors ``fn`` differentiates with respect to (e.g. weights).
+    """
+    length = hidden.shape[-2]
+    if chunk_size <= 0 or length <= chunk_size:
+        return fn(hidden, *params)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        return _apply_chunks(fn, hidden, params, chunk_size)
+    return _ChunkedRecompute.apply(fn, chunk_size, preserve_rng_state, hidden, *params)
+
+
+# ---------------------------------------------------------------------------- feed-forward
+
+
+def feed_forward(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    dense_weight: Tensor,
+    dense_bias: Tensor,
+    output_weight: Tensor,
+    output_bias: Tensor,
+    *,
+    activation: Callable[[Tensor], Tensor],
+    dropout: float,
+    layer_norm_eps: float,
+) -> Tensor:
+    """LayerNorm -> Linear(d, F) -> dropout -> activation -> Linear(F, d) -> dropout.
+
+    hidden: (..., d) -> (..., d). ``dropout`` is the probability actually applied (0 in eval).
+    """
+    normed = F.layer_norm(hidden, hidden.shape[-1:], norm_weight, norm_bias, layer_norm_eps)  # (..., d)
+    inner = F.linear(normed, dense_weight, dense_bias)  # (..., F)
+    inner = activation(F.dropout(inner, dropout, training=dropout > 0))  # (..., F)
+    output = F.linear(inner, output_weight, output_bias)  # (..., d)
+    return F.dropout(output, dropout, training=dropout > 0)
+
+
+class ChunkedFeedForward(nn.Module):
+    """The Reformer feed-forward block, chunked along the sequence when ``chunk_size > 0``.
+
+    Submodules ``layer_norm`` (LayerNorm(d)), ``dense`` (Linear(d, F)), ``output`` (Linear(F, d)).
+    HF's names for the same weights are ``layer_norm.*``, ``dense.dense.*`` and ``output.dense.*``.
+    ``forward(hidden (B, L, d), **ignored) -> (B, L, d)``; keyword arguments (such as the
+    ``attention_mask`` the reversible engine hands every block) are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        feed_forward_size: int,
+        hidden_act: str = "relu",
+        dropout: float = 0.0,
+        layer_norm_eps: float = 1e-12,
+        chunk_size: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size must be an int >= 0 (0 = unchunked), got {chunk_size!r}")
+        self.activation = get_activation(hidden_act)
+        self.hidden_act = hidden_act
+        self.dropout = dropout
+        self.chunk_size = chunk_size
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dense = nn.Linear(hidden_size, feed_forward_size)
+        self.output = nn.Linear(feed_forward_size, hidden_size)
+
+    def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
+        dropout = self.dropout if self.training else 0.0
+        fn = partial(feed_forward, activation=self.activation, dropout=dropout, layer_norm_eps=self.layer_norm.eps)
+        params = (
+            self.layer_norm.weight, self.layer_norm.bias,
+            self.dense.weight, self.dense.bias,
+            self.output.weight, self.output.bias,
+        )
+        return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=dropout > 0)
+
+    def extra_repr(self) -> str:
+        return f"hidden_act={self.hidden_act!r}, dropout={self.dropout}, chunk_size={self.chunk_size}"
+
+
+# ---------------------------------------------------------------------------- LM head and loss
+
+
+def _check_loss_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int) -> None:
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's shape without its last axis "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0 (0 = unchunked), got {chunk_size!r}")
+
+
+def _check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
+    if torch.compiler.is_compiling():
+        return
+    kept = labels[labels != ignore_index]
+    if kept.numel() and not (0 <= kept.min().item() and kept.max().item() < vocab_size):
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, "
+            f"got values in [{kept.min().item()}, {kept.max().item()}]"
+        )
+
+
+def _fused_cross_entropy(
+    rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Mean cross-entropy of ``rows @ weight.T + bias`` and its gradients, ``chunk_size`` rows at a time.
+
+    rows (N, D), weight (V, D), bias (V,), targets (N,). Returns the loss and the gradients of
+    that loss with respect to rows (N, D), weight (V, D) and bias (V,) (None where not needed).
+    Gradients accumulate in the softmax precision (at least fp32).
+    """
+    compute_dtype = torch.promote_types(rows.dtype, torch.float32)
+    device_type = rows.device.type
+    # The matmuls run in the autocast dtype when autocast is on; cast the weights once, not per chunk.
+    matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+    matmul_weight = weight.to(matmul_dtype)  # (V, D)
+    matmul_bias = None if bias is None else bias.to(matmul_dtype)  # (V,)
+    valid = targets != ignore_index  # (N,)
+    scale = 1.0 / valid.sum().clamp(min=1).to(compute_dtype)  # all ignored -> loss 0, zero gradients
+    total = rows.new_zeros((), dtype=compute_dtype)
+    needs_rows, needs_weight, needs_bias = needs_grad
+    grad_rows = torch.empty_like(rows) if needs_rows else None
+    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if needs_weight else None
+    grad_bias = torch.zeros(weight.shape[:1], dtype=compute_dtype, device=weight.device) if needs_bias else None
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, rows.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            row_chunk, chunk_valid = rows[chunk].to(matmul_dtype), valid[chunk]  # (C, D), (C,)
+            safe_targets = targets[chunk].masked_fill(~chunk_valid, 0)[:, None]  # (C, 1)
+            logits = F.linear(row_chunk, matmul_weight, matmul_bias)  # (C, V)
+            log_probs = logits.to(compute_dtype).log_softmax(dim=-1)  # (C, V)
+            total -= (log_probs.gather(1, safe_targets).squeeze(1) * chunk_valid).sum()
+            if not any(needs_grad):
+                continue
+            grad_logits = log_probs.exp_()  # (C, V) softmax
+            grad_logits.scatter_add_(1, safe_targets, grad_logits.new_full(safe_targets.shape, -1.0))
+            grad_logits *= chunk_valid[:, None] * scale  # d loss / d logits
+            matmul_grad = grad_logits.to(matmul_dtype)  # (C, V)
+            if needs_rows:
+                grad_rows[chunk] = matmul_grad @ matmul_weight  # (C, D)
+            if needs_weight:
+                grad_weight += (matmul_grad.T @ row_chunk).to(compute_dtype)  # (V, D)
+            if needs_bias:
+                grad_bias += grad_logits.sum(dim=0)  # (V,)
+    return total * scale, grad_rows, grad_weight, grad_bias
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and all gradients computed in forward, chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+        rows = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        loss, grad_rows, grad_weight, grad_bias = _fused_cross_entropy(
+            rows, weight, bias, labels.reshape(-1), chunk_size, ignore_index, needs_grad
+        )
+        ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(*(grad for grad in (grad_rows, grad_weight, grad_bias) if grad is not None))
+        ctx.has_grad = tuple(grad is not None for grad in (grad_rows, grad_weight, grad_bias))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for has_grad, dtype in zip(ctx.has_grad, ctx.dtypes):
+            grads.append((next(saved) * grad_loss).to(dtype) if has_grad else None)
+        if grads[0] is not None:
+            grads[0] = grads[0].reshape(ctx.hidden_shape)
+        return (*grads, None, None, None)
+
+
+def lm_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    chunk_size: int = 0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``.
+
+    hidden (B, L, D), weight (V, D), bias (V,) or None, labels (B, L) already aligned with hidden
+    (the caller shifts for causal LM). Positions labelled ``ignore_index`` are left out of the
+    mean; when every label is ignored the loss is 0 with zero gradients (not NaN), so a batch of
+    padding cannot poison training. The softmax runs in at least fp32 (also under bf16
+    autocast); the returned loss has that precision.
+    With ``chunk_size > 0`` the (B * L, V) logits are never materialised: rows are processed
+    ``chunk_size`` at a time and the gradients are formed during the forward pass.
+    """
+    _check_loss_inputs(hidden, weight, bias, labels, chunk_size)
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    if chunk_size == 0:
+        logits = F.linear(hidden, weight, bias)  # (B, L, V)
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        flat_logits = logits.reshape(-1, logits.shape[-1]).to(compute_dtype)  # (N, V)
+        summed = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+        return summed / (labels != ignore_index).sum().clamp(min=1)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index)
+    rows = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    return _fused_cross_entropy(rows, weight, bias, labels.reshape(-1), chunk_size, ignore_index, (False,) * 3)[0]
+
+
+class LMHead(nn.Module):
+    """Linear(in_features, vocab_size) as HF lays it out: ``decoder.weight`` (V, in) and a separate ``bias`` (V,).
+
+    ``forward(hidden (..., in)) -> logits (..., V)`` applies the bias (recent HF versions
+    drop it, a defect not reproduced here). ``loss(hidden, labels, chunk_size)`` is
+    ``lm_head_loss`` with these weights.
+    """
+
+    def __init__(self, in_features: int, vocab_size: int):
+        super().__init__()
+        self.decoder = nn.Linear(in_features, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.decoder.weight, self.bias)
+
+    def loss(self, hidden: Tensor, labels: Tensor, chunk_size: int = 0, ignore_index: int = -100) -> Tensor:
+        return lm_head_loss(hidden, self.decoder.weight, self.bias, labels, chunk_size, ignore_index)
