@@ -156,19 +156,26 @@ class _CallRecord:
         self.state = _BlockCallState()
 
 
-def _snapshot_buffers(modules: Sequence[nn.Module]) -> list[tuple[Tensor, Tensor]]:
-    return [(buffer, buffer.clone()) for module in modules for buffer in module.buffers()]
-
-
 @contextlib.contextmanager
-def _restoring_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
-    snapshot = _snapshot_buffers(modules)
+def _scratch_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Let a rerun update copies of the modules' buffers, then put the originals back.
+
+    The originals are rebound rather than copied into, so the rerun's graph (which may
+    have saved a buffer, as BatchNorm does) stays valid and the statistics are updated
+    once per step, by the forward.
+    """
+    originals = []
+    for module in modules:
+        for owner in module.modules():
+            for name, buffer in owner._buffers.items():
+                if buffer is not None:
+                    originals.append((owner, name, buffer))
+                    owner._buffers[name] = buffer.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, saved in snapshot:
-                buffer.copy_(saved)
+        for owner, name, buffer in originals:
+            owner._buffers[name] = buffer
 
 
 @contextlib.contextmanager
@@ -189,7 +196,7 @@ def _replaying(
             for device_type, enabled, dtype in autocast_states:
                 contexts.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             contexts.enter_context(torch.enable_grad())
-            contexts.enter_context(_restoring_buffers(modules))
+            contexts.enter_context(_scratch_buffers(modules))
             contexts.enter_context(_activated(record.state, recomputing=True))
             yield
     finally:
@@ -266,6 +273,13 @@ class _BackwardWalk:
             self.owned_grads[position] = True
 
 
+def _broadcasts_to(value: Tensor, stream: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(value.shape, stream.shape) == stream.shape
+    except RuntimeError:
+        return False
+
+
 def _call_module(block: nn.Module, items: Sequence[object], block_kwargs: dict) -> object:
     return block(*items, **block_kwargs) if block_kwargs else block(*items)
 
@@ -314,15 +328,20 @@ class CouplingStep:
         context_items = [stack[i] for i in self.contexts]
         fn_out = invoke(lambda *items: self.block_output(items, block_kwargs), *context_items)
         stream = stack[self.target]
+        if isinstance(stream, Tensor) and not _broadcasts_to(fn_out, stream):
+            self._stream_changed(stream, f"the block's output of shape {tuple(fn_out.shape)}")
         updated = self.coupling_forward(stream, fn_out)
         if isinstance(stream, Tensor) and (updated.shape != stream.shape or updated.dtype != stream.dtype):
-            raise ValueError(
-                f"the coupling turned a stream of shape {tuple(stream.shape)} and dtype {stream.dtype} into "
-                f"shape {tuple(updated.shape)} and dtype {updated.dtype} (block {type(self.block).__name__}); "
-                "a reversible step must keep its stream's shape and dtype: make the block's output match it"
-            )
+            self._stream_changed(stream, f"shape {tuple(updated.shape)} and dtype {updated.dtype}")
         stack[self.target] = updated
         return stack
+
+    def _stream_changed(self, stream: Tensor, result: str) -> None:
+        raise ValueError(
+            f"block {type(self.block).__name__} updates a stream of shape {tuple(stream.shape)} and dtype "
+            f"{stream.dtype} with {result}; a reversible step must keep its stream's shape and dtype: "
+            "make the block's output match the stream"
+        )
 
     def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
         target = self.target
@@ -467,11 +486,6 @@ class _ChainRun:
         return stack
 
     def backward(self, outputs: list[Tensor], grads: list[Tensor | None]) -> tuple[list, list]:
-        if self.steps is None:
-            raise RuntimeError(
-                "the reversible engine's backward runs once per forward (retain_graph is not supported); "
-                "run the forward again or use memory_mode='autograd'"
-            )
         walk = _BackwardWalk(list(outputs), list(grads))
         param_grads: list[Tensor | None] = [None] * len(self.params)
         for k in reversed(range(len(self.steps))):
@@ -484,7 +498,6 @@ class _ChainRun:
                 if grad is not None:
                     current = param_grads[i]
                     param_grads[i] = grad if current is None else current + grad
-        self.steps = None
         return walk.grads, param_grads
 
 
@@ -501,7 +514,12 @@ class _ReversibleChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor | None) -> tuple:
-        run: _ChainRun = ctx.run
+        run: _ChainRun | None = ctx.run
+        if run is None:
+            raise RuntimeError(
+                "the reversible engine's backward runs once per forward (retain_graph is not supported); "
+                "run the forward again or use memory_mode='autograd'"
+            )
         stream_grads, param_grads = run.backward(list(ctx.saved_tensors), list(grad_outputs))
         ctx.run = None
         needs = ctx.needs_input_grad[1 : 1 + run.n_items]
@@ -523,7 +541,7 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
             state.calls += 1
-            buffers = _restoring_buffers(modules) if recomputing else contextlib.nullcontext()
+            buffers = _scratch_buffers(modules) if recomputing else contextlib.nullcontext()
             with buffers, _activated(state, recomputing):
                 return fn(*items)
 
@@ -621,8 +639,10 @@ def coupling_steps(
             )
     if (coupling_forward is None) != (coupling_inverse is None):
         raise ValueError("pass both coupling_forward and coupling_inverse (its exact inverse), or neither")
-    forwards = _coupling_list(coupling_forward or additive_coupling_forward, "coupling_forward", len(blocks))
-    inverses = _coupling_list(coupling_inverse or additive_coupling_inverse, "coupling_inverse", len(blocks))
+    if coupling_forward is None:
+        coupling_forward, coupling_inverse = additive_coupling_forward, additive_coupling_inverse
+    forwards = _coupling_list(coupling_forward, "coupling_forward", len(blocks))
+    inverses = _coupling_list(coupling_inverse, "coupling_inverse", len(blocks))
     if len(forwards) != len(inverses):
         raise ValueError(
             f"coupling_forward has {len(forwards)} entries but coupling_inverse has {len(inverses)}; "

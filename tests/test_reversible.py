@@ -1,0 +1,430 @@
+"""The reversible engine against plain autograd through the same computation."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from torch_reformer.reversible import (
+    MEMORY_MODES,
+    ReversibleSequential,
+    additive_coupling_forward,
+    additive_coupling_inverse,
+    is_recomputing,
+    reversible_forward,
+    saved_state,
+)
+
+SAVING_MODES = ("reversible", "checkpoint")
+
+
+def mlp_block(width: int, hidden: int, dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+    )
+
+
+class NoisyBlock(nn.Module):
+    """Draws fresh Gaussian noise from the global RNG on every call (like LSH rotations)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)) * (1 + torch.randn_like(x))
+
+
+class Recorder(nn.Module):
+    """Records the inputs it sees, split by whether the engine is re-running it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen = {False: [], True: []}
+
+    def forward(self, x, **kwargs):
+        self.seen[is_recomputing()].append(
+            {"input": x.detach().clone(), "autocast": torch.is_autocast_enabled("cpu"), "kwargs": kwargs}
+        )
+        return self.inner(x)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, seed: int = 0, **kwargs):
+    """Output, input gradient and parameter gradients of one weighted-sum loss."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(x, **kwargs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return out.detach(), x.grad.clone(), grads
+
+
+def assert_modes_match(model: nn.Module, x: torch.Tensor, tolerance: float, modes=SAVING_MODES, **kwargs):
+    model.memory_mode = "autograd"
+    expected = train_step(model, x, **kwargs)
+    for mode in modes:
+        model.memory_mode = mode
+        out, x_grad, grads = train_step(model, x, **kwargs)
+        assert relative_error(out, expected[0]) <= tolerance, mode
+        assert relative_error(x_grad, expected[1]) <= tolerance, mode
+        for got, want in zip(grads, expected[2]):
+            assert relative_error(got, want) <= tolerance, mode
+    return expected
+
+
+def mixed_blocks(width: int, depth: int) -> list:
+    blocks = [mlp_block(width, 2 * width, dropout=0.2) for _ in range(depth)]
+    blocks[1] = NoisyBlock(width)
+    return blocks
+
+
+@pytest.mark.parametrize("depth", [1, 4, 5])
+def test_fp64_gradients_match_autograd_with_dropout_and_noise(depth):
+    torch.manual_seed(0)
+    blocks = mixed_blocks(6, max(depth, 2))[:depth]
+    model = ReversibleSequential(*blocks).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    assert_modes_match(model, x, 1e-10)
+
+
+def test_fp32_gradients_match_autograd_over_12_blocks():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*mixed_blocks(16, 12))
+    x = torch.randn(2, 9, 32)
+    assert_modes_match(model, x, 1e-4)
+
+
+def test_rebuilt_inputs_equal_the_true_inputs():
+    torch.manual_seed(0)
+    blocks = [Recorder(mlp_block(4, 8, dropout=0.1)) for _ in range(6)]
+    model = ReversibleSequential(*blocks).double()
+    train_step(model, torch.randn(3, 8, dtype=torch.float64))
+    for block in blocks:
+        (forward,), (rebuilt,) = block.seen[False], block.seen[True]
+        torch.testing.assert_close(rebuilt["input"], forward["input"], rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_get_gradients_when_the_input_needs_none():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*[mlp_block(4, 8) for _ in range(3)]).double()
+    x = torch.randn(2, 8, dtype=torch.float64)  # requires_grad=False
+    model.memory_mode = "autograd"
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for mode in SAVING_MODES:
+        model.zero_grad(set_to_none=True)
+        model.memory_mode = mode
+        model(x).square().sum().backward()
+        for param, want in zip(model.parameters(), expected):
+            assert param.grad is not None, mode
+            torch.testing.assert_close(param.grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_leaf_input_gradient_is_not_doubled():
+    """y = x + f(x2) with f = 0 is the identity: each input gradient is exactly the output gradient."""
+    zero_blocks = [nn.Linear(3, 3) for _ in range(4)]
+    for block in zero_blocks:
+        nn.init.zeros_(block.weight)
+        nn.init.zeros_(block.bias)
+    model = ReversibleSequential(*zero_blocks)
+    x = torch.randn(5, 6, requires_grad=True)
+    grad_out = torch.randn(5, 6)
+    model(x).backward(grad_out)
+    torch.testing.assert_close(x.grad, grad_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_caller_input_is_left_untouched(mode):
+    torch.manual_seed(0)
+    model = ReversibleSequential(*[mlp_block(4, 8) for _ in range(4)], memory_mode=mode)
+    x = torch.randn(3, 8, requires_grad=True)
+    original = x.detach().clone()
+    out = model(x)
+    out.sum().backward()
+    assert x.shape == original.shape and torch.equal(x.detach(), original)
+    assert x.untyped_storage().size() == original.untyped_storage().size()
+
+
+def test_bf16_autocast_is_replayed_in_the_recomputation():
+    torch.manual_seed(0)
+    blocks = [Recorder(mlp_block(16, 32)) for _ in range(4)]
+    model = ReversibleSequential(*blocks)
+    x = torch.randn(4, 10, 32)
+
+    def step(mode, autocast):
+        model.memory_mode = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return train_step(model, x)
+
+    reference, reversible, fp32 = step("autograd", True), step("reversible", True), step("autograd", False)
+    assert all(seen["autocast"] for block in blocks for seen in block.seen[True])
+    for got, want, other in zip(reversible[2], reference[2], fp32[2]):
+        # Replaying bf16 reproduces the bf16 reference far more closely than fp32 would.
+        assert relative_error(got, want) <= 0.05 * relative_error(other, want)
+
+
+def test_momentum_coupling_matches_autograd_and_its_formula():
+    beta = 0.9
+
+    def momentum_forward(other_stream, fn_out):
+        return beta * other_stream + (1 - beta) * fn_out
+
+    def momentum_inverse(output, fn_out):
+        return (output - (1 - beta) * fn_out) / beta
+
+    torch.manual_seed(0)
+    blocks = [layer for _ in range(3) for layer in (nn.Linear(5, 5), nn.Identity())]
+    model = ReversibleSequential(
+        *blocks,
+        coupling_forward=[momentum_forward, additive_coupling_forward],
+        coupling_inverse=[momentum_inverse, additive_coupling_inverse],
+    ).double()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    out = assert_modes_match(model, x, 1e-10)[0]
+    v, h = x[:, :5], x[:, 5:]  # velocity and position streams
+    for linear in blocks[::2]:
+        v = beta * v + (1 - beta) * linear(h)
+        h = h + v
+    torch.testing.assert_close(out, torch.cat([v, h], -1).detach(), rtol=1e-12, atol=1e-12)
+
+
+def conv_block(channels: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(0.1)
+    )
+
+
+def test_irevnet_conv_stack_with_batchnorm_splits_channels():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*[conv_block(3) for _ in range(4)], split_dim=1).double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    results = {}
+    for mode in MEMORY_MODES:
+        model.load_state_dict(start)
+        model.memory_mode = mode
+        results[mode] = train_step(model, x), {name: b.clone() for name, b in model.named_buffers()}
+    (expected, expected_buffers) = results["autograd"]
+    assert all(count == 1 for name, count in expected_buffers.items() if name.endswith("num_batches_tracked"))
+    for mode in SAVING_MODES:
+        (out, x_grad, grads), buffers = results[mode]
+        assert relative_error(out, expected[0]) <= 1e-10
+        assert relative_error(x_grad, expected[1]) <= 1e-10
+        for got, want in zip(grads, expected[2]):
+            assert relative_error(got, want) <= 1e-10
+        for name, buffer in buffers.items():  # running statistics are updated once per step
+            torch.testing.assert_close(buffer, expected_buffers[name], rtol=1e-12, atol=0)
+
+
+def test_non_reversible_layers_before_and_after():
+    torch.manual_seed(0)
+    core = ReversibleSequential(*mixed_blocks(4, 4))
+    model = nn.Sequential(nn.Linear(3, 8), core, nn.ReLU(), nn.Linear(8, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def step(mode):
+        core.memory_mode = mode
+        return train_step(model, x)
+
+    expected = step("autograd")
+    for mode in SAVING_MODES:
+        for got, want in zip(step(mode)[2], expected[2]):
+            assert relative_error(got, want) <= 1e-10
+
+
+class CallCounterBlock(nn.Module):
+    """Scales by a value that changes on every call: only a stored value makes the rerun agree."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.calls = 0
+        self.dicts = []
+
+    def forward(self, x):
+        state = saved_state(self)
+        self.dicts.append(state)
+        self.calls += 1
+        if state is not None and "scale" in state:
+            scale = state["scale"]
+        else:
+            scale = float(self.calls)
+            if state is not None:
+                state["scale"] = scale
+        return self.linear(x) * scale
+
+
+@pytest.mark.parametrize("mode", SAVING_MODES)
+def test_saved_state_is_handed_back_to_the_recomputation(mode):
+    torch.manual_seed(0)
+    blocks = [CallCounterBlock(3) for _ in range(3)]
+    model = ReversibleSequential(*blocks, memory_mode=mode).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    _, x_grad, grads = train_step(model, x)
+    for block in blocks:
+        forward_dict, rerun_dict = block.dicts
+        assert forward_dict is rerun_dict and forward_dict == {"scale": 1.0}
+        block.calls, block.dicts = 0, []
+    model.memory_mode = "autograd"
+    expected = train_step(model, x)
+    torch.testing.assert_close(x_grad, expected[1], rtol=1e-12, atol=0)
+    for got, want in zip(grads, expected[2]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_saved_state_is_none_without_a_recomputation():
+    block = CallCounterBlock(2)
+    model = ReversibleSequential(block, memory_mode="reversible")
+    with torch.no_grad():
+        model(torch.randn(1, 4))
+    model.memory_mode = "autograd"
+    model(torch.randn(1, 4, requires_grad=True)).sum().backward()
+    assert block.dicts == [None, None]
+    assert saved_state(block) is None and not is_recomputing()
+
+
+@pytest.mark.parametrize("mode", SAVING_MODES)
+def test_global_rng_after_backward_is_as_without_recomputation(mode):
+    torch.manual_seed(0)
+    model = ReversibleSequential(*mixed_blocks(4, 4))
+    x = torch.randn(2, 8)
+    model.memory_mode = "autograd"
+    train_step(model, x, seed=7)
+    expected_state, expected_draw = torch.get_rng_state(), torch.rand(3)
+    model.memory_mode = mode
+    train_step(model, x, seed=7)
+    assert torch.equal(torch.get_rng_state(), expected_state)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_block_kwargs_reach_every_block_in_every_mode():
+    torch.manual_seed(0)
+    blocks = [Recorder(mlp_block(3, 6)) for _ in range(3)]
+    model = ReversibleSequential(*blocks).double()
+    mask = torch.tensor([[1, 1, 0]])
+    assert_modes_match(model, torch.randn(1, 3, 6, dtype=torch.float64), 1e-10, attention_mask=mask)
+    for block in blocks:
+        for seen in block.seen[False] + block.seen[True]:
+            assert seen["kwargs"]["attention_mask"] is mask
+
+
+def test_shared_block_parameters_are_counted_once_per_use():
+    torch.manual_seed(0)
+    shared = mlp_block(4, 8)
+    model = ReversibleSequential(shared, mlp_block(4, 8), shared).double()
+    assert_modes_match(model, torch.randn(3, 8, dtype=torch.float64), 1e-10)
+
+
+def test_no_grad_inference_matches_training_forward():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*[mlp_block(4, 8) for _ in range(3)]).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        inference = model(x)
+    torch.testing.assert_close(model(x.requires_grad_()).detach(), inference, rtol=0, atol=0)
+
+
+def test_reversible_forward_two_streams():
+    f, g = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()
+    x1, x2 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    y1, y2 = reversible_forward(x1, x2, [f, g])
+    expected_y1 = x1 + f(x2)
+    torch.testing.assert_close(y1, expected_y1)
+    torch.testing.assert_close(y2, x2 + g(expected_y1))
+
+
+def test_second_backward_explains_retain_graph_is_unsupported():
+    model = ReversibleSequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    loss = model(torch.randn(3, 4)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"memory_mode": "fast"}, ValueError, "memory_mode must be one of"),
+        ({"coupling_forward": [], "coupling_inverse": []}, ValueError, "between 1 and 2"),
+        ({"coupling_forward": [additive_coupling_forward] * 3, "coupling_inverse": [additive_coupling_inverse] * 3},
+         ValueError, "between 1 and 2"),
+        ({"coupling_forward": [additive_coupling_forward] * 2, "coupling_inverse": additive_coupling_inverse},
+         ValueError, "same length"),
+        ({"coupling_forward": additive_coupling_forward}, ValueError, "pass both"),
+        ({"coupling_forward": [1], "coupling_inverse": [additive_coupling_inverse]}, TypeError, "not a function"),
+        ({"split_dim": 1.0}, TypeError, "split_dim"),
+    ],
+)
+def test_bad_construction_is_explained(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ReversibleSequential(nn.Linear(2, 2), nn.Linear(2, 2), **kwargs)
+
+
+def test_bad_blocks_are_explained():
+    with pytest.raises(TypeError, match="block 1 is function, not an nn.Module"):
+        ReversibleSequential(nn.Linear(2, 2), lambda x: x)
+    with pytest.raises(ValueError, match="at least one block"):
+        ReversibleSequential()
+
+
+def test_bad_inputs_are_explained():
+    model = ReversibleSequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="size 5 is odd"):
+        model(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="out of range"):
+        ReversibleSequential(nn.Linear(2, 2), split_dim=2)(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="expects a tensor"):
+        model([1.0, 2.0])
+    grad_mask = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="'mask' requires grad"):
+        ReversibleSequential(Recorder(nn.Linear(2, 2)))(torch.randn(3, 4, requires_grad=True), mask=grad_mask)
+
+
+class ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def test_blocks_must_keep_the_stream_shape_and_dtype():
+    with pytest.raises(ValueError, match="must keep its stream's shape and dtype"):
+        ReversibleSequential(nn.Linear(2, 4))(torch.randn(3, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="must keep its stream's shape and dtype"):
+        ReversibleSequential(ToDouble())(torch.randn(3, 4, requires_grad=True))
+    with pytest.raises(TypeError, match="must return one tensor"):
+        ReversibleSequential(nn.LSTM(2, 2))(torch.randn(3, 4, requires_grad=True))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    depth=st.integers(1, 6),
+    width=st.integers(3, 6),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(SAVING_MODES),
+)
+def test_property_saving_modes_equal_autograd(depth, width, batch, seed, mode):
+    torch.manual_seed(seed)
+    model = ReversibleSequential(*[mlp_block(width, 3, dropout=0.3) for _ in range(depth)]).double()
+    assert_modes_match(model, torch.randn(batch, 2 * width, dtype=torch.float64), 1e-9, modes=(mode,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dropout_and_noise_are_replayed():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*mixed_blocks(8, 6)).cuda().double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64, device="cuda")
+    model.memory_mode = "autograd"
+    train_step(model, x, seed=3)
+    expected_rng = torch.cuda.get_rng_state()
+    assert_modes_match(model, x, 1e-10)
+    model.memory_mode = "reversible"
+    train_step(model, x, seed=3)
+    assert torch.equal(torch.cuda.get_rng_state(), expected_rng)
