@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 ATTENTION_TYPES = ("lsh", "local", "full")
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
@@ -76,7 +76,8 @@ class ReformerConfig:
     """Hyper-parameters of a Reformer model (HF ``ReformerConfig`` names and defaults)."""
 
     attention_head_size: int = 64  # width of each head's query/key/value vectors
-    attn_layers: tuple[str, ...] = ("local", "lsh", "local", "lsh", "local", "lsh")  # one entry per layer: "lsh" | "local" | "full"
+    # one attention type per layer: "lsh" | "local" | "full"
+    attn_layers: tuple[str, ...] = ("local", "lsh", "local", "lsh", "local", "lsh")
     axial_norm_std: float = 1.0  # std of the normal init of the axial position weights
     axial_pos_embds: bool = True  # HF's switch: axial (True) or learned (False) position embeddings
     axial_pos_shape: tuple[int, ...] = (64, 64)  # axial factorisation of the positions; product = longest sequence
@@ -111,12 +112,11 @@ class ReformerConfig:
     bos_token_id: int | None = None  # beginning-of-sequence token
     pad_token_id: int | None = 0  # padding token
     num_labels: int = 2  # classifier outputs (HF derives it from id2label)
-    problem_type: str | None = None  # classifier loss: None (inferred), "regression", "single_label_classification", "multi_label_classification"
+    # classifier loss: None (inferred from labels) or one of PROBLEM_TYPES
+    problem_type: str | None = None
     # Our own fields.
     memory_mode: str = "reversible"  # "reversible" (O(1) activations in depth) | "checkpoint" | "autograd"
     position_embedding_type: str = "axial"  # "axial" | "learned" | "none"; kept consistent with axial_pos_embds
-
-    model_type: ClassVar[str] = "reformer"
 
     def __post_init__(self) -> None:
         self.validate()
