@@ -1,0 +1,490 @@
+"""Reformer models: the shared trunk and its language-modelling and classification heads.
+
+Layout (SPEC §7, the same computation and parameters as Hugging Face's Reformer):
+
+    emb = dropout(word_emb(ids)) + pos_emb(positions)                 # (B, L, H)
+    x1 = x2 = emb
+    per layer i:  x1 = x1 + Dropout(W_o · Attn_i(LayerNorm(x2)))      # f: "lsh", "local" or "full"
+                  x2 = x2 + FeedForward_i(x1)                          # g: LayerNorm inside, chunked
+    out = Dropout(LayerNorm_{2H}(concat[x1, x2]))                     # (B, L, 2H)
+
+The layers run through the reversible engine (`reversible.reversible_forward`), so in the default
+``memory_mode="reversible"`` training stores only the last layer's two streams: activation memory
+does not grow with depth. LSH layers store their bucket ids with the engine in the forward pass and
+reuse them in the backward recomputation.
+
+Any sequence length is accepted. When a length is not a multiple of the attention chunk lengths
+(their least common multiple), the trunk pads with ``pad_token_id`` and a zero attention mask and
+slices the padding off again, in training and in evaluation alike. It pads exactly when Hugging
+Face does (length above the smallest chunk length), so outputs match HF's.
+
+Shapes: B batch, L sequence length, H ``hidden_size``, V ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention.full import FullSelfAttention
+from .attention.local import LocalSelfAttention
+from .attention.lsh import LSHSelfAttention
+from .config import ReformerConfig
+from .layers import AxialPositionalEmbedding, ChunkedFeedForward, LearnedPositionalEmbedding, LMHead
+from .reversible import reversible_forward
+from .serialization import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Rows of the LM head processed at once when the loss is requested without logits and the config
+# sets no chunk size: bounds the transient (rows, V) block whatever the sequence length.
+DEFAULT_LOSS_CHUNK_ROWS = 1024
+
+
+@dataclass
+class ReformerOutput:
+    """What every model returns. ``loss`` is None without labels; ``logits`` None when not requested.
+
+    ``hidden_states`` is the trunk's final (B, L, 2H) output (after the last LayerNorm).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+def _make_attention(config: ReformerConfig, kind: str) -> nn.Module:
+    common = dict(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        head_size=config.attention_head_size,
+        causal=config.is_decoder,
+    )
+    if kind == "lsh":
+        return LSHSelfAttention(
+            **common,
+            num_hashes=config.num_hashes,
+            num_buckets=config.num_buckets,
+            chunk_length=config.lsh_attn_chunk_length,
+            num_chunks_before=config.lsh_num_chunks_before,
+            num_chunks_after=config.lsh_num_chunks_after,
+            dropout=config.lsh_attention_probs_dropout_prob,
+            hash_seed=config.hash_seed,
+        )
+    if kind == "local":
+        return LocalSelfAttention(
+            **common,
+            chunk_length=config.local_attn_chunk_length,
+            num_chunks_before=config.local_num_chunks_before,
+            num_chunks_after=config.local_num_chunks_after,
+            dropout=config.local_attention_probs_dropout_prob,
+        )
+    # "full" has no probability dropout of its own in HF's config: it shares the local one.
+    return FullSelfAttention(**common, dropout=config.local_attention_probs_dropout_prob)
+
+
+class AttentionBlock(nn.Module):
+    """The reversible ``f``: ``Dropout(W_o · Attn(LayerNorm(x)))``, (B, L, H) -> (B, L, H)."""
+
+    def __init__(self, config: ReformerConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attention = _make_attention(config, kind)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        normed = self.layer_norm(hidden_states)
+        return self.dropout(self.self_attention(normed, attention_mask=attention_mask))
+
+
+class FeedForwardBlock(ChunkedFeedForward):
+    """The reversible ``g``: the chunked feed-forward; it has no use for the attention mask."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(hidden_states)
+
+
+class ReformerLayer(nn.Module):
+    """One reversible layer: an attention block (f) and a feed-forward block (g)."""
+
+    def __init__(self, config: ReformerConfig, kind: str):
+        super().__init__()
+        self.attention = AttentionBlock(config, kind)
+        self.feed_forward = FeedForwardBlock(
+            hidden_size=config.hidden_size,
+            feed_forward_size=config.feed_forward_size,
+            hidden_act=config.hidden_act,
+            dropout=config.hidden_dropout_prob,
+            layer_norm_eps=config.layer_norm_eps,
+            chunk_size=config.chunk_size_feed_forward,
+        )
+
+
+class ReformerEmbeddings(nn.Module):
+    """``dropout(word_emb(ids)) + pos_emb(position_ids)``: (B, L) ids -> (B, L, H)."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        kind = config.position_embedding_type
+        if kind == "axial":
+            self.position_embeddings = AxialPositionalEmbedding(
+                config.axial_pos_shape, config.axial_pos_embds_dim, init_std=config.axial_norm_std
+            )
+        elif kind == "learned":
+            self.position_embeddings = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.position_embeddings = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.dropout(self.word_embeddings(input_ids))
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        return embeddings
+
+
+class ReformerPreTrainedModel(nn.Module):
+    """Weight initialisation, save/load and helpers shared by the trunk and every head."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        if not isinstance(config, ReformerConfig):
+            raise TypeError(f"expected a ReformerConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """HF's initialisation: normal(0, initializer_range) for linear/embedding weights, zero biases,
+        unit LayerNorms, normal(0, axial_norm_std) for axial embedding weights."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, AxialPositionalEmbedding):
+                for weight in module.weights:
+                    nn.init.normal_(weight, std=self.config.axial_norm_std)
+            elif isinstance(module, LMHead):
+                nn.init.zeros_(module.bias)
+
+    def lsh_layers(self) -> list[LSHSelfAttention]:
+        return [m for m in self.modules() if isinstance(m, LSHSelfAttention)]
+
+    def set_num_hashes(self, num_hashes: int) -> None:
+        """Change the number of hash rounds of every LSH layer (e.g. evaluate with more than trained)."""
+        if not isinstance(num_hashes, int) or num_hashes < 1:
+            raise ValueError(f"num_hashes must be a positive integer, got {num_hashes!r}")
+        for layer in self.lsh_layers():
+            layer.num_hashes = num_hashes
+        self.config.num_hashes = num_hashes
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [type(self).__name__]
+        save_safetensors(self.state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), [text.encode("utf-8")])
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides):
+        """Load a model saved by ``save_pretrained``; ``config_overrides`` replace config fields
+        (e.g. ``memory_mode="checkpoint"``). Raises ``CheckpointError`` on a missing, corrupt or
+        mismatched checkpoint."""
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{directory} holds no {CONFIG_NAME}: it is not a saved torch-reformer model")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config_dict = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+        config_dict.update(config_overrides)
+        config = ReformerConfig.from_dict(config_dict)
+        model = cls(config)
+        state = load_safetensors(os.path.join(directory, WEIGHTS_NAME))
+        model.load_weights(state, source=str(directory))
+        return model
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strictly load ``state``; a missing, unexpected or mis-shaped tensor raises ``CheckpointError``."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source} does not fit {type(self).__name__}: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''} (was it saved from another model class or config?)"
+            )
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise CheckpointError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(own[name].shape)} (config and weights disagree)"
+                )
+        self.load_state_dict(state, strict=True)
+
+
+class ReformerModel(ReformerPreTrainedModel):
+    """The Reformer trunk: token ids (B, L) -> hidden states (B, L, 2H)."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__(config)
+        self.embeddings = ReformerEmbeddings(config)
+        self.layers = nn.ModuleList(ReformerLayer(config, kind) for kind in config.attn_layers)
+        self.layer_norm = nn.LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        chunk_lengths = [self._chunk_length(kind) for kind in config.attn_layers if kind != "full"]
+        self.pad_multiple = math.lcm(*chunk_lengths) if chunk_lengths else 1
+        self.min_chunk_length = min(chunk_lengths) if chunk_lengths else 1
+        self.init_weights()
+
+    def _chunk_length(self, kind: str) -> int:
+        if kind == "lsh":
+            return self.config.lsh_attn_chunk_length
+        return self.config.local_attn_chunk_length
+
+    def blocks(self) -> list[nn.Module]:
+        """The engine's block list: f0, g0, f1, g1, ..."""
+        return [block for layer in self.layers for block in (layer.attention, layer.feed_forward)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, L) long; attention_mask (B, L) 1/True = real token; position_ids (B, L) or (L,).
+
+        Returns (B, L, 2H)."""
+        input_ids, attention_mask, position_ids = self._check_inputs(input_ids, attention_mask, position_ids)
+        length = input_ids.shape[1]
+        input_ids, attention_mask, position_ids = self._pad_to_chunk_multiple(input_ids, attention_mask, position_ids)
+        hidden = self.embeddings(input_ids, position_ids)  # (B, L_pad, H)
+        x1, x2 = reversible_forward(
+            hidden, hidden, self.blocks(), memory_mode=self.config.memory_mode,
+            block_kwargs={"attention_mask": attention_mask},
+        )
+        out = self.dropout(self.layer_norm(torch.cat([x1, x2], dim=-1)))  # (B, L_pad, 2H)
+        return out[:, :length] if out.shape[1] != length else out
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids):
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor, got {got}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        batch, length = input_ids.shape
+        if length == 0:
+            raise ValueError("input_ids is empty along the sequence axis: pass at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}) for vocab_size={self.config.vocab_size}, "
+                f"got values in [{low}, {high}]: check the tokenizer or raise vocab_size"
+            )
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {(batch, length)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing masked: take the faster unmasked paths
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        else:
+            position_ids = position_ids.to(input_ids.device).long()
+            if position_ids.dim() == 1:
+                position_ids = position_ids.expand(batch, length)
+            if tuple(position_ids.shape) != (batch, length):
+                raise ValueError(
+                    f"position_ids must have shape {(batch, length)} or ({length},), got {tuple(position_ids.shape)}"
+                )
+        capacity = self.config.max_length
+        if capacity is not None and int(position_ids.max()) >= capacity:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond what the positional embedding covers "
+                f"({capacity} positions): shorten the input or enlarge "
+                + ("axial_pos_shape" if self.config.position_embedding_type == "axial" else "max_position_embeddings")
+            )
+        return input_ids, attention_mask, position_ids
+
+    def _pad_to_chunk_multiple(self, input_ids, attention_mask, position_ids):
+        batch, length = input_ids.shape
+        if length % self.pad_multiple == 0 or length <= self.min_chunk_length:
+            return input_ids, attention_mask, position_ids
+        pad = self.pad_multiple - length % self.pad_multiple
+        device = input_ids.device
+        input_ids = F.pad(input_ids, (0, pad), value=self.config.pad_token_id)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        attention_mask = F.pad(attention_mask, (0, pad), value=False)
+        # Padded positions are masked everywhere; their position ids only need to be valid.
+        extra = position_ids[:, -1:] + torch.arange(1, pad + 1, device=device)
+        capacity = self.config.max_length
+        if capacity is not None:
+            extra = extra.clamp(max=capacity - 1)
+        position_ids = torch.cat([position_ids, extra], dim=1)
+        return input_ids, attention_mask, position_ids
+
+
+class _ModelWithTrunk(ReformerPreTrainedModel):
+    def __init__(self, config: ReformerConfig):
+        super().__init__(config)
+        self.reformer = ReformerModel(config)
+
+
+class ReformerLM(_ModelWithTrunk):
+    """Causal language model (``config.is_decoder`` must be True)."""
+
+    def __init__(self, config: ReformerConfig):
+        if not config.is_decoder:
+            raise ValueError("ReformerLM is a causal model: set is_decoder=True in its config")
+        if "lsh" in config.attn_layers and config.lsh_num_chunks_after != 0:
+            raise ValueError("a causal model cannot look ahead: set lsh_num_chunks_after=0")
+        if "local" in config.attn_layers and config.local_num_chunks_after != 0:
+            raise ValueError("a causal model cannot look ahead: set local_num_chunks_after=0")
+        super().__init__(config)
+        self.lm_head = LMHead(2 * config.hidden_size, config.vocab_size)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> ReformerOutput:
+        """Logits (B, L, V): ``logits[:, t]`` predicts token ``t + 1``. ``labels`` (B, L) are aligned
+        with ``input_ids`` (the model shifts them); ``-100`` is ignored. With ``return_logits=False``
+        the loss is computed chunk-wise and the (B, L, V) logits never exist."""
+        hidden = self.reformer(input_ids, attention_mask, position_ids)  # (B, L, 2H)
+        shifted = None
+        if labels is not None:
+            _check_labels(labels, input_ids)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t is scored on token t + 1
+        return _lm_output(self, hidden, shifted, return_logits)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Decode continuations: see ``torch_reformer.generation.generate`` for every option."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+class ReformerForMaskedLM(_ModelWithTrunk):
+    """Masked language model (bidirectional: ``config.is_decoder`` must be False)."""
+
+    def __init__(self, config: ReformerConfig):
+        if config.is_decoder:
+            raise ValueError("ReformerForMaskedLM attends in both directions: set is_decoder=False in its config")
+        super().__init__(config)
+        self.lm_head = LMHead(2 * config.hidden_size, config.vocab_size)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> ReformerOutput:
+        """Logits (B, L, V) for every position; ``labels`` (B, L) with ``-100`` where not scored."""
+        hidden = self.reformer(input_ids, attention_mask, position_ids)
+        if labels is not None:
+            _check_labels(labels, input_ids)
+        return _lm_output(self, hidden, labels, return_logits)
+
+
+class ReformerClassificationHead(nn.Module):
+    """HF's head: first position -> dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dense = nn.Linear(2 * config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        first = self.dropout(hidden_states[:, 0])  # (B, 2H)
+        return self.out_proj(self.dropout(torch.tanh(self.dense(first))))  # (B, num_labels)
+
+
+class ReformerForSequenceClassification(_ModelWithTrunk):
+    """Sequence classifier (``num_labels > 1``, integer labels) or regressor (``num_labels == 1``)
+    or multi-label classifier (float labels of shape (B, num_labels))."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__(config)
+        self.classifier = ReformerClassificationHead(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> ReformerOutput:
+        hidden = self.reformer(input_ids, attention_mask, position_ids)
+        logits = self.classifier(hidden)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            num_labels = self.config.num_labels
+            if num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            elif labels.dtype.is_floating_point:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            else:
+                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+                    raise ValueError(f"class labels must lie in [0, {num_labels}), got {labels.tolist()}")
+                loss = F.cross_entropy(logits, labels.view(-1))
+        return ReformerOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+
+def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+
+
+def _lm_output(model, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ReformerOutput:
+    """Logits and/or the mean cross-entropy of (already aligned) ``labels``."""
+    logits = model.lm_head(hidden) if return_logits else None
+    loss = None
+    if labels is not None:
+        if logits is not None:
+            scores = logits.flatten(0, 1)
+            if scores.dtype in (torch.float16, torch.bfloat16):
+                scores = scores.float()  # the softmax of a half-precision logit row loses too much
+            targets = labels.reshape(-1)
+            # Mean over scored tokens; a batch with none scored gives 0 (not NaN), as the chunked path.
+            per_token = F.cross_entropy(scores, targets, ignore_index=-100, reduction="none")
+            loss = per_token.sum() / (targets != -100).sum().clamp(min=1)
+        else:
+            chunk = model.config.chunk_size_lm_head or DEFAULT_LOSS_CHUNK_ROWS
+            loss = model.lm_head.loss(hidden, labels, chunk_size=chunk)
+    return ReformerOutput(loss=loss, logits=logits, hidden_states=hidden)

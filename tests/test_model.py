@@ -1,0 +1,239 @@
+"""Reformer models: memory modes agree, any length works, heads, save/load, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from torch_reformer.config import ReformerConfig
+from torch_reformer.model import (
+    ReformerForMaskedLM,
+    ReformerForSequenceClassification,
+    ReformerLM,
+    ReformerModel,
+)
+from torch_reformer.serialization import CheckpointError
+
+
+def tiny(**overrides) -> ReformerConfig:
+    return ReformerConfig.from_preset("tiny", **overrides)
+
+
+def _ids(config, batch=2, length=40, seed=1):
+    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _grads_after_step(config, ids, dtype=torch.float64, rng_seed=5):
+    torch.manual_seed(0)
+    model = ReformerLM(config).to(dtype)
+    torch.manual_seed(rng_seed)
+    out = model(ids, labels=ids, return_logits=False)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # local + lsh, fixed hash seed
+        dict(hash_seed=None, hidden_dropout_prob=0.1, local_attention_probs_dropout_prob=0.1,
+             lsh_attention_probs_dropout_prob=0.1),  # every random draw replayed
+        dict(attn_layers=("lsh", "full", "local"), chunk_size_feed_forward=8),
+    ],
+    ids=["seeded", "dropout-and-random-rotations", "mixed-chunked-ff"],
+)
+def test_memory_modes_give_autograd_gradients_fp64(overrides):
+    ids = _ids(tiny())
+    results = {
+        mode: _grads_after_step(tiny(is_decoder=True, memory_mode=mode, **overrides), ids)
+        for mode in ("autograd", "reversible", "checkpoint")
+    }
+    ref_loss, ref_grads = results["autograd"]
+    for mode in ("reversible", "checkpoint"):
+        loss, grads = results[mode]
+        assert torch.equal(loss, ref_loss)
+        for name, grad in grads.items():
+            scale = ref_grads[name].abs().max().clamp_min(1e-30)
+            assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-10, (mode, name)
+
+
+def test_global_rng_advances_as_without_recomputation():
+    config = tiny(is_decoder=True, hash_seed=None, hidden_dropout_prob=0.1)
+    ids = _ids(config)
+    after = {}
+    for mode in ("autograd", "reversible"):
+        torch.manual_seed(0)
+        model = ReformerLM(tiny(is_decoder=True, hash_seed=None, hidden_dropout_prob=0.1, memory_mode=mode))
+        torch.manual_seed(3)
+        model(ids, labels=ids).loss.backward()
+        after[mode] = torch.rand(3)
+    assert torch.equal(after["autograd"], after["reversible"])
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 23, 40])
+def test_any_length_causal_outputs_ignore_internal_padding(length):
+    """A causal model's output at position t depends on tokens <= t only through local/full layers;
+    with LSH in eval and a fixed hash seed the padded run must equal the run on a chunk multiple
+    cut back to the same prefix for local-only models."""
+    config = tiny(is_decoder=True, attn_layers=("local", "local"))
+    torch.manual_seed(0)
+    model = ReformerLM(config).eval()
+    ids = _ids(config, length=48)
+    full = model(ids).logits  # 48 is a chunk multiple: no padding
+    cut = model(ids[:, :length]).logits  # padded internally when length is not a multiple of 8
+    assert cut.shape == (2, length, config.vocab_size)
+    torch.testing.assert_close(cut, full[:, :length], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_mask_and_training_any_length():
+    config = tiny(is_decoder=True)
+    torch.manual_seed(0)
+    model = ReformerLM(config)
+    ids = _ids(config, length=37)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    out = model(ids, attention_mask=mask, labels=ids)
+    assert out.logits.shape == (2, 37, config.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_chunked_loss_equals_logits_loss():
+    config = tiny(is_decoder=True, chunk_size_lm_head=5)
+    ids = _ids(config, length=40)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    torch.manual_seed(0)
+    model = ReformerLM(config).double()
+    with_logits = model(ids, labels=labels)
+    reference = torch.nn.functional.cross_entropy(
+        with_logits.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    without = model(ids, labels=labels, return_logits=False)
+    assert without.logits is None
+    torch.testing.assert_close(with_logits.loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(without.loss, reference, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(with_logits.loss, list(model.parameters()))
+    grads_chunked = torch.autograd.grad(without.loss, list(model.parameters()))
+    for a, b in zip(grads, grads_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lm_head_bias_is_applied():
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config).eval()
+    ids = _ids(config, length=8)
+    before = model(ids).logits
+    with torch.no_grad():
+        model.lm_head.bias.fill_(0.5)
+    torch.testing.assert_close(model(ids).logits, before + 0.5)
+
+
+def test_masked_lm_and_classifier_heads():
+    config = tiny(num_labels=3)
+    torch.manual_seed(0)
+    ids = _ids(config, length=24)
+    mlm = ReformerForMaskedLM(config)
+    labels = torch.full_like(ids, -100)
+    labels[:, 5] = ids[:, 5]
+    out = mlm(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 5], ids[:, 5])
+    torch.testing.assert_close(out.loss, expected)
+    classifier = ReformerForSequenceClassification(config)
+    out = classifier(ids, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
+    regressor = ReformerForSequenceClassification(tiny(num_labels=1))
+    out = regressor(ids, labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+
+
+def test_head_config_checks():
+    with pytest.raises(ValueError, match="is_decoder=True"):
+        ReformerLM(tiny())
+    with pytest.raises(ValueError, match="is_decoder=False"):
+        ReformerForMaskedLM(tiny(is_decoder=True))
+
+
+def test_save_load_round_trip(tmp_path):
+    config = tiny(is_decoder=True)
+    torch.manual_seed(0)
+    model = ReformerLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ReformerLM.from_pretrained(tmp_path / "m").eval()
+    ids = _ids(config, length=19)
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded.config == model.config
+
+
+def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
+    config = tiny(is_decoder=True)
+    ReformerLM(config).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ReformerLM.from_pretrained(tmp_path / "m")
+    ReformerLM(config).save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["feed_forward_size"] = 48
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        ReformerLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="missing"):
+        ReformerForSequenceClassification.from_pretrained(tmp_path / "m", is_decoder=False, feed_forward_size=64)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        ReformerLM.from_pretrained(tmp_path / "nothing")
+
+
+def test_bad_inputs_raise_clear_errors():
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
+        model(torch.tensor([[1, 2, 64]]))
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="beyond what the positional embedding covers"):
+        model(torch.zeros(1, 129, dtype=torch.long))  # axial (8, 16) covers 128 positions
+    with pytest.raises(ValueError, match=r"\(batch, length\)"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+
+
+def test_position_ids_offsets_select_embeddings():
+    config = tiny(is_decoder=True, attn_layers=("local", "local"))
+    model = ReformerModel(config).eval()
+    ids = _ids(config, batch=1, length=8)
+    shifted = model(ids, position_ids=torch.arange(8, 16))
+    plain = model(ids)
+    assert not torch.allclose(shifted, plain)
+    emb = model.embeddings.position_embeddings
+    torch.testing.assert_close(emb(torch.arange(8, 16)), emb(torch.arange(16))[8:])
+
+
+def test_torch_compile_tiny_model():
+    config = tiny(is_decoder=True)
+    torch.manual_seed(0)
+    model = ReformerLM(config)
+    ids = _ids(config, length=16)
+    expected = model(ids, labels=ids)
+    compiled = torch.compile(model, backend="eager")
+    out = compiled(ids, labels=ids)
+    torch.testing.assert_close(out.loss, expected.loss)
+    out.loss.backward()
+    assert model.reformer.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_all_ignored_labels_give_zero_loss_in_both_paths():
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config)
+    ids = _ids(config, length=16)
+    labels = torch.full_like(ids, -100)
+    assert model(ids, labels=labels).loss.item() == 0.0
+    assert model(ids, labels=labels, return_logits=False).loss.item() == 0.0
