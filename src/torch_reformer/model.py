@@ -180,6 +180,20 @@ class ReformerPreTrainedModel(nn.Module):
             elif isinstance(module, LMHead):
                 nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_hf(cls, hf_model):
+        """Build this class from a `transformers` Reformer model with identical weights
+        (needs the ``hf`` extra; see ``torch_reformer.interop.hf``)."""
+        from .interop.hf import from_hf
+
+        return from_hf(hf_model, cls)
+
+    def to_hf(self):
+        """The equivalent `transformers` Reformer model with identical weights (``hf`` extra)."""
+        from .interop.hf import to_hf
+
+        return to_hf(self)
+
     def lsh_layers(self) -> list[LSHSelfAttention]:
         return [m for m in self.modules() if isinstance(m, LSHSelfAttention)]
 
