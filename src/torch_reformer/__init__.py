@@ -1,3 +1,52 @@
-"""torch-reformer: long-sequence transformers for PyTorch (LSH attention, reversible layers)."""
+"""torch-reformer: long-sequence transformers for PyTorch.
+
+LSH self-attention, local and full attention, a reversible engine whose training memory does
+not grow with depth, chunked feed-forward and LM loss, axial positional embeddings, and Reformer
+models with Hugging Face compatible configs and weights.
+"""
+
+from . import combinators
+from .attention.full import FullSelfAttention
+from .attention.local import LocalSelfAttention
+from .attention.lsh import LSHSelfAttention
+from .config import ReformerConfig
+from .layers import AxialPositionalEmbedding, ChunkedFeedForward, LearnedPositionalEmbedding
+from .model import (
+    ReformerForMaskedLM,
+    ReformerForSequenceClassification,
+    ReformerLM,
+    ReformerModel,
+    ReformerOutput,
+)
+from .reversible import (
+    ReversibleSequential,
+    additive_coupling_forward,
+    additive_coupling_inverse,
+    is_recomputing,
+    saved_state,
+)
+from .serialization import CheckpointError
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AxialPositionalEmbedding",
+    "CheckpointError",
+    "ChunkedFeedForward",
+    "FullSelfAttention",
+    "LSHSelfAttention",
+    "LearnedPositionalEmbedding",
+    "LocalSelfAttention",
+    "ReformerConfig",
+    "ReformerForMaskedLM",
+    "ReformerForSequenceClassification",
+    "ReformerLM",
+    "ReformerModel",
+    "ReformerOutput",
+    "ReversibleSequential",
+    "additive_coupling_forward",
+    "additive_coupling_inverse",
+    "combinators",
+    "is_recomputing",
+    "saved_state",
+]
