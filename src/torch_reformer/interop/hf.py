@@ -1,0 +1,448 @@
+"""Hugging Face ``transformers`` Reformer <-> torch_reformer: models and saved checkpoints.
+
+Both libraries compute the same thing with the same parameter tensors (SPEC §7); only the
+names differ, in the trunk alone:
+
+    ours (trunk-relative)                             HF
+    embeddings.*                                      embeddings.*
+    layers.{i}.attention.self_attention.output.*      encoder.layers.{i}.attention.output.dense.*
+    layers.{i}.feed_forward.dense.*                   encoder.layers.{i}.feed_forward.dense.dense.*
+    layers.{i}.feed_forward.output.*                  encoder.layers.{i}.feed_forward.output.dense.*
+    layers.{i}.*  (layer norms, query/key/value...)   encoder.layers.{i}.*
+    layer_norm.*                                      encoder.layer_norm.*
+
+Heads keep their names (``lm_head.decoder.weight``, ``lm_head.bias``, ``classifier.*``) and
+both libraries put the trunk under ``reformer.`` in a head model. Every tensor on either side
+is accounted for: a missing, unexpected or mis-shaped tensor raises ``CheckpointError``. The
+only HF tensors set aside are the attention mask constants (``mask_value_float16`` and the
+like) that older ``transformers`` versions saved as buffers, and ``lm_head.decoder.bias``,
+which those versions saved as a second name of ``lm_head.bias``.
+
+The LM-head bias. Recent ``transformers`` versions (5.x) keep ``lm_head.bias`` but never add it
+to the logits; older ones did, and so do we (SPEC §8). The bias is copied as is both ways. HF
+initialises it to zero, so converted fresh models agree exactly; when it is not zero, our logits
+are HF's plus that bias, which is what the checkpoint was trained with.
+
+Rotations of LSH layers agree only when the HF config fixes ``hash_seed`` (both draw the same
+``torch.randn`` after seeding; we use a private generator). With ``num_buckets=None`` HF picks
+the count once, from its first input and ``max_position_embeddings``, and writes it into its
+config, while we pick it per call from the length: set ``num_buckets`` for exact parity.
+
+``transformers`` is optional and imported only inside ``from_hf`` and ``to_hf``;
+``convert_checkpoint`` works on files alone and does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import torch
+
+from ..config import ReformerConfig
+from ..model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ReformerForMaskedLM,
+    ReformerForSequenceClassification,
+    ReformerLM,
+    ReformerModel,
+    ReformerPreTrainedModel,
+)
+from ..serialization import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+
+# Our class name -> HF class name; both libraries' names appear in config.json "architectures".
+HF_CLASS_NAMES = {
+    "ReformerModel": "ReformerModel",
+    "ReformerLM": "ReformerModelWithLMHead",
+    "ReformerForMaskedLM": "ReformerForMaskedLM",
+    "ReformerForSequenceClassification": "ReformerForSequenceClassification",
+}
+OUR_CLASSES = {
+    "ReformerModel": ReformerModel,
+    "ReformerLM": ReformerLM,
+    "ReformerForMaskedLM": ReformerForMaskedLM,
+    "ReformerForSequenceClassification": ReformerForSequenceClassification,
+}
+OUR_CLASS_FOR_HF = {hf_name: OUR_CLASSES[ours] for ours, hf_name in HF_CLASS_NAMES.items()}
+
+# Config fields HF does not have.
+_OUR_ONLY_FIELDS = ("memory_mode", "position_embedding_type")
+
+# Trunk-relative renames ours -> HF, tried in order; the first match wins.
+_TRUNK_RENAMES = (
+    (re.compile(r"^layers\.(\d+)\.attention\.self_attention\.output\."), r"encoder.layers.\1.attention.output.dense."),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.(dense|output)\."), r"encoder.layers.\1.feed_forward.\2.dense."),
+    (re.compile(r"^layers\.(\d+)\."), r"encoder.layers.\1."),
+    (re.compile(r"^layer_norm\."), "encoder.layer_norm."),
+)
+_HEAD_PREFIXES = ("lm_head.", "classifier.")
+_TRUNK_PREFIX = "reformer."
+# Attention mask constants that older transformers versions stored as (persistent) buffers.
+_HF_MASK_CONSTANT = re.compile(r"\.self_attention\.(self_)?mask_value_float(16|32)$")
+# Older transformers versions tied lm_head.decoder.bias to lm_head.bias and saved both names.
+_HF_LEGACY_BIAS, _LM_BIAS = "lm_head.decoder.bias", "lm_head.bias"
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class Conversion(NamedTuple):
+    """What ``convert_checkpoint`` did: the source format ("hf" or "torch_reformer") and the class
+    names read from the source and written to the destination."""
+
+    source_format: str
+    source_architecture: str
+    target_architecture: str
+
+
+# ---------------------------------------------------------------------------- names and configs
+
+
+def hf_parameter_name(name: str) -> str:
+    """HF's state-dict name for one of our state-dict names (trunk-only or head model)."""
+    prefix = _TRUNK_PREFIX if name.startswith(_TRUNK_PREFIX) else ""
+    if not prefix and name.startswith(_HEAD_PREFIXES):
+        return name
+    inner = name[len(prefix):]
+    for pattern, replacement in _TRUNK_RENAMES:
+        renamed, count = pattern.subn(replacement, inner)
+        if count:
+            return prefix + renamed
+    return name
+
+
+def hf_state_to_ours(
+    hf_state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str = "HF state dict"
+) -> dict[str, torch.Tensor]:
+    """Rename an HF state dict for a model of ours whose tensor shapes are ``expected`` (name -> shape).
+
+    Raises ``CheckpointError`` unless every HF tensor maps to one of ours (mask constants and the
+    legacy bias alias aside) and every one of ours is present with its shape.
+    """
+    hf_state = _fold_legacy_bias(dict(hf_state), source)
+    our_name_for = {hf_parameter_name(name): name for name in expected}
+    ignored = {name for name in hf_state if _HF_MASK_CONSTANT.search(name)}
+    _check_names(set(our_name_for), set(hf_state) - ignored, source, "HF")
+    state = {our_name_for[hf_name]: tensor for hf_name, tensor in hf_state.items() if hf_name not in ignored}
+    _check_shapes(state, expected, source)
+    return state
+
+
+def our_state_to_hf(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """Rename our state dict to HF's names after checking it against ``expected`` (name -> shape)."""
+    _check_names(set(expected), set(state), source, "torch_reformer")
+    _check_shapes(state, expected, source)
+    return {hf_parameter_name(name): tensor for name, tensor in state.items()}
+
+
+def config_from_hf(hf_config) -> ReformerConfig:
+    """Our config from a ``transformers.ReformerConfig`` (or its ``to_dict()``).
+
+    ``num_labels`` comes from HF's ``id2label``; ``axial_pos_embds=False`` selects learned
+    position embeddings; HF's bookkeeping keys are dropped.
+    """
+    values = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    return ReformerConfig.from_dict(dict(values))
+
+
+def hf_config_dict(config: ReformerConfig, architecture: str | None = None) -> dict:
+    """The fields of a ``transformers.ReformerConfig`` equivalent to ``config`` (JSON-ready).
+
+    Raises ``ValueError`` for what HF cannot express: "full" attention layers and models
+    without position embeddings.
+    """
+    if "full" in config.attn_layers:
+        raise ValueError(
+            f"attn_layers {list(config.attn_layers)} contains 'full', which transformers' Reformer does not "
+            "support: only 'lsh' and 'local' layers can be converted"
+        )
+    if config.position_embedding_type == "none":
+        raise ValueError(
+            "transformers' Reformer always has position embeddings: a model with "
+            "position_embedding_type='none' cannot be converted"
+        )
+    values = {name: value for name, value in config.to_dict().items() if name not in _OUR_ONLY_FIELDS}
+    values["axial_pos_embds"] = config.position_embedding_type == "axial"
+    if architecture is not None:
+        values["architectures"] = [architecture]
+    return values
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def from_hf(hf_model, cls: type[ReformerPreTrainedModel] | None = None) -> ReformerPreTrainedModel:
+    """Our model with the weights of a ``transformers`` Reformer model.
+
+    ``cls=None`` picks the head matching ``hf_model``'s class: ReformerModel -> ReformerModel,
+    ReformerModelWithLMHead -> ReformerLM, ReformerForMaskedLM -> ReformerForMaskedLM,
+    ReformerForSequenceClassification -> ReformerForSequenceClassification. ``cls=ReformerModel``
+    also takes the trunk out of any HF head model. The result has ``hf_model``'s dtype, device and
+    train/eval mode; the global RNG is left as it was.
+    """
+    _import_transformers()
+    hf_class_name = type(hf_model).__name__
+    if hf_class_name not in OUR_CLASS_FOR_HF or not isinstance(hf_model, torch.nn.Module):
+        raise TypeError(
+            f"expected a transformers Reformer model ({', '.join(OUR_CLASS_FOR_HF)}), got {hf_class_name}"
+        )
+    natural = OUR_CLASS_FOR_HF[hf_class_name]
+    cls = natural if cls is None else cls
+    hf_state = hf_model.state_dict()
+    if cls is ReformerModel and natural is not ReformerModel:
+        hf_state = _strip_prefix(hf_state, _TRUNK_PREFIX)
+    elif not (isinstance(cls, type) and issubclass(cls, natural)):
+        raise TypeError(
+            f"a transformers {hf_class_name} converts to {natural.__name__} (or ReformerModel for its trunk), "
+            f"not to {getattr(cls, '__name__', cls)!r}"
+        )
+    config = config_from_hf(hf_model.config)
+    state = hf_state_to_ours(hf_state, _shapes_of(cls, config), f"transformers {hf_class_name}")
+    state = {name: tensor.detach().clone() for name, tensor in state.items()}  # share no storage with HF
+    return _model_holding(cls, config, state).train(hf_model.training)
+
+
+def to_hf(model: ReformerPreTrainedModel):
+    """The ``transformers`` Reformer model equivalent to ``model``, with identical weights.
+
+    Class: ReformerModel -> ReformerModel, ReformerLM -> ReformerModelWithLMHead, and the masked
+    LM and classifier under their own names. Same dtype, device and train/eval mode as ``model``.
+    """
+    transformers = _import_transformers()
+    our_name = _our_class_name(model)
+    hf_class = getattr(transformers, HF_CLASS_NAMES[our_name])
+    hf_config = transformers.ReformerConfig(**hf_config_dict(model.config, hf_class.__name__))
+    with torch.random.fork_rng(devices=[]):
+        hf_model = hf_class(hf_config)
+    reference = next(model.parameters())
+    hf_model.to(device=reference.device, dtype=reference.dtype)
+    hf_model.load_state_dict(our_state_to_hf(model.state_dict(), _shapes(model)), strict=True)
+    return hf_model.train(model.training)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> Conversion:
+    """Convert a directory saved by HF ``save_pretrained`` into ours, or ours into HF's.
+
+    The direction comes from ``src_dir/config.json``: HF writes ``"model_type": "reformer"``, we
+    write ``memory_mode``. The class comes from its ``architectures`` (for an HF file without it,
+    from the tensor names). HF weights are read from ``model.safetensors`` (or its shards), else
+    from ``pytorch_model.bin`` (loaded with ``weights_only=True``); ours are read and written as
+    safetensors. Raises ``CheckpointError`` for anything missing, corrupt or inconsistent.
+    """
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
+        raise ValueError(f"source and destination are the same folder {src_dir!r}: pass another destination")
+    config_dict = _read_json(os.path.join(src_dir, CONFIG_NAME))
+    if _is_hf_config(config_dict):
+        return _convert_hf_to_ours(src_dir, dst_dir, config_dict)
+    return _convert_ours_to_hf(src_dir, dst_dir, config_dict)
+
+
+def _convert_hf_to_ours(src_dir: str, dst_dir: str, config_dict: dict) -> Conversion:
+    hf_state = load_hf_weights(src_dir)
+    hf_class_name = _architecture(config_dict, OUR_CLASS_FOR_HF, src_dir) or _infer_hf_class(hf_state, config_dict)
+    cls = OUR_CLASS_FOR_HF[hf_class_name]
+    config = config_from_hf(config_dict)
+    state = hf_state_to_ours(hf_state, _shapes_of(cls, config), f"HF checkpoint {src_dir}")
+    _model_holding(cls, config, state).save_pretrained(dst_dir)
+    return Conversion("hf", hf_class_name, cls.__name__)
+
+
+def _convert_ours_to_hf(src_dir: str, dst_dir: str, config_dict: dict) -> Conversion:
+    our_name = _architecture(config_dict, OUR_CLASSES, src_dir)
+    if our_name is None:
+        raise CheckpointError(
+            f"{src_dir}/{CONFIG_NAME} names no architecture: expected one of {sorted(OUR_CLASSES)} "
+            "in its 'architectures' field"
+        )
+    config = ReformerConfig.from_dict(config_dict)
+    hf_class_name = HF_CLASS_NAMES[our_name]
+    hf_config = {**hf_config_dict(config, hf_class_name), "model_type": "reformer"}
+    state = load_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
+    hf_state = our_state_to_hf(state, _shapes_of(OUR_CLASSES[our_name], config), source=f"checkpoint {src_dir}")
+    os.makedirs(dst_dir, exist_ok=True)
+    save_safetensors(hf_state, os.path.join(dst_dir, "model.safetensors"), metadata={"format": "pt"})
+    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(os.path.join(dst_dir, CONFIG_NAME), [text.encode("utf-8")])
+    return Conversion("torch_reformer", our_name, hf_class_name)
+
+
+def load_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF checkpoint folder: safetensors (single or sharded) first, else
+    ``pytorch_model.bin`` (single or sharded) through ``torch.load(weights_only=True)``."""
+    directory = os.fspath(directory)
+    for filename in _HF_WEIGHT_FILES:
+        index_path = os.path.join(directory, filename + ".index.json")
+        if os.path.isfile(os.path.join(directory, filename)):
+            return _load_weight_file(os.path.join(directory, filename))
+        if os.path.isfile(index_path):
+            shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+            if not shards:
+                raise CheckpointError(f"{index_path} lists no weight files in its 'weight_map'")
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_load_weight_file(os.path.join(directory, shard)))
+            return state
+    raise CheckpointError(
+        f"{directory} holds no HF weights: expected model.safetensors or pytorch_model.bin (or their sharded index)"
+    )
+
+
+def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged or unsafe file
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file ({error})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat name -> tensor state dict")
+    return state
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "Hugging Face interop needs the `transformers` package: pip install torch-reformer[hf]"
+        ) from error
+    return transformers
+
+
+def _our_class_name(model) -> str:
+    # Heads first: every head is also a ReformerPreTrainedModel, but none is a ReformerModel.
+    for name, cls in OUR_CLASSES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"expected a torch_reformer model ({', '.join(OUR_CLASSES)}), got {type(model).__name__}")
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def _shapes_of(cls: type[ReformerPreTrainedModel], config: ReformerConfig) -> dict[str, torch.Size]:
+    """The state-dict shapes of ``cls(config)``, from a weightless (meta) instance."""
+    with torch.device("meta"):
+        return _shapes(cls(config))
+
+
+def _model_holding(
+    cls: type[ReformerPreTrainedModel], config: ReformerConfig, state: Mapping[str, torch.Tensor]
+) -> ReformerPreTrainedModel:
+    """``cls(config)`` whose tensors are exactly ``state`` (their dtypes and device included).
+
+    Built weightless and then given ``state``, so no time or global RNG draws go into an
+    initialisation that would be overwritten.
+    """
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers())):
+        raise RuntimeError(f"{cls.__name__} holds a tensor outside its state dict, which conversion cannot fill")
+    return model
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix``, with it removed (a head model's trunk)."""
+    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
+def _fold_legacy_bias(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Merge the legacy ``lm_head.decoder.bias`` name into ``lm_head.bias`` (they must agree)."""
+    if _HF_LEGACY_BIAS not in hf_state:
+        return hf_state
+    legacy = hf_state.pop(_HF_LEGACY_BIAS)
+    current = hf_state.setdefault(_LM_BIAS, legacy)
+    if current.shape != legacy.shape or not torch.equal(current, legacy):
+        raise CheckpointError(
+            f"{source} holds both {_LM_BIAS} and {_HF_LEGACY_BIAS} with different values: "
+            "cannot tell which LM-head bias is meant"
+        )
+    return hf_state
+
+
+def _check_names(expected: set[str], present: set[str], source: str, naming: str) -> None:
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the model ({naming} names): missing {_first(missing)}, unexpected "
+            f"{_first(unexpected)} (was it saved from another model class or config?)"
+        )
+
+
+def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str) -> None:
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name])} (config and weights disagree)"
+            )
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    return str(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist: the folder is not a saved Reformer model")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_hf_config(config_dict: dict) -> bool:
+    model_type = config_dict.get("model_type")
+    if model_type is not None and model_type != "reformer":
+        raise CheckpointError(f"the checkpoint is a {model_type!r} model, not a Reformer: it cannot be converted")
+    if model_type == "reformer":
+        return True
+    if "memory_mode" in config_dict:
+        return False
+    raise CheckpointError(
+        "cannot tell who wrote this config.json: HF writes \"model_type\": \"reformer\", torch_reformer writes "
+        "\"memory_mode\", and it has neither"
+    )
+
+
+def _architecture(config_dict: dict, known: Iterable[str], src_dir: str) -> str | None:
+    """The one known class named in ``architectures`` (None when the field is absent or empty)."""
+    names = config_dict.get("architectures") or []
+    if isinstance(names, str):
+        names = [names]
+    matches = [name for name in names if name in known]
+    if names and not matches:
+        raise CheckpointError(
+            f"{src_dir}/{CONFIG_NAME} names architectures {names}, none of which can be converted: "
+            f"expected one of {sorted(known)}"
+        )
+    return matches[0] if matches else None
+
+
+def _infer_hf_class(hf_state: Mapping[str, torch.Tensor], config_dict: dict) -> str:
+    """The HF class implied by the tensor names, for configs saved without ``architectures``."""
+    if any(name.startswith("classifier.") for name in hf_state):
+        return "ReformerForSequenceClassification"
+    if any(name.startswith("lm_head.") for name in hf_state):
+        return "ReformerModelWithLMHead" if config_dict.get("is_decoder") else "ReformerForMaskedLM"
+    return "ReformerModel"
