@@ -7,6 +7,7 @@ chunks 4 (local) and 8 (LSH)), converted to ours; transformers is the reference.
 
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch_reformer.model import (  # noqa: E402
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
+    ReformerPreTrainedModel,
 )
 from torch_reformer.serialization import CheckpointError, load_safetensors, save_safetensors  # noqa: E402
 
@@ -58,6 +60,21 @@ OUR_CLASSES = {
 # only itself in every round, HF weighs the rounds by exp(lse - logsumexp(lse)) with lse ~ -1e5, and
 # the fp32 rounding of that logsumexp leaves the weights summing to ~0.998 (we normalise exactly).
 LOGITS_ATOL = 1e-4
+
+
+def test_config_mapping_both_ways():
+    hf_config = transformers.ReformerConfig(
+        **{**BASE, "num_labels": 3, "problem_type": "multi_label_classification", "axial_pos_embds": False,
+           "num_buckets": [2, 4], "is_decoder": True}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # HF's bookkeeping keys are known, not "unknown keys"
+        config = interop.config_from_hf(hf_config)
+    assert config.num_labels == 3 and config.problem_type == "multi_label_classification"
+    assert config.position_embedding_type == "learned" and config.num_buckets == (2, 4) and config.is_decoder
+    assert config.hash_seed == BASE["hash_seed"] and config.attn_layers == tuple(BASE["attn_layers"])
+    back = transformers.ReformerConfig(**interop.hf_config_dict(config))
+    assert back.to_dict() == hf_config.to_dict()
 
 
 def hf_model(head: str, seed: int = 0, **overrides):
@@ -185,6 +202,7 @@ def test_round_trip_gives_identical_state_dicts_and_outputs(head):
 
 def test_from_hf_keeps_dtype_and_takes_the_trunk_of_a_head_model():
     reference = hf_model("mlm").double().eval()
+    assert type(ReformerPreTrainedModel.from_hf(reference)) is ReformerForMaskedLM  # the base class picks the head
     trunk = ReformerModel.from_hf(reference)
     assert type(trunk) is ReformerModel and next(trunk.parameters()).dtype == torch.float64
     ids = random_ids(1, 16)
@@ -254,7 +272,8 @@ def test_position_ids_with_automatic_padding():
 
 def test_convert_checkpoint_both_ways(tmp_path):
     reference = hf_model("lm", attn_layers=["lsh", "local"], num_hashes=2, chunk_size_lm_head=4).eval()
-    reference.save_pretrained(tmp_path / "hf")
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()  # sharded: read through the index
     done = interop.convert_checkpoint(tmp_path / "hf", tmp_path / "ours")
     assert done == interop.Conversion("hf", "ReformerModelWithLMHead", "ReformerLM")
     model = ReformerLM.from_pretrained(tmp_path / "ours").eval()

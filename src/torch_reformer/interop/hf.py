@@ -179,11 +179,12 @@ def hf_config_dict(config: ReformerConfig, architecture: str | None = None) -> d
 def from_hf(hf_model, cls: type[ReformerPreTrainedModel] | None = None) -> ReformerPreTrainedModel:
     """Our model with the weights of a ``transformers`` Reformer model.
 
-    ``cls=None`` picks the head matching ``hf_model``'s class: ReformerModel -> ReformerModel,
-    ReformerModelWithLMHead -> ReformerLM, ReformerForMaskedLM -> ReformerForMaskedLM,
-    ReformerForSequenceClassification -> ReformerForSequenceClassification. ``cls=ReformerModel``
-    also takes the trunk out of any HF head model. The result has ``hf_model``'s dtype, device and
-    train/eval mode; the global RNG is left as it was.
+    ``cls=None`` (or the base class) picks the head matching ``hf_model``'s class:
+    ReformerModel -> ReformerModel, ReformerModelWithLMHead -> ReformerLM, ReformerForMaskedLM ->
+    ReformerForMaskedLM, ReformerForSequenceClassification -> ReformerForSequenceClassification.
+    ``cls=ReformerModel`` also takes the trunk out of any HF head model. The result has copies of
+    ``hf_model``'s tensors (same dtypes and device) and its train/eval mode; the global RNG is
+    left as it was.
     """
     _import_transformers()
     hf_class_name = type(hf_model).__name__
@@ -192,7 +193,7 @@ def from_hf(hf_model, cls: type[ReformerPreTrainedModel] | None = None) -> Refor
             f"expected a transformers Reformer model ({', '.join(OUR_CLASS_FOR_HF)}), got {hf_class_name}"
         )
     natural = OUR_CLASS_FOR_HF[hf_class_name]
-    cls = natural if cls is None else cls
+    cls = natural if cls in (None, ReformerPreTrainedModel) else cls
     hf_state = hf_model.state_dict()
     if cls is ReformerModel and natural is not ReformerModel:
         hf_state = _strip_prefix(hf_state, _TRUNK_PREFIX)
