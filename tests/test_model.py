@@ -237,3 +237,24 @@ def test_all_ignored_labels_give_zero_loss_in_both_paths():
     labels = torch.full_like(ids, -100)
     assert model(ids, labels=labels).loss.item() == 0.0
     assert model(ids, labels=labels, return_logits=False).loss.item() == 0.0
+
+
+def test_classifier_loss_follows_problem_type():
+    ids = _ids(tiny(), length=16)
+    torch.manual_seed(0)
+    model = ReformerForSequenceClassification(tiny(num_labels=3, problem_type="regression"))
+    targets = torch.tensor([[0.5, 1.0, -1.0], [0.0, 2.0, 1.0]])
+    out = model(ids, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits, targets))
+    model.config.problem_type = "multi_label_classification"
+    multi = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    out = model(ids, labels=multi)
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, multi.float())
+    )
+    with pytest.raises(ValueError, match="labels of shape"):
+        model(ids, labels=torch.tensor([1, 2]))
+    model.config.problem_type = "single_label_classification"
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        model(ids, labels=torch.tensor([1, 3]))
+    assert model.config.problem_type == "single_label_classification"

@@ -449,8 +449,13 @@ class ReformerClassificationHead(nn.Module):
 
 
 class ReformerForSequenceClassification(_ModelWithTrunk):
-    """Sequence classifier (``num_labels > 1``, integer labels) or regressor (``num_labels == 1``)
-    or multi-label classifier (float labels of shape (B, num_labels))."""
+    """Classifier or regressor on the first position's hidden state.
+
+    The loss follows ``config.problem_type`` as in HF: ``"regression"`` (MSE), ``"single_label_classification"``
+    (cross-entropy over integer labels (B,)), ``"multi_label_classification"`` (BCE with logits over float
+    labels (B, num_labels)). When it is None it is inferred per call (never written back to the config):
+    regression for ``num_labels == 1``, single-label for integer labels, multi-label otherwise.
+    """
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
@@ -466,18 +471,40 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
     ) -> ReformerOutput:
         hidden = self.reformer(input_ids, attention_mask, position_ids)
         logits = self.classifier(hidden)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            num_labels = self.config.num_labels
-            if num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
-            elif labels.dtype.is_floating_point:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-            else:
-                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-                    raise ValueError(f"class labels must lie in [0, {num_labels}), got {labels.tolist()}")
-                loss = F.cross_entropy(logits, labels.view(-1))
+        loss = None if labels is None else self._loss(logits, labels)
         return ReformerOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        num_labels = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif not labels.dtype.is_floating_point:
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            target = labels.to(logits.dtype)
+            if num_labels == 1:
+                return F.mse_loss(logits.reshape(-1), target.reshape(-1))
+            return F.mse_loss(logits, target.reshape(logits.shape))
+        if problem == "single_label_classification":
+            if labels.dtype.is_floating_point:
+                raise ValueError("single-label classification needs integer class labels, got floating labels")
+            labels = labels.reshape(-1)
+            if labels.numel() != logits.shape[0]:
+                raise ValueError(f"expected one class label per sequence ({logits.shape[0]}), got {labels.numel()}")
+            if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+                raise ValueError(f"class labels must lie in [0, {num_labels}), got {labels.tolist()}")
+            return F.cross_entropy(logits, labels)
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"multi-label classification needs labels of shape {tuple(logits.shape)} (0/1 per class), "
+                f"got {tuple(labels.shape)}"
+            )
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
 def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor) -> None:
