@@ -196,7 +196,9 @@ def test_reversible_serial_gradients_equal_autograd(mode):
 def test_reversible_serial_and_reversible_sequential_share_the_engine():
     torch.manual_seed(0)
     f, g = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()
-    combinator = ReversibleSerial(ReversibleHalfResidual(f), ReversibleSwap(), ReversibleHalfResidual(g), ReversibleSwap())
+    combinator = ReversibleSerial(
+        ReversibleHalfResidual(f), ReversibleSwap(), ReversibleHalfResidual(g), ReversibleSwap()
+    )
     sequential = ReversibleSequential(f, g)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     y1, y2 = combinator(tuple(x.chunk(2, -1)))

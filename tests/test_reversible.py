@@ -1,5 +1,8 @@
 """The reversible engine against plain autograd through the same computation."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -432,3 +435,34 @@ def test_cuda_dropout_and_noise_are_replayed():
     model.memory_mode = "reversible"
     train_step(model, x, seed=3)
     assert torch.equal(torch.cuda.get_rng_state(), expected_rng)
+
+
+def test_one_function_node_runs_the_whole_chain():
+    model = ReversibleSequential(*[nn.Linear(2, 2) for _ in range(6)])
+    out = model(torch.randn(3, 4, requires_grad=True))
+    (first, _), (second, _) = out.grad_fn.next_functions  # torch.cat's two inputs
+    assert first is second and type(first).__name__ == "_ReversibleChainBackward"
+
+
+class StoringBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.stored = []
+
+    def forward(self, x):
+        state = saved_state(self)
+        if "marker" not in state:
+            state["marker"] = torch.zeros(1)
+            self.stored.append(weakref.ref(state["marker"]))
+        return self.linear(x)
+
+
+def test_saved_state_is_freed_when_backward_ends():
+    blocks = [StoringBlock(), StoringBlock()]
+    loss = ReversibleSequential(*blocks)(torch.randn(3, 4, requires_grad=True)).sum()
+    refs = [ref for block in blocks for ref in block.stored]
+    assert len(refs) == 2 and all(ref() is not None for ref in refs)
+    loss.backward()
+    gc.collect()
+    assert all(ref() is None for ref in refs)

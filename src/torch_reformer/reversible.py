@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -113,8 +113,8 @@ def saved_state(owner: object) -> dict | None:
     tensors in the dict; during the backward recomputation of the same block call the
     same dict, with those entries, is returned. It is freed when that block's backward
     step is done. There is one dict per owner per block call: a module called several
-    times inside one block shares it and must key its entries itself. Do not store the
-    block's input tensors: the engine may reuse their memory while rebuilding.
+    times inside one block shares it and must key its entries itself. Store small things
+    (bucket ids, seeds): a stored activation stays alive until the backward pass.
 
     Returns None when not inside an engine block call that will be recomputed
     (``memory_mode="autograd"``, inference under ``torch.no_grad``, or outside the
@@ -284,6 +284,29 @@ def _call_module(block: nn.Module, items: Sequence[object], block_kwargs: dict) 
     return block(*items, **block_kwargs) if block_kwargs else block(*items)
 
 
+class ReversibleStep(Protocol):
+    """What the engine needs from a step; ``CouplingStep``, ``PermutationStep`` and
+    ``InvertibleStep`` implement it.
+
+    - ``modules``: the modules whose parameters, buffers and RNG use the step owns;
+    - ``n_items``: how many top stack items it reads or writes;
+    - ``replays_randomness``: whether it calls a block (so RNG and autocast are recorded);
+    - ``forward(stack, block_kwargs, invoke)``: the new stack; blocks are run through
+      ``invoke(fn, *tensors)`` (plain, or under checkpoint);
+    - ``backward(walk, replay, block_kwargs, params)``: rebuild the step's inputs in
+      ``walk.values``, put their gradients in ``walk.grads`` and return the gradients of
+      ``params``; every block call goes inside ``with replay():``.
+    """
+
+    modules: tuple[nn.Module, ...]
+    n_items: int
+    replays_randomness: bool
+
+    def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list: ...
+
+    def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list: ...
+
+
 class CouplingStep:
     """``stack[target] <- coupling_forward(stack[target], block(*stack[contexts], **block_kwargs))``.
 
@@ -442,7 +465,7 @@ class InvertibleStep:
 # --------------------------------------------------------------------------------------
 
 
-def _step_parameters(steps: Sequence) -> tuple[list[nn.Parameter], list[list[int]]]:
+def _step_parameters(steps: Sequence[ReversibleStep]) -> tuple[list[nn.Parameter], list[list[int]]]:
     """All parameters needing a gradient, once each, and each step's indices into that list."""
     params: list[nn.Parameter] = []
     index_of: dict[int, int] = {}
@@ -465,7 +488,9 @@ def _step_parameters(steps: Sequence) -> tuple[list[nn.Parameter], list[list[int
 class _ChainRun:
     """One reversible call: the steps, and what backward needs to replay them."""
 
-    def __init__(self, steps: Sequence, top: list[Tensor], block_kwargs: dict, params: list, per_step: list):
+    def __init__(
+        self, steps: Sequence[ReversibleStep], top: list[Tensor], block_kwargs: dict, params: list, per_step: list
+    ) -> None:
         self.steps = steps
         self.n_items = len(top)
         self.block_kwargs = block_kwargs
@@ -550,7 +575,7 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
     return invoke
 
 
-def _run_plain(steps: Sequence, stack: list, block_kwargs: dict, checkpointed: bool) -> list:
+def _run_plain(steps: Sequence[ReversibleStep], stack: list, block_kwargs: dict, checkpointed: bool) -> list:
     for step in steps:
         invoke = _checkpointing_invoke(step.modules) if checkpointed and step.modules else _invoke_plain
         stack = step.forward(stack, block_kwargs, invoke)
@@ -574,7 +599,11 @@ def _check_reversible_inputs(top: Sequence[object], block_kwargs: dict) -> None:
 
 
 def run_reversible_steps(
-    steps: Sequence, stack: Sequence[object], *, memory_mode: str = "reversible", block_kwargs: dict | None = None
+    steps: Sequence[ReversibleStep],
+    stack: Sequence[object],
+    *,
+    memory_mode: str = "reversible",
+    block_kwargs: dict | None = None,
 ) -> list:
     """Run ``steps`` over ``stack`` (top first) and return the new stack.
 
@@ -588,7 +617,7 @@ def run_reversible_steps(
         return _run_plain(steps, stack, kwargs, checkpointed=False)
     if memory_mode == "checkpoint":
         return _run_plain(steps, stack, kwargs, checkpointed=True)
-    depth = max((step.n_items for step in steps), default=0)
+    depth = max([step.n_items for step in steps] + [0])
     if depth > len(stack):
         raise ValueError(f"the reversible steps need {depth} stack items, got {len(stack)}")
     top = stack[:depth]
