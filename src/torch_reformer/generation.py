@@ -1,0 +1,570 @@
+"""Text generation for ``ReformerLM``: greedy, sampling, beam search, with per-layer caches.
+
+Legend: B batch (prompts), N rows being decoded (B, or B * K in beam search), K beams,
+L prompt width, n real prompt length, T new tokens, V vocabulary, H hidden size.
+
+Plain functions over an explicit state, in the spirit of gpt-fast:
+- logits processors, (N, V) -> (N, V): ``apply_repetition_penalty`` (CTRL / Hugging Face:
+  the logit of a token already in the sequence is divided by the penalty when positive,
+  multiplied by it when negative), ``apply_temperature``, ``apply_top_k``, ``apply_top_p``;
+- picks, (N, V) -> (N,): ``greedy_pick`` and ``sample_pick`` (a private ``torch.Generator``,
+  the global RNG is never touched);
+- next-token sources with one interface (``start(prompt) -> logits``, ``advance(tokens) ->
+  logits``, ``reorder(rows)``): ``CachedSteps`` runs ``prefill`` once and then ``decode_step``
+  per token over a ``DecodeCache`` (one cache per layer and the current position);
+  ``UncachedSteps`` re-runs the full forward pass on the whole sequence every step (the
+  reference the cached path must reproduce token for token);
+- loops: ``sample_tokens`` (greedy or sampled, eos handling) and ``beam_search``.
+
+The cached decode step is the model's forward for one new position:
+
+    x1 = x2 = word_emb(token) + pos_emb(position)                          # (N, 1, H)
+    per layer:  x1 += Dropout(W_o · Attn.decode_step(LayerNorm(x2)))      # reads/extends the cache
+                x2 += FeedForward(x1)
+    logits = lm_head(LayerNorm_{2H}(concat[x1, x2]))                       # (N, V)
+
+Why rows are decoded in groups of equal real length. LSH and local attention are not padding
+invariant: local chunks are cut at fixed offsets, and LSH rounds are laid end to end with the
+padding sorted to the end of each round, so the wrap-around windows change with the amount of
+padding. A padded batch would therefore not give each prompt the continuation it gets alone.
+``generate`` takes each row's real tokens (``attention_mask``), decodes the rows of equal
+length together (no padding inside a group, positions 0..n-1 as for the prompt alone), and
+puts each continuation right after the row's last real token.
+
+Why hashing is fixed for the whole generation. LSH layers without ``hash_seed`` draw new
+rotations per forward pass, and with ``num_buckets=None`` choose the bucket count from the
+current length. Both would make consecutive steps hash the same prefix differently, and the
+cached path (which keeps the bucket ids of past tokens) could never agree with the uncached
+one. ``fixed_hashing`` sets one bucket count and one set of rotations per LSH layer for the
+whole call and restores the layers afterwards; both paths use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention.hashing import rotation_width
+from .attention.lsh import LSHSelfAttention
+from .model import ReformerLM
+
+__all__ = [
+    "CachedSteps", "DecodeCache", "UncachedSteps", "apply_repetition_penalty", "apply_temperature",
+    "apply_top_k", "apply_top_p", "beam_search", "decode_step", "fixed_hashing", "generate",
+    "greedy_pick", "padded_length", "prefill", "sample_pick", "sample_tokens",
+]
+
+
+# ---------------------------------------------------------------------------------------- processors
+
+
+def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
+    """Penalise every token of ``history`` (N, t): positive logits / penalty, negative * penalty.
+
+    logits (N, V) -> (N, V). A token counts once however often it occurred (CTRL, Keskar et al.
+    2019, as Hugging Face's ``RepetitionPenaltyLogitsProcessor``).
+    """
+    if penalty == 1.0 or history.shape[1] == 0:
+        return logits
+    seen = logits.gather(1, history)  # (N, t)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, history, seen)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature, (N, V) -> (N, V): below 1 sharpens the distribution, above 1 flattens it."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def apply_top_k(logits: Tensor, top_k: int | None) -> Tensor:
+    """Keep the ``top_k`` largest logits per row (ties with the k-th are kept), the rest -> -inf."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, top_p: float | None) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+
+    A token is kept when the probability of the tokens ranked above it is below ``top_p``, so
+    the most likely token always stays. logits (N, V) -> (N, V), removed tokens at -inf.
+    """
+    if top_p is None or top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # (N, V): probability of the better-ranked tokens
+    remove = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, mass_above >= top_p)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def greedy_pick(logits: Tensor) -> Tensor:
+    """The most likely token per row, (N, V) -> (N,)."""
+    return logits.argmax(dim=-1)
+
+
+def sample_pick(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row drawn from softmax(logits) with ``generator``, (N, V) -> (N,)."""
+    probs = logits.float().softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Validated decoding settings (see ``generate`` for their meaning)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def warp(self, logits: Tensor) -> Tensor:
+        """Temperature, then top-k, then top-p (the sampling distribution's shape)."""
+        return apply_top_p(apply_top_k(apply_temperature(logits, self.temperature), self.top_k), self.top_p)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _token_ids(name: str, value, vocab_size: int) -> tuple[int, ...]:
+    ids = () if value is None else (value,) if _is_int(value) else tuple(value)
+    for token in ids:
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise ValueError(f"{name}={value!r} must be token ids in [0, {vocab_size}) (or None)")
+    return ids
+
+
+def _decoding_options(model: ReformerLM, **settings) -> DecodingOptions:
+    """Check every decoding setting and resolve the padding id; raises with a fix."""
+    vocab = model.config.vocab_size
+    if not isinstance(settings["do_sample"], bool):
+        raise TypeError(f"do_sample must be True or False, got {settings['do_sample']!r}")
+    for name in ("temperature", "repetition_penalty"):
+        if not _is_number(settings[name]) or settings[name] <= 0:
+            raise ValueError(f"{name} must be a number > 0, got {settings[name]!r} (1.0 leaves logits unchanged)")
+    if not _is_number(settings["length_penalty"]):
+        raise ValueError(f"length_penalty must be a finite number, got {settings['length_penalty']!r}")
+    top_k, top_p, num_beams = settings["top_k"], settings["top_p"], settings["num_beams"]
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}: e.g. 0.9 keeps the 90% most likely mass")
+    if not _is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if num_beams > 1 and settings["do_sample"]:
+        raise ValueError("beam search does not sample: pass do_sample=False with num_beams > 1, or num_beams=1")
+    eos = _token_ids("eos_token_id", settings["eos_token_id"], vocab)
+    pad = settings["pad_token_id"]
+    if pad is None:
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
+    _token_ids("pad_token_id", pad, vocab)
+    return DecodingOptions(
+        do_sample=settings["do_sample"], temperature=float(settings["temperature"]), top_k=top_k,
+        top_p=None if top_p is None else float(top_p), num_beams=num_beams,
+        repetition_penalty=float(settings["repetition_penalty"]),
+        length_penalty=float(settings["length_penalty"]), eos_token_ids=eos, pad_token_id=pad,
+    )
+
+
+def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) -> Tensor:
+    """Validate the prompt; returns the (B, L) bool mask of real tokens."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got {got} (use ids[None] for one)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    vocab = model.config.vocab_size
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{low}, {high}]: check the tokenizer")
+    if attention_mask is None:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if not bool(real.any(dim=1).all()):
+            raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    capacity = model.config.max_length
+    longest = int(real.sum(dim=1).max()) + max_new_tokens
+    if capacity is not None and longest > capacity:
+        raise ValueError(
+            f"the longest prompt plus max_new_tokens is {longest} tokens, but the positional embedding covers "
+            f"{capacity}: shorten the prompt or max_new_tokens, or use a model with a longer max_length"
+        )
+    return real
+
+
+# ---------------------------------------------------------------------------------------- hashing
+
+
+def padded_length(model: ReformerLM, length: int) -> int:
+    """The length the model's layers run on for ``length`` tokens (the forward pads to chunk multiples)."""
+    trunk = model.reformer
+    if length % trunk.pad_multiple == 0 or length <= trunk.min_chunk_length:
+        return length
+    return -(-length // trunk.pad_multiple) * trunk.pad_multiple
+
+
+def _lsh_layers(model: ReformerLM) -> list[LSHSelfAttention]:
+    return [module for module in model.modules() if isinstance(module, LSHSelfAttention)]
+
+
+@contextlib.contextmanager
+def fixed_hashing(model: ReformerLM, max_length: int, generator: torch.Generator | None = None) -> Iterator[None]:
+    """Fix every LSH layer's bucket count and rotations while generating up to ``max_length`` tokens.
+
+    The bucket count is the configured one, or (``num_buckets=None``) the automatic choice for
+    the padded ``max_length``. Rotations come from the layer's ``hash_seed`` when it has one (the
+    numbers every forward pass would draw), else from ``generator`` (the global RNG when None).
+    The layers' ``num_buckets`` and ``fixed_rotations`` are restored on exit.
+    """
+    weight = next(model.parameters())
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    length = padded_length(model, max_length)
+    saved = [(layer, layer.num_buckets, getattr(layer, "fixed_rotations", None)) for layer in _lsh_layers(model)]
+    try:
+        for layer, _, _ in saved:
+            layer.num_buckets = layer.bucket_spec(length)
+            if layer.hash_seed is not None:
+                rotations = layer.draw_rotations(length, device=weight.device, dtype=dtype)
+            else:
+                shape = (layer.num_heads, layer.head_size, layer.num_hashes, rotation_width(layer.num_buckets))
+                rotations = torch.randn(shape, generator=generator, device=weight.device, dtype=dtype)
+            layer.fixed_rotations = rotations  # (H, D, R, F)
+        yield
+    finally:
+        for layer, num_buckets, rotations in saved:
+            layer.num_buckets, layer.fixed_rotations = num_buckets, rotations
+
+
+# ---------------------------------------------------------------------------------------- cached steps
+
+
+class DecodeCache:
+    """One attention cache per layer (room for ``max_length`` positions) and the next position."""
+
+    def __init__(self, model: ReformerLM, batch_size: int, max_length: int):
+        weight = next(model.parameters())
+        self.layers = [
+            layer.attention.self_attention.init_cache(batch_size, max_length, device=weight.device, dtype=weight.dtype)
+            for layer in model.reformer.layers
+        ]
+        self.position = 0  # positions stored so far = position of the next token
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep, duplicate or permute batch rows: row i becomes old row ``rows[i]`` (beam search)."""
+        for layer_cache in self.layers:
+            layer_cache.reorder(rows)
+
+
+def _final_logits(model: ReformerLM, x1: Tensor, x2: Tensor) -> Tensor:
+    """Logits of the last position, (N, V), from the two streams (N, t, H)."""
+    hidden = model.reformer.layer_norm(torch.cat([x1[:, -1], x2[:, -1]], dim=-1))  # (N, 2H)
+    return model.lm_head(hidden)
+
+
+def prefill(model: ReformerLM, input_ids: Tensor, cache: DecodeCache) -> Tensor:
+    """Run the prompt (N, n) through the model, fill ``cache``; logits of the next token (N, V)."""
+    rows, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+    x1 = x2 = model.reformer.embeddings(input_ids, positions)  # (N, n, H)
+    padded = padded_length(model, length)
+    for layer, layer_cache in zip(model.reformer.layers, cache.layers):
+        block = layer.attention
+        attended = block.self_attention.prefill(block.layer_norm(x2), layer_cache, padded_length=padded)
+        x1 = x1 + block.dropout(attended)
+        x2 = x2 + layer.feed_forward(x1)
+    cache.position = length
+    return _final_logits(model, x1, x2)
+
+
+def decode_step(model: ReformerLM, tokens: Tensor, cache: DecodeCache) -> Tensor:
+    """Append ``tokens`` (N,) at ``cache.position``; logits of the token after them (N, V)."""
+    positions = torch.full((tokens.shape[0], 1), cache.position, device=tokens.device)
+    x1 = x2 = model.reformer.embeddings(tokens[:, None], positions)  # (N, 1, H)
+    padded = padded_length(model, cache.position + 1)
+    for layer, layer_cache in zip(model.reformer.layers, cache.layers):
+        block = layer.attention
+        attended = block.self_attention.decode_step(block.layer_norm(x2), layer_cache, padded_length=padded)
+        x1 = x1 + block.dropout(attended)
+        x2 = x2 + layer.feed_forward(x1)
+    cache.position += 1
+    return _final_logits(model, x1, x2)
+
+
+class CachedSteps:
+    """Next-token logits from per-layer caches: one prefill, then one position per step."""
+
+    def __init__(self, model: ReformerLM, max_length: int):
+        self.model, self.max_length, self.cache = model, max_length, None
+
+    def start(self, prompt: Tensor) -> Tensor:
+        self.cache = DecodeCache(self.model, prompt.shape[0], self.max_length)
+        return prefill(self.model, prompt, self.cache)
+
+    def advance(self, tokens: Tensor) -> Tensor:
+        return decode_step(self.model, tokens, self.cache)
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+
+
+class UncachedSteps:
+    """Next-token logits from a full forward pass over the whole sequence at every step."""
+
+    def __init__(self, model: ReformerLM):
+        self.model, self.tokens = model, None
+
+    def start(self, prompt: Tensor) -> Tensor:
+        self.tokens = prompt
+        return self._last_logits()
+
+    def advance(self, tokens: Tensor) -> Tensor:
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)  # (N, t + 1)
+        return self._last_logits()
+
+    def reorder(self, rows: Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, rows)
+
+    def _last_logits(self) -> Tensor:
+        hidden = self.model.reformer(self.tokens)  # (N, t, 2H)
+        return self.model.lm_head(hidden[:, -1])  # (N, V)
+
+
+# ---------------------------------------------------------------------------------------- loops
+
+
+def sample_tokens(
+    steps, prompt: Tensor, max_new_tokens: int, options: DecodingOptions, generator: torch.Generator | None = None
+) -> Tensor:
+    """Greedy or sampled continuation (N, T) of ``prompt`` (N, n); rows after their eos hold padding."""
+    rows = prompt.shape[0]
+    new_tokens = prompt.new_full((rows, max_new_tokens), options.pad_token_id)
+    eos = torch.tensor(options.eos_token_ids, dtype=prompt.dtype, device=prompt.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=prompt.device)
+    logits = steps.start(prompt)  # (N, V)
+    for step in range(max_new_tokens):
+        history = torch.cat([prompt, new_tokens[:, :step]], dim=1)  # (N, n + step)
+        scores = apply_repetition_penalty(logits, history, options.repetition_penalty)
+        token = sample_pick(options.warp(scores), generator) if options.do_sample else greedy_pick(scores)
+        token = token.masked_fill(finished, options.pad_token_id)  # (N,)
+        new_tokens[:, step] = token
+        finished |= torch.isin(token, eos)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = steps.advance(token)
+    return new_tokens
+
+
+class _Hypotheses:
+    """The best finished continuations of one prompt, scored sum(log p) / length ** length_penalty."""
+
+    def __init__(self, num_beams: int, length_penalty: float):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.scored: list[tuple[float, list[int]]] = []
+        self.done = False
+
+    def add(self, log_prob: float, tokens: list[int]) -> None:
+        self.scored.append((log_prob / len(tokens) ** self.length_penalty, tokens))
+        self.scored.sort(key=lambda item: -item[0])
+        del self.scored[self.num_beams :]
+
+    def cannot_improve(self, best_alive: float, length: int, max_new_tokens: int) -> bool:
+        """True when no continuation of a live beam (log prob ``best_alive`` after ``length`` tokens)
+        can beat the worst kept hypothesis: log probs only fall as tokens are added."""
+        if best_alive == float("-inf"):
+            return True
+        if len(self.scored) < self.num_beams:
+            return False
+        final_length = max_new_tokens if self.length_penalty > 0 else min(length + 1, max_new_tokens)
+        return best_alive / final_length**self.length_penalty <= self.scored[-1][0]
+
+
+def _select_beams(top_scores, top_beams, top_tokens, generated, hypotheses, step, options, max_new_tokens):
+    """Per prompt, turn the ranked candidates (N, 2K) into K live beams and finished hypotheses.
+
+    Returns the live beams' scores (N, K), source beam (N, K) and token (N, K) as lists. An eos
+    candidate ends a hypothesis only when it ranks among the K best (as Hugging Face does).
+    """
+    num_beams, eos, pad = options.num_beams, set(options.eos_token_ids), options.pad_token_id
+    scores, sources, tokens = [], [], []
+    for row, hyps in enumerate(hypotheses):
+        live = []
+        for rank, (score, beam, token) in enumerate(zip(top_scores[row], top_beams[row], top_tokens[row])):
+            if hyps.done or len(live) == num_beams or score == float("-inf"):
+                break
+            if token in eos:
+                if rank < num_beams:
+                    hyps.add(score, generated[row * num_beams + beam] + [token])
+            else:
+                live.append((score, beam, token))
+        hyps.done = hyps.done or hyps.cannot_improve(live[0][0] if live else float("-inf"), step + 1, max_new_tokens)
+        live = [] if hyps.done else live
+        live += [(float("-inf"), 0, pad)] * (num_beams - len(live))
+        scores.append([item[0] for item in live])
+        sources.append([item[1] for item in live])
+        tokens.append([item[2] for item in live])
+    return scores, sources, tokens
+
+
+def beam_search(steps, prompt: Tensor, max_new_tokens: int, options: DecodingOptions) -> Tensor:
+    """The best of ``options.num_beams`` beams per prompt, (N, n) -> (N, T), padded after eos.
+
+    Scores are summed log probabilities (after the repetition penalty) divided by the number of
+    generated tokens ** ``length_penalty``. A prompt stops when no live beam can still beat its
+    K finished hypotheses; at ``max_new_tokens`` live beams count as finished.
+    """
+    rows, num_beams, device = prompt.shape[0], options.num_beams, prompt.device
+    first_logits = steps.start(prompt)  # (N, V)
+    expand = torch.arange(rows, device=device).repeat_interleave(num_beams)  # (N * K,)
+    steps.reorder(expand)
+    logits, history = first_logits[expand], prompt[expand]  # (N * K, V), (N * K, n)
+    vocab = logits.shape[-1]
+    beam_scores = torch.full((rows, num_beams), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0  # one live beam at first: the K copies would give K equal beams
+    hypotheses = [_Hypotheses(num_beams, options.length_penalty) for _ in range(rows)]
+    generated: list[list[int]] = [[] for _ in range(rows * num_beams)]
+    for step in range(max_new_tokens):
+        scores = apply_repetition_penalty(logits, history, options.repetition_penalty)
+        log_probs = scores.float().log_softmax(dim=-1)  # (N * K, V)
+        candidates = (beam_scores.view(-1, 1) + log_probs).view(rows, num_beams * vocab)
+        top_scores, top_index = candidates.topk(min(2 * num_beams, num_beams * vocab), dim=1)  # (N, 2K)
+        selected = _select_beams(
+            top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist(),
+            generated, hypotheses, step, options, max_new_tokens,
+        )
+        beam_scores = torch.tensor(selected[0], device=device)  # (N, K)
+        sources = (torch.tensor(selected[1], device=device) + torch.arange(rows, device=device)[:, None] * num_beams)
+        sources, tokens = sources.view(-1), torch.tensor(selected[2], device=device).view(-1)  # (N * K,)
+        generated = [generated[source] + [token] for source, token in zip(sources.tolist(), tokens.tolist())]
+        if all(hyps.done for hyps in hypotheses) or step + 1 == max_new_tokens:
+            break
+        history = torch.cat([history.index_select(0, sources), tokens[:, None]], dim=1)
+        steps.reorder(sources)
+        logits = steps.advance(tokens)
+    return _best_hypotheses(hypotheses, beam_scores.tolist(), generated, options, max_new_tokens, prompt)
+
+
+def _best_hypotheses(hypotheses, beam_scores, generated, options, max_new_tokens, prompt) -> Tensor:
+    """Add the still-live beams as finished, then the best hypothesis per prompt, padded, (N, T)."""
+    out = prompt.new_full((len(hypotheses), max_new_tokens), options.pad_token_id)
+    for row, hyps in enumerate(hypotheses):
+        for beam, score in enumerate(beam_scores[row]):
+            if not hyps.done and score != float("-inf"):
+                hyps.add(score, generated[row * options.num_beams + beam])
+        best = hyps.scored[0][1]
+        out[row, : len(best)] = torch.tensor(best, dtype=out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+
+def _place_continuations(input_ids: Tensor, real: Tensor, new_tokens: Tensor) -> Tensor:
+    """(B, L + T): each row's input with its new tokens inserted right after its last real token.
+
+    Left padding stays in front; trailing (right) padding moves behind the continuation.
+    """
+    width, new = input_ids.shape[1], new_tokens.shape[1]
+    last_real = width - 1 - real.flip(1).int().argmax(dim=1, keepdim=True)  # (B, 1)
+    slots = torch.arange(width + new, device=input_ids.device)[None]  # (1, L + T)
+    from_new = (slots > last_real) & (slots <= last_real + new)
+    input_slot = torch.where(slots > last_real + new, slots - new, slots).clamp(max=width - 1)
+    new_slot = (slots - last_real - 1).clamp(0, new - 1)
+    return torch.where(from_new, new_tokens.gather(1, new_slot), input_ids.gather(1, input_slot.expand_as(from_new)))
+
+
+def _decode_group(model, prompt, max_new_tokens, options, use_cache, generator) -> Tensor:
+    """Continuations (G, T) of G unpadded prompts of one length."""
+    total = prompt.shape[1] + max_new_tokens
+    steps = CachedSteps(model, total) if use_cache else UncachedSteps(model)
+    if options.num_beams > 1:
+        return beam_search(steps, prompt, max_new_tokens, options)
+    return sample_tokens(steps, prompt, max_new_tokens, options, generator)
+
+
+def generate(
+    model: ReformerLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    length_penalty: float = 1.0,
+) -> Tensor:
+    """Continue each prompt of ``input_ids`` (B, L) by ``max_new_tokens`` tokens; returns (B, L + T).
+
+    Greedy decoding by default; ``do_sample=True`` samples after ``temperature``, ``top_k`` and
+    ``top_p`` (nucleus) filtering; ``num_beams > 1`` runs beam search (scores divided by the
+    generated length ** ``length_penalty``). ``repetition_penalty`` > 1 discourages tokens already
+    in the sequence. A row that emits one of ``eos_token_id`` stops and is filled with
+    ``pad_token_id`` (default: the config's, else the eos id); ``eos_token_id=None`` never stops
+    early. ``attention_mask`` (B, L) marks real tokens (1) and padding (0), left or right: each
+    row is continued exactly as its real tokens would be alone, and the new tokens follow its last
+    real token. ``seed`` makes sampling (and LSH rotations without ``hash_seed``) reproducible
+    through a private generator; the global RNG is never used for sampling. ``use_cache=False``
+    recomputes the whole sequence at every step (same tokens, much slower).
+    The model runs in eval mode under ``torch.no_grad``; its training flag is restored.
+    """
+    if not isinstance(model, ReformerLM):
+        raise TypeError(f"generate needs a ReformerLM (a causal model), got {type(model).__name__}")
+    options = _decoding_options(
+        model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+        repetition_penalty=repetition_penalty, length_penalty=length_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    if not isinstance(use_cache, bool) or (seed is not None and not _is_int(seed)):
+        raise TypeError(f"use_cache must be a bool and seed an int or None, got {use_cache!r} and {seed!r}")
+    real = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    generator = torch.Generator(device=input_ids.device)
+    if seed is None:
+        generator.seed()  # fresh entropy, without touching the global RNG
+    else:
+        generator.manual_seed(seed)
+    lengths = real.sum(dim=1)  # (B,)
+    new_tokens = input_ids.new_empty((input_ids.shape[0], max_new_tokens))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), fixed_hashing(model, int(lengths.max()) + max_new_tokens, generator if seed is not None else None):
+            for length in lengths.unique().tolist():
+                rows = (lengths == length).nonzero().squeeze(1)  # (G,)
+                prompt = input_ids[rows][real[rows]].view(len(rows), length)  # real tokens, in order
+                new_tokens[rows] = _decode_group(model, prompt, max_new_tokens, options, use_cache, generator)
+    finally:
+        model.train(was_training)
+    return _place_continuations(input_ids, real, new_tokens)
