@@ -1,0 +1,143 @@
+"""Angular LSH hashing for shared-QK attention: rotations, bucket ids, automatic bucket count.
+
+Legend: B batch, H heads, L length, R hash rounds, D head dim, F rotation width
+(the sum over bucket factors of factor/2).
+
+A vector x is hashed by projecting it on F random directions and taking the argmax over
+[xR ; -xR]: vectors that point the same way land in the same bucket with high probability
+(Andoni et al. 2015). With factorised buckets, e.g. ``num_buckets=[16, 32]``, each factor
+hashes on its own slice of the rotation and the per-factor bucket ids are combined as
+mixed-radix digits, the first factor being the least significant digit. This keeps the
+rotation small (16/2 + 32/2 = 24 columns instead of 512/2) for large bucket counts.
+
+Rotations have shape (H, D, R, F): one independent draw per head and per round, shared
+across the batch. Drawing them from a fixed ``seed`` reproduces the numbers that
+``torch.manual_seed(seed); torch.randn(shape)`` gives, but through a private generator,
+so the global random state is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+BucketSpec = int | Sequence[int]
+
+
+def bucket_factors(num_buckets: BucketSpec) -> tuple[int, ...]:
+    """Validate ``num_buckets`` (an even int or a non-empty list of even ints) and return its factors."""
+    factors = (num_buckets,) if isinstance(num_buckets, int) else tuple(num_buckets)
+    if not factors:
+        raise ValueError("num_buckets is an empty list: give an even int such as 64 or even factors such as [8, 8]")
+    for factor in factors:
+        if isinstance(factor, bool) or not isinstance(factor, int):
+            raise TypeError(f"num_buckets must be an int or a list of ints, got {num_buckets!r}")
+        if factor < 2 or factor % 2:
+            raise ValueError(
+                f"num_buckets={num_buckets!r}: every bucket count (or factor) must be an even number >= 2, "
+                "because each rotation column gives two buckets (xR and -xR); e.g. use 64 or [8, 8]"
+            )
+    return factors
+
+
+def total_buckets(num_buckets: BucketSpec) -> int:
+    """Number of distinct bucket ids (product of the factors), not counting the padding bucket."""
+    return math.prod(bucket_factors(num_buckets))
+
+
+def rotation_width(num_buckets: BucketSpec) -> int:
+    """F, the number of random directions per round: sum of factor / 2."""
+    return sum(factor // 2 for factor in bucket_factors(num_buckets))
+
+
+def auto_num_buckets(length: int, chunk_length: int) -> int | list[int]:
+    """The bucket count for a sequence of ``length`` when none is configured.
+
+    About two buckets per chunk (2 * length / chunk_length, rounded down to a power of two,
+    at least 2), as the Reformer paper recommends. Above 2 * max(sqrt(length / chunk_length),
+    chunk_length) the count is split into two power-of-two factors so the rotation stays small.
+    Computed per call from the current length; nothing is stored.
+    """
+    chunks = max(length // chunk_length, 1)
+    exponent = max((2 * chunks).bit_length() - 1, 1)
+    limit = 2 * max(int(chunks**0.5), chunk_length)
+    if 2**exponent <= limit:
+        return 2**exponent
+    return [2 ** (exponent // 2), 2 ** (exponent - exponent // 2)]
+
+
+def draw_rotations(
+    num_heads: int,
+    head_size: int,
+    num_hashes: int,
+    num_buckets: BucketSpec,
+    *,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random rotations (H, D, R, F) drawn from N(0, 1).
+
+    With ``seed`` the draw uses a private generator seeded with it (same numbers as a fresh
+    ``torch.manual_seed(seed)`` followed by ``torch.randn``); without it, the global torch RNG,
+    so a caller that replays the RNG state (the reversible engine) gets the same rotations.
+    """
+    shape = (num_heads, head_size, num_hashes, rotation_width(num_buckets))
+    device = torch.device("cpu") if device is None else torch.device(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _argmax_of_both_signs(rotated: Tensor) -> Tensor:
+    """argmax over [x ; -x] along the last axis without building the concatenation.
+
+    Ties resolve as for the concatenated argmax: the first maximum wins, and +x comes before -x.
+    """
+    width = rotated.shape[-1]
+    max_value, max_index = rotated.max(dim=-1)
+    min_value, min_index = rotated.min(dim=-1)
+    return torch.where(max_value >= -min_value, max_index, min_index + width)
+
+
+def hash_vectors(vectors: Tensor, rotations: Tensor, num_buckets: BucketSpec) -> Tensor:
+    """Bucket ids (B, H, R, L) in [0, total_buckets) for ``vectors`` (B, H, L, D).
+
+    ``rotations`` (H, D, R, F) must match the heads, head size and the bucket spec. The
+    projection runs in the rotations' dtype (float32 by default) so half-precision inputs
+    hash as robustly as full precision ones. No gradient flows through hashing.
+    """
+    factors = bucket_factors(num_buckets)
+    num_heads, head_size = vectors.shape[1], vectors.shape[3]
+    expected = (num_heads, head_size, rotations.shape[2], rotation_width(factors))
+    if rotations.dim() != 4 or tuple(rotations.shape) != expected:
+        raise ValueError(
+            f"rotations have shape {tuple(rotations.shape)}, expected (heads, head_size, num_hashes, "
+            f"sum(num_buckets)/2) = {expected} for num_buckets={num_buckets!r}"
+        )
+    with torch.no_grad():
+        rotated = torch.einsum("bhld,hdrf->bhrlf", vectors.detach().to(rotations.dtype), rotations)  # (B, H, R, L, F)
+        bucket_ids = None
+        column, radix = 0, 1
+        for factor in factors:
+            digit = _argmax_of_both_signs(rotated[..., column : column + factor // 2])  # (B, H, R, L)
+            bucket_ids = digit if bucket_ids is None else bucket_ids + radix * digit
+            column += factor // 2
+            radix *= factor
+    return bucket_ids
+
+
+def assign_padding_bucket(bucket_ids: Tensor, key_mask: Tensor | None, num_buckets: BucketSpec) -> Tensor:
+    """Put padded positions (``key_mask`` False, shape (B, L)) in the extra bucket ``total_buckets``.
+
+    The extra bucket is the largest id, so padded positions sort to the end of each round.
+    """
+    if key_mask is None:
+        return bucket_ids
+    padding_bucket = total_buckets(num_buckets)
+    return bucket_ids.masked_fill(~key_mask[:, None, None, :], padding_bucket)  # (B, H, R, L)
