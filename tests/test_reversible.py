@@ -466,3 +466,12 @@ def test_saved_state_is_freed_when_backward_ends():
     loss.backward()
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+def test_outputs_changed_in_place_before_backward_are_refused():
+    streams = [torch.randn(3, 2, requires_grad=True) for _ in range(2)]
+    y1, y2 = reversible_forward(*streams, [nn.Linear(2, 2), nn.Linear(2, 2)])
+    with torch.no_grad():
+        y1.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        (y1 + y2).sum().backward()

@@ -499,6 +499,8 @@ class _ChainRun:
         self.device = top[0].device
         self.autocast = _autocast_states(self.device.type)
         self.records: list[_CallRecord | None] = [None] * len(steps)
+        self.outputs: list[Tensor] | None = None
+        self.output_versions: list[int] = []
 
     def forward(self, stack: list) -> list:
         for k, step in enumerate(self.steps):
@@ -510,8 +512,27 @@ class _ChainRun:
                 stack = step.forward(stack, self.block_kwargs, _invoke_plain)
         return stack
 
-    def backward(self, outputs: list[Tensor], grads: list[Tensor | None]) -> tuple[list, list]:
-        walk = _BackwardWalk(list(outputs), list(grads))
+    def keep_outputs(self, outputs: list[Tensor]) -> None:
+        """Hold the outputs for backward without ``save_for_backward``.
+
+        Detached aliases share the outputs' memory and version counters but not their
+        graph, so there is no reference cycle, and the walk can drop each output as soon
+        as it has rebuilt the step's input from it instead of holding it to the end.
+        """
+        self.outputs = [output.detach() for output in outputs]
+        self.output_versions = [output._version for output in outputs]
+
+    def _take_outputs(self) -> list[Tensor]:
+        outputs, self.outputs = self.outputs, None
+        if any(output._version != version for output, version in zip(outputs, self.output_versions)):
+            raise RuntimeError(
+                "an output of the reversible engine was modified in place before the backward pass; "
+                "the engine rebuilds activations from its outputs: clone an output before changing it in place"
+            )
+        return outputs
+
+    def backward(self, grads: list[Tensor | None]) -> tuple[list, list]:
+        walk = _BackwardWalk(self._take_outputs(), list(grads))
         param_grads: list[Tensor | None] = [None] * len(self.params)
         for k in reversed(range(len(self.steps))):
             step, record = self.steps[k], self.records[k]
@@ -534,7 +555,7 @@ class _ReversibleChain(torch.autograd.Function):
         outputs = run.forward(list(tensors[: run.n_items]))
         ctx.run = run
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*outputs)
+        run.keep_outputs(outputs)
         return tuple(outputs)
 
     @staticmethod
@@ -545,7 +566,7 @@ class _ReversibleChain(torch.autograd.Function):
                 "the reversible engine's backward runs once per forward (retain_graph is not supported); "
                 "run the forward again or use memory_mode='autograd'"
             )
-        stream_grads, param_grads = run.backward(list(ctx.saved_tensors), list(grad_outputs))
+        stream_grads, param_grads = run.backward(list(grad_outputs))
         ctx.run = None
         needs = ctx.needs_input_grad[1 : 1 + run.n_items]
         stream_grads = [grad if need else None for grad, need in zip(stream_grads, needs)]
