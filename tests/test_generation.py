@@ -10,6 +10,7 @@ import torch
 from torch_reformer.attention.hashing import auto_num_buckets
 from torch_reformer.config import ReformerConfig
 from torch_reformer.generation import (
+    CachedSteps,
     DecodingOptions,
     UncachedSteps,
     apply_repetition_penalty,
@@ -218,33 +219,107 @@ def test_padded_batches_continue_each_prompt_as_alone(use_cache):
 
 
 def _require_cached_decoding():
+    from torch_reformer.attention.full import FullSelfAttention
+    from torch_reformer.attention.local import LocalSelfAttention
     from torch_reformer.attention.lsh import LSHSelfAttention
 
-    if not hasattr(LSHSelfAttention, "decode_step"):
+    if not all(hasattr(layer, "decode_step") for layer in (FullSelfAttention, LocalSelfAttention, LSHSelfAttention)):
         pytest.skip("the attention layers have no incremental decoding yet")
 
 
-CACHE_CONFIGS = {
-    "lsh-1-hash": dict(attn_layers=("lsh", "lsh"), num_hashes=1, lsh_attn_chunk_length=4),
-    "lsh-2-hashes-random-rotations": dict(attn_layers=("lsh",), num_hashes=2, lsh_attn_chunk_length=4,
-                                          hash_seed=None, num_buckets=None),
-    "lsh-4-hashes-factorised": dict(attn_layers=("lsh",), num_hashes=4, lsh_attn_chunk_length=4,
+# Exact equality with the full forward needs the states of past positions to stay what they were
+# when those positions were decoded. Local and full attention guarantee it; an LSH layer does not
+# (a new token changes the bucket-sorted chunks of earlier ones), so only the last attention layer
+# may be LSH, unless the whole sequence fits in one LSH chunk (no hashing).
+EXACT_CACHE_CONFIGS = {
+    "lsh-1-hash-last": dict(attn_layers=("local", "lsh"), num_hashes=1, lsh_attn_chunk_length=4,
+                            local_attn_chunk_length=4),
+    "lsh-only-2-hashes-random-rotations": dict(attn_layers=("lsh",), num_hashes=2, lsh_attn_chunk_length=4,
+                                               hash_seed=None, num_buckets=None),
+    "lsh-4-hashes-factorised": dict(attn_layers=("full", "lsh"), num_hashes=4, lsh_attn_chunk_length=4,
                                     num_buckets=(2, 4)),
-    "local": dict(attn_layers=("local", "local"), local_attn_chunk_length=4),
-    "mixed-unequal-chunks": dict(attn_layers=("local", "lsh", "full"), local_attn_chunk_length=8,
+    "mixed-unequal-chunks": dict(attn_layers=("local", "full", "lsh"), local_attn_chunk_length=8,
                                  lsh_attn_chunk_length=4, num_hashes=3),
+    "lsh-stack-within-one-chunk": dict(attn_layers=("lsh", "local", "lsh"), lsh_attn_chunk_length=64,
+                                       local_attn_chunk_length=64),
+    "local": dict(attn_layers=("local", "local"), local_attn_chunk_length=4),
     "full": dict(attn_layers=("full", "full")),
 }
 
 
-@pytest.mark.parametrize("overrides", CACHE_CONFIGS.values(), ids=CACHE_CONFIGS.keys())
-def test_cached_greedy_equals_uncached(overrides):
+@torch.no_grad()
+def stepwise_logits(steps, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Teacher-forced next-token logits (B, T + 1, V) after the prompt and after each later token."""
+    logits = [steps.start(tokens[:, :prompt_length])]
+    for position in range(prompt_length, tokens.shape[1]):
+        logits.append(steps.advance(tokens[:, position]))
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("overrides", EXACT_CACHE_CONFIGS.values(), ids=EXACT_CACHE_CONFIGS.keys())
+def test_cached_decoding_equals_the_full_forward(overrides):
     _require_cached_decoding()
     model = tiny_lm(**overrides)
-    ids = random_ids(model, 2, 3)  # shorter than a chunk: the step from the exact path to hashing is crossed
-    cached = generate(model, ids, 30, seed=7)
-    uncached = generate(model, ids, 30, seed=7, use_cache=False)
-    assert torch.equal(cached, uncached)
+    # A prompt shorter than a chunk: decoding crosses from the exact path to hashing and padding.
+    tokens = random_ids(model, 2, 33)
+    ids = tokens[:, :3]
+    assert torch.equal(generate(model, ids, 30, seed=7), generate(model, ids, 30, seed=7, use_cache=False))
+    model.double()  # logits compared in fp64, where rounding cannot hide a wrong window or position
+    with fixed_hashing(model, 33, torch.Generator().manual_seed(7)):
+        cached = stepwise_logits(CachedSteps(model, 33), tokens, 3)
+        uncached = stepwise_logits(UncachedSteps(model), tokens, 3)
+    torch.testing.assert_close(cached, uncached, rtol=1e-9, atol=1e-9)
+
+
+def _model_padded_length(config: ReformerConfig, length: int) -> int:
+    chunks = [config.lsh_attn_chunk_length if kind == "lsh" else config.local_attn_chunk_length
+              for kind in config.attn_layers if kind != "full"]
+    if not chunks or length <= min(chunks) or length % config.pad_multiple == 0:
+        return length
+    return -(-length // config.pad_multiple) * config.pad_multiple
+
+
+def _attend_to_stored(block, stored: torch.Tensor, config: ReformerConfig) -> torch.Tensor:
+    """The attention block's forward over the stored inputs (B, t, H), padded as the model pads."""
+    length = stored.shape[1]
+    padded = _model_padded_length(config, length)
+    mask = (torch.arange(padded) < length).expand(stored.shape[0], padded)
+    inputs = torch.nn.functional.pad(stored, (0, 0, 0, padded - length))
+    attention = block.self_attention
+    rotations = dict(rotations=attention.fixed_rotations) if block.kind == "lsh" else {}
+    return block.dropout(attention(inputs, mask, **rotations))[:, :length]
+
+
+@torch.no_grad()
+def frozen_prefix_logits(model: ReformerLM, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Teacher-forced logits (B, T + 1, V) from the definition of incremental decoding: the prompt's
+    states come from one forward over the prompt; every later position's states are computed once,
+    when it is the newest token, by each layer attending from it over the stored inputs so far."""
+    trunk, config = model.reformer, model.config
+    stored = [None] * len(trunk.layers)  # per layer: attention inputs LayerNorm(x2) of every position
+    logits, ends = [], range(prompt_length, tokens.shape[1] + 1)
+    for start, end in zip([0, *ends], ends):
+        new = tokens[:, start:end]
+        x1 = x2 = trunk.embeddings(new, torch.arange(start, end).expand_as(new))
+        for index, layer in enumerate(trunk.layers):
+            normed = layer.attention.layer_norm(x2)
+            stored[index] = normed if stored[index] is None else torch.cat([stored[index], normed], dim=1)
+            x1 = x1 + _attend_to_stored(layer.attention, stored[index], config)[:, start:]
+            x2 = x2 + layer.feed_forward(x1)
+        logits.append(model.lm_head(trunk.layer_norm(torch.cat([x1[:, -1], x2[:, -1]], dim=-1))))
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("attn_layers", [("lsh", "lsh"), ("lsh", "local", "lsh")])
+def test_cached_lsh_stacks_follow_the_definition_of_incremental_decoding(attn_layers):
+    _require_cached_decoding()
+    model = tiny_lm(attn_layers=attn_layers, lsh_attn_chunk_length=4, local_attn_chunk_length=8, num_hashes=2)
+    model.double()
+    tokens = random_ids(model, 2, 30)
+    with fixed_hashing(model, 30):
+        cached = stepwise_logits(CachedSteps(model, 30), tokens, 6)
+        expected = frozen_prefix_logits(model, tokens, 6)
+    torch.testing.assert_close(cached, expected, rtol=1e-9, atol=1e-9)
 
 
 def test_cached_beam_search_and_sampling_equal_uncached():

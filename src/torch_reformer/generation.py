@@ -31,6 +31,17 @@ padding. A padded batch would therefore not give each prompt the continuation it
 length together (no padding inside a group, positions 0..n-1 as for the prompt alone), and
 puts each continuation right after the row's last real token.
 
+What the cache reproduces. Each layer's decode step gives the new position exactly what the
+layer's forward over all positions so far would give it (same padding as the model, same
+hashing), from the cached states of earlier positions. Those states are frozen when their
+position is decoded. With local and full attention they never change anyway (causal, padding
+masked), so cached decoding equals the full forward pass; an LSH layer is different: a new token
+shifts the bucket-sorted chunks of earlier tokens and so their outputs. The states an LSH layer
+passes on to a later layer therefore differ between the cached path (frozen, as in Hugging Face's
+and Trax's cached decoding) and ``use_cache=False`` (recomputed from the whole sequence, as in
+training). Both paths agree exactly when no LSH layer feeds another layer (e.g. LSH only in the
+last layer) or while the sequence fits in one LSH chunk; otherwise they may pick different tokens.
+
 Why hashing is fixed for the whole generation. LSH layers without ``hash_seed`` draw new
 rotations per forward pass, and with ``num_buckets=None`` choose the bucket count from the
 current length. Both would make consecutive steps hash the same prefix differently, and the
@@ -47,7 +58,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention.hashing import rotation_width
@@ -535,7 +545,8 @@ def generate(
     row is continued exactly as its real tokens would be alone, and the new tokens follow its last
     real token. ``seed`` makes sampling (and LSH rotations without ``hash_seed``) reproducible
     through a private generator; the global RNG is never used for sampling. ``use_cache=False``
-    recomputes the whole sequence at every step (same tokens, much slower).
+    recomputes the whole sequence at every step: much slower, the same tokens unless an LSH layer
+    feeds a later layer (see the module docstring).
     The model runs in eval mode under ``torch.no_grad``; its training flag is restored.
     """
     if not isinstance(model, ReformerLM):
@@ -557,10 +568,11 @@ def generate(
         generator.manual_seed(seed)
     lengths = real.sum(dim=1)  # (B,)
     new_tokens = input_ids.new_empty((input_ids.shape[0], max_new_tokens))
+    longest = int(lengths.max()) + max_new_tokens
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), fixed_hashing(model, int(lengths.max()) + max_new_tokens, generator if seed is not None else None):
+        with torch.no_grad(), fixed_hashing(model, longest, None if seed is None else generator):
             for length in lengths.unique().tolist():
                 rows = (lengths == length).nonzero().squeeze(1)  # (G,)
                 prompt = input_ids[rows][real[rows]].view(len(rows), length)  # real tokens, in order
