@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # dtype -> (mask value, self-mask value). bfloat16 has float32's range, so it keeps float32's
 # constants; float16 tops out near 6.5e4.
@@ -436,3 +436,78 @@ def check_chunking(chunk_length: int, num_chunks_before: int, num_chunks_after: 
     for name, value in (("num_chunks_before", num_chunks_before), ("num_chunks_after", num_chunks_after)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def pad_sequence(hidden_states: Tensor, key_mask: Tensor | None, padded_length: int):
+    """Zero-pad (B, L, E) inputs to ``padded_length`` and mark the new positions as padding."""
+    batch, length, _ = hidden_states.shape
+    if padded_length == length:
+        return hidden_states, key_mask
+    if padded_length < length:
+        raise ValueError(f"padded_length={padded_length} is shorter than the sequence ({length} positions)")
+    if key_mask is None:
+        key_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+    padding = padded_length - length
+    return nn.functional.pad(hidden_states, (0, 0, 0, padding)), nn.functional.pad(key_mask, (0, padding), value=False)
+
+
+class AttentionCache:
+    """Keys, values and padding mask of past positions for causal incremental decoding.
+
+    ``keys``/``values`` (B, H, M, D) and ``key_mask`` (B, M) have room for M = ``max_length``
+    positions; ``length`` are filled. LSH layers also keep ``bucket_ids`` (B, H, R, M) and the
+    hashing fixed for the whole generation (``rotations``, ``num_buckets``).
+    """
+
+    def __init__(self, batch_size: int, max_length: int, num_heads: int, head_size: int, *, device=None,
+                 dtype=None, num_hashes: int | None = None, rotations: Tensor | None = None, num_buckets=None):
+        shape = (batch_size, num_heads, max_length, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.bucket_ids = None
+        if num_hashes is not None:
+            self.bucket_ids = torch.zeros(batch_size, num_heads, num_hashes, max_length, dtype=torch.long, device=device)
+        self.rotations, self.num_buckets = rotations, num_buckets
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, keys: Tensor, values: Tensor, key_mask: Tensor, bucket_ids: Tensor | None = None) -> None:
+        """Store n new positions: keys/values (B, H, n, D), key_mask (B, n), bucket_ids (B, H, R, n)."""
+        start, stop = self.length, self.length + keys.shape[2]
+        if stop > self.max_length:
+            raise ValueError(
+                f"the cache holds {self.max_length} positions and {start} are used; cannot add {keys.shape[2]} "
+                "more: create it with a larger max_length"
+            )
+        self.keys[:, :, start:stop] = keys
+        self.values[:, :, start:stop] = values
+        self.key_mask[:, start:stop] = key_mask
+        if self.bucket_ids is not None:
+            self.bucket_ids[..., start:stop] = bucket_ids
+        self.length = stop
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep, duplicate or permute batch rows: row i becomes old row ``rows[i]`` (beam search)."""
+        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        self.key_mask = self.key_mask.index_select(0, rows)
+        if self.bucket_ids is not None:
+            self.bucket_ids = self.bucket_ids.index_select(0, rows)
+
+
+def check_decode_inputs(hidden_new: Tensor, attention_mask_new: Tensor | None, hidden_size: int) -> Tensor:
+    """Validate a (B, 1, hidden) step and return its (B, 1) bool mask (True = real token)."""
+    key_mask = check_attention_inputs(hidden_new, attention_mask_new, hidden_size)
+    if hidden_new.shape[1] != 1:
+        raise ValueError(f"decode_step takes one new position, shape (batch, 1, {hidden_size}); got {tuple(hidden_new.shape)}")
+    if key_mask is None:
+        return torch.ones(hidden_new.shape[0], 1, dtype=torch.bool, device=hidden_new.device)
+    return key_mask
+
+
+def check_causal_for_decoding(causal: bool) -> None:
+    if not causal:
+        raise ValueError("incremental decoding needs a causal layer (causal=True): later tokens would change earlier outputs")

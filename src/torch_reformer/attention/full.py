@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torch_reformer.attention.chunking import check_attention_inputs, check_layer_sizes, merge_heads, split_heads
+from torch_reformer.attention.chunking import (
+    AttentionCache,
+    check_attention_inputs,
+    check_causal_for_decoding,
+    check_decode_inputs,
+    check_layer_sizes,
+    merge_heads,
+    split_heads,
+)
 
 
 def visibility_mask(key_mask: Tensor | None, length: int, causal: bool) -> Tensor | None:
@@ -56,8 +64,21 @@ def full_attention(
     )
 
 
+def full_decode_attention(query: Tensor, cache: AttentionCache) -> Tensor:
+    """Causal attention of the newest cached position over all cached ones, (B, H, 1, D) -> (B, H, 1, D)."""
+    length = cache.length
+    visible = cache.key_mask[:, :length].clone()  # (B, t+1)
+    visible[:, -1] |= ~visible.any(dim=-1)  # nothing to see: attend to itself, as in the forward pass
+    return nn.functional.scaled_dot_product_attention(
+        query, cache.keys[:, :, :length], cache.values[:, :, :length], attn_mask=visible[:, None, None, :]
+    )
+
+
 class FullSelfAttention(nn.Module):
-    """Multi-head full self-attention, (B, L, hidden_size) -> (B, L, hidden_size)."""
+    """Multi-head full self-attention, (B, L, hidden_size) -> (B, L, hidden_size).
+
+    Causal layers also decode incrementally: ``init_cache``, ``prefill``, ``decode_step``.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, head_size: int = 64, causal: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -74,11 +95,43 @@ class FullSelfAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
-        queries = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, L, D)
-        keys = split_heads(self.key(hidden_states), self.num_heads)
-        values = split_heads(self.value(hidden_states), self.num_heads)
         out = full_attention(
-            queries, keys, values,
+            *self._project(hidden_states),
             causal=self.causal, key_mask=key_mask, dropout=self.dropout, training=self.training,
         )
         return self.output(merge_heads(out))
+
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(split_heads(layer(hidden_states), self.num_heads) for layer in (self.query, self.key, self.value))
+
+    def init_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> AttentionCache:
+        """An empty decoding cache (past keys and values) for ``max_length`` positions."""
+        check_causal_for_decoding(self.causal)
+        device = self.query.weight.device if device is None else device
+        dtype = self.query.weight.dtype if dtype is None else dtype
+        return AttentionCache(batch_size, max_length, self.num_heads, self.head_size, device=device, dtype=dtype)
+
+    def prefill(
+        self, hidden_states: Tensor, cache: AttentionCache, attention_mask: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """``forward`` over a prompt (B, n, hidden), storing its keys and values.
+
+        ``padded_length`` is accepted for a uniform interface; padding does not change full attention.
+        """
+        key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        queries, keys, values = self._project(hidden_states)  # (B, H, n, D)
+        out = full_attention(queries, keys, values, causal=True, key_mask=key_mask)
+        real = torch.ones_like(keys[:, 0, :, 0], dtype=torch.bool) if key_mask is None else key_mask
+        cache.append(keys, values, real)
+        return self.output(merge_heads(out))
+
+    def decode_step(
+        self, hidden_new: Tensor, cache: AttentionCache, attention_mask_new: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """Output (B, 1, hidden) for one new position appended to ``cache``."""
+        key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
+        cache.append(keys, values, key_mask)
+        return self.output(merge_heads(full_decode_attention(queries, cache)))

@@ -20,11 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from torch_reformer.attention.chunking import (
+    AttentionCache,
     check_attention_inputs,
+    check_causal_for_decoding,
+    check_decode_inputs,
     check_chunking,
     check_layer_sizes,
     from_windows,
+    mask_values,
     merge_heads,
+    pad_sequence,
     split_heads,
     to_windows,
     window_attention,
@@ -69,11 +74,44 @@ def local_attention(
     return from_windows(out, layout).squeeze(3).transpose(1, 2)  # (B, H, L, D)
 
 
+def local_decode_attention(
+    query: Tensor,
+    cache: AttentionCache,
+    *,
+    padded_length: int,
+    chunk_length: int,
+    num_chunks_before: int = 1,
+    num_chunks_after: int = 0,
+) -> Tensor:
+    """Causal local attention of the newest cached position t, (B, H, 1, D) -> (B, H, 1, D).
+
+    ``cache`` holds keys (already scaled by 1/sqrt(D)), values and the padding mask of positions
+    0..t. Equals row t of a causal forward pass over the sequence padded to ``padded_length``:
+    the query attends to the chunks around its own (wrapping as the forward pass does, so with
+    ``num_chunks_after`` > 0 the last chunks also see the first ones).
+    """
+    newest = cache.length - 1
+    device = query.device
+    if padded_length <= chunk_length:
+        key_positions = torch.arange(newest + 1, device=device)  # (t+1,)
+    else:
+        num_chunks = padded_length // chunk_length
+        offsets = torch.arange(-num_chunks_before, num_chunks_after + 1, device=device)
+        window_chunks = (newest // chunk_length + offsets) % num_chunks  # (J,)
+        key_positions = (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
+    index = key_positions.clamp(max=newest)  # (W,); later positions are padding and get masked
+    real = (key_positions <= newest) & cache.key_mask[:, index]  # (B, W)
+    scores = torch.matmul(query, cache.keys[:, :, index].transpose(-1, -2))  # (B, H, 1, W)
+    scores = scores.masked_fill(~real[:, None, None, :], mask_values(query.dtype)[0])
+    return torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index])  # (B, H, 1, D)
+
+
 class LocalSelfAttention(nn.Module):
     """Multi-head local self-attention, (B, L, hidden_size) -> (B, L, hidden_size).
 
     Any length works: the sequence is padded internally to a multiple of ``chunk_length``
-    (padded keys are masked) and the output is sliced back.
+    (padded keys are masked) and the output is sliced back. Causal layers also decode
+    incrementally: ``init_cache``, ``prefill``, ``decode_step``.
     """
 
     def __init__(
@@ -106,22 +144,71 @@ class LocalSelfAttention(nn.Module):
             f"causal={self.causal}"
         )
 
+    def padded_length(self, length: int) -> int:
+        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple."""
+        return length if length <= self.chunk_length else -(-length // self.chunk_length) * self.chunk_length
+
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         length = hidden_states.shape[1]
-        padding = -length % self.chunk_length if length > self.chunk_length else 0
-        if padding:
-            hidden_states = nn.functional.pad(hidden_states, (0, 0, 0, padding))  # (B, L_padded, hidden)
-            if key_mask is None:
-                key_mask = torch.ones(hidden_states.shape[0], length, dtype=torch.bool, device=hidden_states.device)
-            key_mask = nn.functional.pad(key_mask, (0, padding), value=False)
-        queries = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, L, D)
-        keys = split_heads(self.key(hidden_states), self.num_heads)
-        values = split_heads(self.value(hidden_states), self.num_heads)
-        out = local_attention(
+        hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
+        out = self._attend(*self._project(hidden_states), key_mask)
+        return self.output(merge_heads(out[:, :, :length]))
+
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(split_heads(layer(hidden_states), self.num_heads) for layer in (self.query, self.key, self.value))
+
+    def _attend(self, queries: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor | None) -> Tensor:
+        return local_attention(
             queries, keys, values,
             chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before,
             num_chunks_after=self.num_chunks_after, causal=self.causal, key_mask=key_mask,
             dropout=self.dropout, training=self.training,
         )
+
+    def init_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> AttentionCache:
+        """An empty decoding cache for ``max_length`` positions.
+
+        It keeps every past key and value: with ``num_chunks_after`` > 0 the wrap-around makes
+        the last chunks attend to the first ones, so the look-back window alone is not enough.
+        """
+        check_causal_for_decoding(self.causal)
+        device = self.query.weight.device if device is None else device
+        dtype = self.query.weight.dtype if dtype is None else dtype
+        return AttentionCache(batch_size, max_length, self.num_heads, self.head_size, device=device, dtype=dtype)
+
+    def prefill(
+        self, hidden_states: Tensor, cache: AttentionCache, attention_mask: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """Attend over a prompt (B, n, hidden) as ``forward`` does and store its keys and values."""
+        key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        length = hidden_states.shape[1]
+        padded_length = self.padded_length(length) if padded_length is None else padded_length
+        hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
+        queries, keys, values = self._project(hidden_states)  # (B, H, P, D)
+        out = self._attend(queries, keys, values, padded_mask)
+        real = torch.ones_like(keys[:, 0, :length, 0], dtype=torch.bool) if key_mask is None else key_mask
+        cache.append(keys[:, :, :length] / math.sqrt(self.head_size), values[:, :, :length], real)
         return self.output(merge_heads(out[:, :, :length]))
+
+    def decode_step(
+        self, hidden_new: Tensor, cache: AttentionCache, attention_mask_new: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """Output (B, 1, hidden) for one new position appended to ``cache``.
+
+        Equals the last row of ``forward`` over all positions so far padded to ``padded_length``
+        (by default this layer's own padding).
+        """
+        key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
+        cache.append(keys / math.sqrt(self.head_size), values, key_mask)
+        padded_length = self.padded_length(cache.length) if padded_length is None else padded_length
+        if padded_length < cache.length:
+            raise ValueError(f"padded_length={padded_length} is shorter than the {cache.length} positions decoded")
+        out = local_decode_attention(
+            queries, cache, padded_length=padded_length, chunk_length=self.chunk_length,
+            num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,
+        )
+        return self.output(merge_heads(out))

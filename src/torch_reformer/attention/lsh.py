@@ -21,13 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from torch_reformer.attention.chunking import (
+    AttentionCache,
     WindowLayout,
     check_attention_inputs,
+    check_causal_for_decoding,
+    check_decode_inputs,
     check_chunking,
     check_layer_sizes,
     from_windows,
     merge_heads,
+    mask_values,
     merge_rounds,
+    normalize_keys,
+    pad_sequence,
     sort_by_bucket,
     split_heads,
     to_windows,
@@ -41,15 +47,10 @@ from torch_reformer.attention.hashing import (
     bucket_factors,
     draw_rotations,
     hash_vectors,
-    rotation_width,
+    total_buckets,
 )
 
-try:
-    from torch_reformer.reversible import saved_state
-except ImportError:  # the reversible engine is not part of this checkout: nothing to store buckets in
-
-    def saved_state(owner):
-        return None
+from torch_reformer.reversible import saved_state
 
 
 def _attend_in_layout(
@@ -118,13 +119,76 @@ def lsh_attention(
     return _attend_in_layout(qk, values, layout, key_mask, causal, dropout, training)
 
 
+def lsh_decode_attention(
+    query: Tensor,
+    cache: AttentionCache,
+    *,
+    padded_length: int,
+    chunk_length: int,
+    num_chunks_before: int = 1,
+    num_chunks_after: int = 0,
+) -> Tensor:
+    """Causal LSH attention of the newest cached position, (B, H, 1, D) -> (B, H, 1, D).
+
+    ``cache`` holds qk vectors (as keys), values, bucket ids and the padding mask of positions
+    0..t, the query being position t. The result equals row t of a causal forward pass over
+    the prefix padded to ``padded_length``: the bucket ids of the prefix (padding in the extra
+    bucket) are sorted per round, the query's chunk and its neighbours are located in the rounds
+    laid end to end, and the query attends to exactly those slots. Work is O(R * t) integers for
+    the sort plus O(R * W * D) for the attention.
+    """
+    batch, heads, _, head_size = query.shape
+    length = cache.length
+    newest = length - 1
+    qk, values = cache.keys[:, :, :length], cache.values[:, :, :length]  # (B, H, t+1, D)
+    if padded_length <= chunk_length:
+        key_positions = torch.arange(length, device=query.device).expand(batch, heads, 1, length)  # (B, H, 1, t+1)
+    else:
+        key_positions = _decode_window(cache, padded_length, chunk_length, num_chunks_before, num_chunks_after)
+    rounds, window = key_positions.shape[2], key_positions.shape[3]
+    real = key_positions <= newest  # slots of later (padding) positions are hidden
+    index = key_positions.clamp(max=newest).view(batch, heads, rounds * window)  # (B, H, R*W)
+    real &= torch.gather(cache.key_mask[:, :length], 1, index.view(batch, -1)).view_as(real)
+    gather_index = index[..., None].expand(batch, heads, rounds * window, head_size)
+    keys = normalize_keys(torch.gather(qk, 2, gather_index)).view(batch, heads, rounds, window, head_size)
+    window_values = torch.gather(values, 2, gather_index).view(batch, heads, rounds, window, head_size)
+
+    mask_value, self_mask_value = mask_values(query.dtype)
+    scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0], keys)  # (B, H, R, W)
+    scores = scores.masked_fill(~real, mask_value).masked_fill(key_positions == newest, self_mask_value)
+    out = torch.einsum("bhrw,bhrwd->bhrd", torch.softmax(scores, dim=-1), window_values)  # (B, H, R, D)
+    return merge_rounds(out, torch.logsumexp(scores, dim=-1)).unsqueeze(2)  # (B, H, 1, D)
+
+
+def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int, before: int, after: int) -> Tensor:
+    """Original positions of the slots the newest position attends to, (B, H, R, W); values >= t+1 are padding."""
+    length = cache.length
+    bucket_ids = cache.bucket_ids[..., :length]  # (B, H, R, t+1)
+    batch, heads, rounds, _ = bucket_ids.shape
+    padding_bucket = total_buckets(cache.num_buckets)
+    padded = nn.functional.pad(bucket_ids, (0, padded_length - length), value=padding_bucket)  # (B, H, R, P)
+    sorted_positions = sort_by_bucket(padded)  # (B, H, R, P)
+    rank = (sorted_positions == length - 1).int().argmax(dim=-1)  # (B, H, R): slot of the query in its round
+    round_start = torch.arange(rounds, device=padded.device) * padded_length
+    chunk = (round_start + rank) // chunk_length  # (B, H, R)
+    num_chunks = rounds * padded_length // chunk_length
+    offsets = torch.arange(-before, after + 1, device=padded.device)
+    window_chunks = (chunk[..., None] + offsets) % num_chunks  # (B, H, R, J)
+    slots = window_chunks[..., None] * chunk_length + torch.arange(chunk_length, device=padded.device)  # (B,H,R,J,C)
+    flat_sorted = sorted_positions.view(batch, heads, rounds * padded_length)
+    return torch.gather(flat_sorted, 2, slots.view(batch, heads, -1)).view(batch, heads, rounds, -1)
+
+
 class LSHSelfAttention(nn.Module):
     """Multi-head LSH self-attention, (B, L, hidden_size) -> (B, L, hidden_size).
 
-    ``num_hashes`` and ``num_buckets`` are plain attributes and may be changed between calls.
+    ``num_hashes`` and ``num_buckets`` are plain attributes and may be changed between calls;
     ``num_buckets=None`` picks the count from each call's (padded) length. Rotations come from
-    the ``rotations`` argument, else from ``hash_seed`` through a private generator, else from
-    the global torch RNG.
+    the ``rotations`` argument, else the ``fixed_rotations`` attribute (set by generation to
+    keep hashing fixed), else ``hash_seed`` through a private generator, else the global RNG.
+    Inside the reversible engine the bucket ids of a forward call are stored and reused by its
+    recomputation. Causal layers also decode incrementally: ``init_cache``, ``prefill``,
+    ``decode_step``.
     """
 
     def __init__(
@@ -152,6 +216,7 @@ class LSHSelfAttention(nn.Module):
         self.chunk_length = chunk_length
         self.num_chunks_before, self.num_chunks_after = num_chunks_before, num_chunks_after
         self.causal, self.dropout, self.hash_seed = bool(causal), float(dropout), hash_seed
+        self.fixed_rotations: Tensor | None = None
         self.query_key = nn.Linear(hidden_size, num_heads * head_size, bias=False)
         self.value = nn.Linear(hidden_size, num_heads * head_size, bias=False)
         self.output = nn.Linear(num_heads * head_size, hidden_size, bias=False)
@@ -161,6 +226,10 @@ class LSHSelfAttention(nn.Module):
             f"num_heads={self.num_heads}, head_size={self.head_size}, num_hashes={self.num_hashes}, "
             f"num_buckets={self.num_buckets}, chunk_length={self.chunk_length}, causal={self.causal}"
         )
+
+    def padded_length(self, length: int) -> int:
+        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple."""
+        return length if length <= self.chunk_length else -(-length // self.chunk_length) * self.chunk_length
 
     def bucket_spec(self, length: int) -> int | list[int]:
         """The bucket count used for a (padded) sequence of ``length``."""
@@ -185,24 +254,39 @@ class LSHSelfAttention(nn.Module):
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         _check_hashing(self.num_hashes, self.num_buckets)
         length = hidden_states.shape[1]
-        qk = split_heads(self.query_key(hidden_states), self.num_heads)  # (B, H, L, D)
-        values = split_heads(self.value(hidden_states), self.num_heads)  # (B, H, L, D)
-        dropout = dict(dropout=self.dropout, training=self.training)
-        if length <= self.chunk_length:
-            out = shared_qk_attention(qk, values, key_mask=key_mask, causal=self.causal, **dropout)
-            return self.output(merge_heads(out))
-        qk, values, key_mask = _pad_to_chunks(qk, values, key_mask, self.chunk_length)
-        bucket_ids = self._bucket_ids(qk, key_mask, rotations)  # (B, H, R, L_padded)
-        out = lsh_attention(
-            qk, values, bucket_ids,
-            chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before,
-            num_chunks_after=self.num_chunks_after, causal=self.causal, key_mask=key_mask, **dropout,
-        )
+        hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
+        qk, values = self._project(hidden_states)  # (B, H, L_padded, D) each
+        bucket_ids = None
+        if qk.shape[2] > self.chunk_length:
+            bucket_ids = self._bucket_ids(qk, key_mask, self._rotations(rotations), self.bucket_spec(qk.shape[2]))
+        out = self._attend(qk, values, key_mask, bucket_ids)
         return self.output(merge_heads(out[:, :, :length]))
 
-    def _bucket_ids(self, qk: Tensor, key_mask: Tensor | None, rotations: Tensor | None) -> Tensor:
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        qk = split_heads(self.query_key(hidden_states), self.num_heads)  # (B, H, L, D)
+        return qk, split_heads(self.value(hidden_states), self.num_heads)
+
+    def _attend(self, qk: Tensor, values: Tensor, key_mask: Tensor | None, bucket_ids: Tensor | None) -> Tensor:
+        """The exact path without bucket ids (one chunk), else hashed chunked attention; (B, H, L, D)."""
+        settings = dict(causal=self.causal, key_mask=key_mask, dropout=self.dropout, training=self.training)
+        if bucket_ids is None:
+            return shared_qk_attention(qk, values, **settings)
+        return lsh_attention(
+            qk, values, bucket_ids, chunk_length=self.chunk_length,
+            num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after, **settings,
+        )
+
+    def _rotations(self, rotations: Tensor | None) -> Tensor | None:
+        rotations = self.fixed_rotations if rotations is None else rotations
+        if rotations is not None and (rotations.dim() != 4 or rotations.shape[2] != self.num_hashes):
+            raise ValueError(
+                f"rotations have shape {tuple(rotations.shape)}; expected (num_heads, head_size, num_hashes, "
+                f"sum(num_buckets)/2) with num_hashes={self.num_hashes}"
+            )
+        return rotations
+
+    def _bucket_ids(self, qk: Tensor, key_mask: Tensor | None, rotations: Tensor | None, num_buckets) -> Tensor:
         """Hash ``qk`` (B, H, L, D), or reuse the ids stored by this call's first run in the engine."""
-        num_buckets = self.bucket_spec(qk.shape[2])
         signature = (self.num_hashes, bucket_factors(num_buckets), tuple(qk.shape[:3]))
         state = saved_state(self)
         if state is not None and state.get("bucket_signature") == signature:
@@ -210,15 +294,78 @@ class LSHSelfAttention(nn.Module):
         if rotations is None:
             dtype = qk.dtype if qk.dtype in (torch.float32, torch.float64) else torch.float32
             rotations = self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)
-        elif rotations.dim() != 4 or rotations.shape[2] != self.num_hashes:
-            raise ValueError(
-                f"rotations have shape {tuple(rotations.shape)}; expected (num_heads, head_size, num_hashes, "
-                f"sum(num_buckets)/2) = {(self.num_heads, self.head_size, self.num_hashes, rotation_width(num_buckets))}"
-            )
         bucket_ids = assign_padding_bucket(hash_vectors(qk, rotations, num_buckets), key_mask, num_buckets)
         if state is not None:
             state["bucket_signature"], state["bucket_ids"] = signature, bucket_ids
         return bucket_ids
+
+    def init_cache(
+        self, batch_size: int, max_length: int, *, device=None, dtype=None, rotations: Tensor | None = None
+    ) -> AttentionCache:
+        """An empty decoding cache for ``max_length`` positions, with hashing fixed for its lifetime.
+
+        The bucket count is ``num_buckets``, or the automatic one for the padded ``max_length``;
+        rotations are ``rotations``, else ``fixed_rotations``, else drawn once (``hash_seed`` or
+        the global RNG).
+        """
+        check_causal_for_decoding(self.causal)
+        _check_hashing(self.num_hashes, self.num_buckets)
+        device = self.query_key.weight.device if device is None else device
+        dtype = self.query_key.weight.dtype if dtype is None else dtype
+        longest = self.padded_length(max_length)
+        rotations = self._rotations(rotations)
+        if rotations is None:
+            rotations = self.draw_rotations(
+                longest, device=device, dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            )
+        return AttentionCache(
+            batch_size, max_length, self.num_heads, self.head_size, device=device, dtype=dtype,
+            num_hashes=self.num_hashes, rotations=rotations, num_buckets=self.bucket_spec(longest),
+        )
+
+    def prefill(
+        self, hidden_states: Tensor, cache: AttentionCache, attention_mask: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """Attend over a prompt (B, n, hidden) as ``forward`` does and store it in ``cache``.
+
+        ``padded_length`` is the length the sequence is padded to (a model pads to a multiple
+        of all its chunk lengths); by default this layer's own ``padded_length(n)``.
+        """
+        key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        length = hidden_states.shape[1]
+        padded_length = self.padded_length(length) if padded_length is None else padded_length
+        hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
+        qk, values = self._project(hidden_states)  # (B, H, P, D)
+        bucket_ids = assign_padding_bucket(
+            hash_vectors(qk, cache.rotations, cache.num_buckets), padded_mask, cache.num_buckets
+        )  # (B, H, R, P)
+        out = self._attend(qk, values, padded_mask, bucket_ids if padded_length > self.chunk_length else None)
+        real = torch.ones_like(qk[:, 0, :length, 0], dtype=torch.bool) if key_mask is None else key_mask
+        cache.append(qk[:, :, :length], values[:, :, :length], real, bucket_ids[..., :length])
+        return self.output(merge_heads(out[:, :, :length]))
+
+    def decode_step(
+        self, hidden_new: Tensor, cache: AttentionCache, attention_mask_new: Tensor | None = None, *,
+        padded_length: int | None = None,
+    ) -> Tensor:
+        """Output (B, 1, hidden) for one new position appended to ``cache``; hashes only that position.
+
+        Equals the last row of ``forward`` over all positions so far padded to ``padded_length``
+        (by default this layer's own padding), with the cache's rotations and bucket count.
+        """
+        key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        qk, values = self._project(hidden_new)  # (B, H, 1, D)
+        bucket_ids = assign_padding_bucket(hash_vectors(qk, cache.rotations, cache.num_buckets), key_mask, cache.num_buckets)
+        cache.append(qk, values, key_mask, bucket_ids)
+        padded_length = self.padded_length(cache.length) if padded_length is None else padded_length
+        if padded_length < cache.length:
+            raise ValueError(f"padded_length={padded_length} is shorter than the {cache.length} positions decoded")
+        out = lsh_decode_attention(
+            qk, cache, padded_length=padded_length, chunk_length=self.chunk_length,
+            num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,
+        )
+        return self.output(merge_heads(out))
 
 
 def _check_hashing(num_hashes: int, num_buckets) -> None:
@@ -226,17 +373,3 @@ def _check_hashing(num_hashes: int, num_buckets) -> None:
         raise ValueError(f"num_hashes must be a positive int, got {num_hashes!r}")
     if num_buckets is not None:
         bucket_factors(num_buckets)
-
-
-def _pad_to_chunks(qk: Tensor, values: Tensor, key_mask: Tensor | None, chunk_length: int):
-    """Zero-pad (B, H, L, D) tensors to a multiple of the chunk length and mark the padding in the mask."""
-    length = qk.shape[2]
-    padding = -length % chunk_length
-    if padding == 0:
-        return qk, values, key_mask
-    if key_mask is None:
-        key_mask = torch.ones(qk.shape[0], length, dtype=torch.bool, device=qk.device)
-    key_mask = nn.functional.pad(key_mask, (0, padding), value=False)  # (B, L_padded)
-    qk = nn.functional.pad(qk, (0, 0, 0, padding))
-    values = nn.functional.pad(values, (0, 0, 0, padding))
-    return qk, values, key_mask
