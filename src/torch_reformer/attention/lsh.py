@@ -289,11 +289,14 @@ class LSHSelfAttention(nn.Module):
         """Hash ``qk`` (B, H, L, D), or reuse the ids stored by this call's first run in the engine."""
         signature = (self.num_hashes, bucket_factors(num_buckets), tuple(qk.shape[:3]))
         state = saved_state(self)
-        if state is not None and state.get("bucket_signature") == signature:
-            return state["bucket_ids"]
-        if rotations is None:
+        reuse = state is not None and state.get("bucket_signature") == signature
+        if rotations is None and (not reuse or self.hash_seed is None):
+            # A rerun that reuses its bucket ids still draws from the global RNG, so every later
+            # random draw of this call (attention dropout) sees the stream the first run saw.
             dtype = qk.dtype if qk.dtype in (torch.float32, torch.float64) else torch.float32
             rotations = self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)
+        if reuse:
+            return state["bucket_ids"]
         bucket_ids = assign_padding_bucket(hash_vectors(qk, rotations, num_buckets), key_mask, num_buckets)
         if state is not None:
             state["bucket_signature"], state["bucket_ids"] = signature, bucket_ids
