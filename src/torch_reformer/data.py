@@ -170,8 +170,8 @@ def _check_text_file(path: Path, allow_binary: bool, strict: bool) -> bool:
         problem = f"{path} is empty: give a file with some text"
     elif not allow_binary and (offset := find_invalid_utf8(path)) is not None:
         problem = (
-            f"{path} is not UTF-8 text (invalid byte near offset {offset}): convert it to UTF-8, "
-            "or allow raw bytes (--raw-bytes / allow_binary=True)"
+            f"{path} is not UTF-8 text (invalid byte near offset {offset}): convert it to UTF-8 "
+            "(byte-level training also accepts raw bytes: --raw-bytes, allow_binary=True)"
         )
     if problem is None:
         return True

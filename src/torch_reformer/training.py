@@ -1,0 +1,648 @@
+"""The training loop: optimisation, evaluation, logging, crash-safe checkpoints, distributed data parallel.
+
+``Trainer(model, args, dataset).train()`` trains a causal LM (a ``ReformerLM`` or anything with its call
+signature) on a dataset of ``torch_reformer.data`` and returns the final metrics.
+
+Batches. ``args.batch_size`` is the *global* number of sequences per optimizer step. It is split over the
+processes of a ``torchrun`` job and then over ``args.grad_accum`` micro-steps, so the same arguments
+give the same updates whatever the process count: rank ``r`` takes rows ``[r * B/W, (r + 1) * B/W)`` of
+the global batch that the dataset derives from ``(seed, step)``. Each micro-step's mean loss is
+weighted ``1 / grad_accum`` and DDP averages over ranks, which equals the mean over the global batch
+because every sequence of our datasets has the same number of scored tokens. All ranks share one RNG
+seed, so LSH rotations drawn in a forward pass are the same on every rank, as in one process.
+
+Checkpoints (``OUT/checkpoints/step-N``, N = optimizer steps done) hold the weights
+(``config.json`` + ``model.safetensors``), the optimizer state (``optimizer.safetensors`` + JSON), every
+rank's torch RNG states (``rng.safetensors``), and ``trainer_state.json`` (step, arguments, eval
+history; the learning-rate schedule and the data order are pure functions of the step, so the step is
+their whole state). No pickles. A ``manifest.json`` with each file's size and SHA-256 is written last;
+the folder is assembled under a temporary name and renamed into place, so a crash never leaves a
+half-written ``step-N``. Resuming verifies the manifest and falls back, with a warning, to the newest
+checkpoint that verifies.
+
+A non-finite loss or gradient norm stops training before the optimizer step, with ``TrainingDiverged``;
+the weights and the checkpoints on disk are those of the last good step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .data import derive_seed
+from .serialization import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+
+SCHEDULES = ("cosine", "rsqrt", "constant")
+CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+_CSV_FIELDS = ("step", "lr", "train_loss", "grad_norm", "tokens_per_second", "elapsed_seconds",
+               "eval_loss", "eval_accuracy", "eval_bpc")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf; the weights were left at the last good step."""
+
+
+@dataclass
+class TrainingArguments:
+    """How to train. ``batch_size`` is global: split over processes, then over ``grad_accum`` micro-steps."""
+
+    out_dir: str = "runs/duplication"  # config.json, metrics.json, log.csv, checkpoints/
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 32  # sequences per optimizer step, over all processes
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decay of matrices (biases, norms and other 1-D weights never decay)
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # after warmup: "cosine" (to min_lr_ratio * lr), "rsqrt" or "constant"
+    min_lr_ratio: float = 0.1
+    clip_grad_norm: float | None = 1.0  # None: no clipping
+    bf16: bool = False  # bf16 autocast for forward passes
+    seed: int = 0
+    eval_every: int = 100  # steps between evaluations (0: only at the end)
+    eval_batch_size: int | None = None  # default: batch_size
+    eval_num_hashes: int | None = None  # evaluate LSH layers with this many hash rounds
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the newest valid checkpoint in out_dir
+    log_every: int = 10  # steps between log lines / CSV rows
+    progress: bool | None = None  # a live progress bar; None: when stdout is a terminal
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 (or None for no clipping), got {self.clip_grad_norm!r}")
+        if self.eval_num_hashes is not None and self.eval_num_hashes < 1:
+            raise ValueError(f"eval_num_hashes must be >= 1, got {self.eval_num_hashes!r}")
+
+
+def learning_rate(step: int, args: TrainingArguments) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the chosen decay."""
+    if args.warmup_steps and step <= args.warmup_steps:
+        return args.lr * step / args.warmup_steps
+    if args.schedule == "constant":
+        return args.lr
+    if args.schedule == "rsqrt":
+        return args.lr * math.sqrt(max(args.warmup_steps, 1) / step)
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases, norms and 1-D weights are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class DistributedContext:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistributedContext:
+    """Join the ``torchrun`` process group (env://; NCCL with GPUs, gloo on CPU) when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistributedContext(rank=rank, world_size=world_size, device=device)
+
+
+def _all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    if context.active:
+        values = values.to(context.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, [(json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")])
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-ready values."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            target = tensors if torch.is_tensor(value) else scalars
+            target[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: the CPU generator and every CUDA device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda_states = [states[k] for k in sorted(k for k in states if k.startswith("cuda"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, rng_by_rank: list[dict],
+                    trainer_state: dict) -> Path:
+    """Write ``checkpoints_dir/step-{step}`` atomically (assembled in a temporary folder, then renamed)."""
+    final = checkpoints_dir / f"step-{step}"
+    tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", opt_meta)
+    rng = {f"rank{r}.{name}": state for r, states in enumerate(rng_by_rank) for name, state in states.items()}
+    save_safetensors(rng, tmp / "rng.safetensors")
+    _write_json(tmp / "trainer_state.json", trainer_state)
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+    _write_json(tmp / MANIFEST, {"step": step, "files": manifest})
+    if final.exists():  # a rerun over the same step: the new folder replaces the old one
+        stale = checkpoints_dir / f".stale-step-{step}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
+    return final
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check every file of a checkpoint against its manifest; return ``trainer_state``, or raise
+    ``CheckpointError`` saying what is missing or damaged."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not a training checkpoint")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST} ({err})") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is truncated: {name} has {size} bytes, expected {expected['bytes']}")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Verify and read a checkpoint into memory: weights, optimizer state, RNG states, trainer state."""
+    path = Path(path)
+    trainer_state = verify_checkpoint(path)
+    optimizer_meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+    rng_by_rank: dict[int, dict] = {}
+    for name, tensor in load_safetensors(path / "rng.safetensors").items():
+        rank, key = name.split(".", 1)
+        rng_by_rank.setdefault(int(rank.removeprefix("rank")), {})[key] = tensor
+    return {
+        "path": path,
+        "config": json.loads((path / "config.json").read_text(encoding="utf-8")),
+        "weights": load_safetensors(path / "model.safetensors"),
+        "optimizer": _optimizer_from_files(load_safetensors(path / "optimizer.safetensors"), optimizer_meta),
+        "rng": rng_by_rank,
+        "trainer_state": trainer_state,
+    }
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """``step-N`` folders of ``checkpoints_dir``, newest (largest N) first."""
+    root = Path(checkpoints_dir)
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def newest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies (older ones are tried after a warning), or None if none exist."""
+    candidates = list_checkpoints(checkpoints_dir)
+    problems = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except CheckpointError as err:
+            problems.append(str(err))
+            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {checkpoints_dir}: {'; '.join(problems)}")
+    return None
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    ignored = {"architectures"}
+    keys = sorted((set(saved) | set(current)) - ignored)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class LineReporter:
+    """Plain progress lines on stdout every ``log_every`` steps (and after each evaluation)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def start(self, first_step: int, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def step(self, step: int, loss: float, tokens_per_second: float) -> None:
+        pass  # lines are written per log row only
+
+    def update(self, record: dict) -> None:
+        parts = [f"step {record['step']}/{self.total_steps}"]
+        for key, fmt in (("train_loss", ".4f"), ("eval_loss", ".4f"), ("eval_accuracy", ".4f"),
+                         ("eval_bpc", ".4f"), ("lr", ".2e"), ("tokens_per_second", ".0f")):
+            if record.get(key) is not None:
+                parts.append(f"{key} {record[key]:{fmt}}")
+        self.message(" | ".join(parts))
+
+    def message(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RunLog:
+    """``log.csv`` (+ TensorBoard when installed) and ``metrics.json`` of a run; used on rank 0 only."""
+
+    def __init__(self, out_dir: Path, resumed_step: int):
+        self.csv_path, self.metrics_path = out_dir / "log.csv", out_dir / "metrics.json"
+        kept = []
+        if resumed_step and self.csv_path.is_file():  # drop rows a killed run logged after its checkpoint
+            with open(self.csv_path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resumed_step]
+        self.handle = open(self.csv_path, "w", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resumed_step + 1)
+
+    def row(self, record: dict) -> None:
+        self.writer.writerow(record)
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, float):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def write_metrics(self, metrics: dict) -> None:
+        _write_json(self.metrics_path, metrics)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` as ``args`` say; see the module docstring.
+
+    ``reporter`` shows progress on rank 0 (default: ``LineReporter``); ``on_checkpoint(step, path)`` is
+    called on rank 0 after each checkpoint is in place.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments, dataset, reporter=None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None):
+        args.validate()
+        self.args, self.dataset, self.on_checkpoint = args, dataset, on_checkpoint
+        self.context = init_distributed()
+        ctx = self.context
+        shards = ctx.world_size * args.grad_accum
+        if args.batch_size % shards:
+            raise ValueError(
+                f"--batch-size {args.batch_size} cannot be split evenly over {ctx.world_size} process(es) x "
+                f"{args.grad_accum} accumulation step(s): use a multiple of {shards}"
+            )
+        config = model.config
+        if config.max_length is not None and dataset.seq_len > config.max_length:
+            raise ValueError(
+                f"--seq-len {dataset.seq_len} is longer than the model's positional embedding covers "
+                f"({config.max_length} positions): use a shorter --seq-len, or a config whose axial_pos_shape "
+                "(or max_position_embeddings, for learned positions) covers it"
+            )
+        if dataset.vocab_size > config.vocab_size:
+            raise ValueError(f"the data has {dataset.vocab_size} token ids but the model's vocab_size is "
+                             f"{config.vocab_size}: raise vocab_size in the config")
+        self.model = model.to(ctx.device)
+        self.train_model = self.model
+        if ctx.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = build_optimizer(self.model, args)
+        self.out_dir = Path(args.out_dir)
+        self.checkpoints_dir = self.out_dir / CHECKPOINT_DIR
+        self.reporter = (reporter or LineReporter()) if ctx.is_main else None
+        self.step, self.history, self.last_checkpoint = 0, [], None
+
+    # ---------------------------------------------------------------- one step
+    def _autocast(self):
+        if not self.args.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.context.device.type, dtype=torch.bfloat16)
+
+    def _micro_rows(self) -> list[range]:
+        ctx, args = self.context, self.args
+        per_rank = args.batch_size // ctx.world_size
+        per_micro = per_rank // args.grad_accum
+        first = ctx.rank * per_rank
+        return [range(first + m * per_micro, first + (m + 1) * per_micro) for m in range(args.grad_accum)]
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches of global batch ``step - 1``, then one update.
+        Returns (mean loss over the global batch, gradient norm before clipping)."""
+        args, ctx = self.args, self.context
+        micro_rows = self._micro_rows()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for index, rows in enumerate(micro_rows):
+            input_ids, labels = self.dataset.train_batch(step - 1, args.batch_size, rows)
+            last = index == len(micro_rows) - 1
+            sync = nullcontext() if last or not ctx.active else self.train_model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.train_model(input_ids.to(ctx.device), labels=labels.to(ctx.device), return_logits=False)
+                (out.loss / args.grad_accum).backward()
+            loss_sum += out.loss.detach().double().cpu()
+        loss = float(_all_reduce_sum(loss_sum, ctx)) / (args.grad_accum * ctx.world_size)
+        max_norm = args.clip_grad_norm if args.clip_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); the weights were not "
+                f"updated and {where}: train again (or --resume) with a lower --lr or with --clip"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        """Held-out loss and accuracy (duplication) or bits per character (text), over all ranks.
+
+        Runs under a forked RNG, reseeded for each eval batch from ``(args.seed, batch index)``: LSH
+        rotations drawn in evaluation are the same every time and for any process count, and how often
+        evaluation runs never changes the training run's random stream."""
+        devices = [self.context.device] if self.context.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        args, ctx, model = self.args, self.context, self.model
+        was_training, trained_hashes = model.training, model.config.num_hashes
+        model.eval()
+        if args.eval_num_hashes is not None:
+            model.set_num_hashes(args.eval_num_hashes)
+        totals = torch.zeros(4, dtype=torch.float64)  # loss * tokens, scored tokens, correct, characters
+        want_accuracy = self.dataset.metric == "accuracy"
+        try:
+            batches = self.dataset.eval_batches(args.eval_batch_size or args.batch_size, ctx.rank, ctx.world_size)
+            for local_index, (input_ids, labels) in enumerate(batches):
+                torch.manual_seed(derive_seed(args.seed, "eval", local_index * ctx.world_size + ctx.rank))
+                input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
+                with self._autocast():
+                    out = model(input_ids, labels=labels, return_logits=want_accuracy)
+                targets = labels[:, 1:]  # (b, L - 1): logits[:, t] predicts token t + 1
+                scored = targets != -100
+                count = int(scored.sum())
+                totals[0] += float(out.loss) * count
+                totals[1] += count
+                if want_accuracy:
+                    predictions = out.logits[:, :-1].argmax(dim=-1)  # (b, L - 1)
+                    totals[2] += int((predictions == targets)[scored].sum())
+                else:
+                    totals[3] += self.dataset.count_characters(labels)
+        finally:
+            if args.eval_num_hashes is not None:
+                model.set_num_hashes(trained_hashes)
+            model.train(was_training)
+        totals = _all_reduce_sum(totals, ctx)
+        metrics = {"eval_loss": float(totals[0] / totals[1])}
+        if want_accuracy:
+            metrics["eval_accuracy"] = float(totals[2] / totals[1])
+        else:
+            metrics["eval_bpc"] = float(totals[0] / math.log(2) / totals[3])
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint the current step (every rank's RNG state included); rank 0 writes, prunes old ones."""
+        ctx = self.context
+        rng_by_rank = [capture_rng_states()]
+        if ctx.active:
+            gathered = [None] * ctx.world_size
+            dist.all_gather_object(gathered, rng_by_rank[0])
+            rng_by_rank = gathered
+        path = None
+        if ctx.is_main:
+            state = {"format_version": 1, "step": self.step, "world_size": ctx.world_size,
+                     "args": dataclasses.asdict(self.args), "data": self.dataset.describe(), "history": self.history}
+            path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self.optimizer, rng_by_rank, state)
+            for old in list_checkpoints(self.checkpoints_dir)[self.args.keep_checkpoints :]:
+                shutil.rmtree(old)
+            self.last_checkpoint = path
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.step, path)
+        if ctx.active:
+            dist.barrier()
+        return path
+
+    def _resume(self) -> None:
+        """Load the newest valid checkpoint (rank 0 chooses; every rank reads it) into model, optimizer, RNG."""
+        ctx = self.context
+        choice: list = [None]
+        if ctx.is_main:
+            try:
+                choice = [("ok", newest_valid_checkpoint(self.checkpoints_dir))]
+            except CheckpointError as err:
+                choice = [("error", str(err))]
+        if ctx.active:
+            dist.broadcast_object_list(choice, src=0)
+        status, value = choice[0]
+        if status == "error":
+            raise CheckpointError(value)
+        if value is None:
+            if self.reporter:
+                self.reporter.message(f"no checkpoint in {self.checkpoints_dir}: starting from step 0")
+            return
+        loaded = read_checkpoint(value)
+        differences = _config_differences(loaded["config"], self.model.config.to_dict())
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {value} was trained with another model config ({'; '.join(differences[:4])}): "
+                "resume with the same --config and model flags, or train into a fresh --out"
+            )
+        try:
+            self.model.load_state_dict(loaded["weights"], strict=True)
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {value} does not fit this model ({str(err).splitlines()[0]})") from None
+        restore_rng_states(loaded["rng"].get(ctx.rank, loaded["rng"][0]))
+        self.step = loaded["trainer_state"]["step"]
+        self.history = loaded["trainer_state"]["history"]
+        self.last_checkpoint = value
+        if ctx.is_main:  # newer checkpoints failed to verify; the continued run rewrites those steps
+            for unusable in list_checkpoints(self.checkpoints_dir):
+                if int(unusable.name[5:]) > self.step:
+                    shutil.rmtree(unusable)
+        if self.reporter:
+            self.reporter.message(f"resumed from {value} (step {self.step})")
+
+    # ---------------------------------------------------------------- the loop
+    def _prepare_out_dir(self) -> None:
+        ctx = self.context
+        if not self.args.resume and list_checkpoints(self.checkpoints_dir):
+            raise ValueError(f"{self.out_dir} already holds checkpoints of an earlier run: pass --resume to "
+                             "continue it, or choose another --out")
+        if ctx.is_main:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoints_dir.glob(".tmp-step-*"):  # left by a process killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            _write_json(self.out_dir / "config.json", self.model.config.to_dict())
+            _write_json(self.out_dir / "data.json", self.dataset.describe())
+        if ctx.active:
+            dist.barrier()
+
+    def train(self) -> dict:
+        """Train to ``args.steps`` (continuing a checkpoint when ``args.resume``); return the final metrics."""
+        args, ctx = self.args, self.context
+        self._prepare_out_dir()
+        torch.manual_seed(args.seed)
+        if args.resume:
+            self._resume()
+        run_log = RunLog(self.out_dir, self.step) if ctx.is_main else None
+        if self.reporter:
+            self.reporter.start(self.step, args.steps)
+        metrics = {"step": self.step, "status": "running", **(self.history[-1] if self.history else {})}
+        tokens_per_step = args.batch_size * self.dataset.seq_len
+        started, window_seconds, window_steps = time.perf_counter(), 0.0, 0
+        try:
+            while self.step < args.steps:
+                step_started = time.perf_counter()
+                loss, grad_norm = self._train_step(self.step + 1)
+                self.step += 1
+                window_seconds += time.perf_counter() - step_started
+                window_steps += 1
+                tokens_per_second = tokens_per_step * window_steps / max(window_seconds, 1e-9)
+                if self.reporter:
+                    self.reporter.step(self.step, loss, tokens_per_second)
+                final = self.step == args.steps
+                record = {"step": self.step, "lr": learning_rate(self.step, args), "train_loss": loss,
+                          "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
+                          "elapsed_seconds": time.perf_counter() - started}
+                if (args.eval_every and self.step % args.eval_every == 0) or final:
+                    record.update(self.evaluate())
+                    self.history.append({"step": self.step, **{k: v for k, v in record.items() if k.startswith("eval")}})
+                if "eval_loss" in record or self.step % args.log_every == 0 or final:
+                    metrics.update(record, status="finished" if final else "running",
+                                   eval_num_hashes=args.eval_num_hashes, history=self.history)
+                    window_seconds, window_steps = 0.0, 0
+                    if ctx.is_main:
+                        run_log.row(record)
+                        run_log.write_metrics(metrics)
+                        self.reporter.update(record)
+                if (args.save_every and self.step % args.save_every == 0) or final:
+                    self.save_checkpoint()
+        except TrainingDiverged as err:
+            if run_log is not None:
+                run_log.write_metrics({**metrics, "status": "diverged", "error": str(err)})
+            raise
+        finally:
+            if run_log is not None:
+                run_log.close()
+            if self.reporter:
+                self.reporter.close()
+        return metrics
