@@ -1,0 +1,140 @@
+"""`reformer bench speed`: training-step time vs length, the attention layer alone, generation throughput.
+
+- ``train_speed_vs_length``: seconds per training step (forward + backward, batch 1) and tokens/s
+  of the 2-layer benchmark model (``peers.benchmark_config``): ours (local/LSH, reversible), ours
+  with every layer "full" (SDPA) in reversible and checkpoint modes, transformers and
+  reformer_pytorch. Median of a few steps after a warm-up (one cold step at 64K tokens and above,
+  where a step takes minutes on a CPU).
+- ``attention_speed``: the attention layer alone, forward + backward vs length, measured by the
+  attention benchmark (``torch_reformer.bench.attention``), one fresh process per configuration.
+- ``generation_speed``: new tokens per second of greedy ``model.generate`` after a prompt of 1K
+  and 4K tokens, with and without the incremental cache ("not available" while the model has no
+  ``generate`` with ``use_cache``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+
+from .harness import Experiment, Meter, NotAvailable, Point, Profile, Series, View
+from .memory import MODEL_NOTE, lineup, model_config
+
+SPEED_VIEWS = [
+    View("seconds", "seconds per training step"),
+    View("tokens_per_second", "tokens per second"),
+    View("peak_mib", "peak memory (MiB)"),
+]
+SPEED_KEYS = ("ours-reversible", "ours-full-reversible", "ours-full-checkpoint", "hf", "reformer_pytorch")
+
+
+def _timing(length: int) -> dict:
+    """Warm-up and timed steps at ``length``: fewer where one step takes minutes."""
+    if length <= 4096:
+        return dict(warmup=1, steps=3)
+    if length <= 16384:
+        return dict(warmup=1, steps=2)
+    return dict(warmup=0, steps=1)
+
+
+def train_speed(profile: Profile) -> Experiment:
+    series = []
+    for key, label, impl, overrides in lineup(profile):
+        if key not in SPEED_KEYS:
+            continue
+        overrides = dict(overrides)
+        attention = overrides.pop("attention", "mixed")
+        points = [
+            Point(L, dict(task="train_step", impl=impl, length=L, batch=1, device=profile.device, dtype=profile.dtype,
+                          config=model_config(profile, L, 2, attention, **overrides), **_timing(L)))
+            for L in profile.speed_lengths
+        ]
+        series.append(Series(label=label, key=key, impl=impl, points=points))
+    return Experiment(
+        key="train_speed_vs_length", title="Training step time (forward + backward, batch 1) vs sequence length, 2 layers",
+        x_name="sequence length", series=series, views=SPEED_VIEWS, notes=[MODEL_NOTE,
+            "Median of 3 steps after 1 warm-up step up to 4K tokens, of 2 up to 16K, one cold step above."],
+        plot_metric="seconds", timeout_s=profile.long_timeout_s,
+    )
+
+
+def generation_speed(profile: Profile) -> Experiment:
+    new_tokens = profile.generation_new_tokens
+    series = []
+    for use_cache in (True, False):
+        points = []
+        for context in profile.generation_contexts:
+            total = -(-(context + new_tokens) // 128) * 128  # positions the model must cover, in whole axial rows
+            points.append(Point(context, dict(
+                task="generate", impl="ours", length=context, new_tokens=new_tokens, use_cache=use_cache,
+                config=model_config(profile, total), device=profile.device, dtype=profile.dtype,
+            )))
+        label = "ours, with cache" if use_cache else "ours, without cache"
+        series.append(Series(label=label, key="cache" if use_cache else "no-cache", impl="ours", points=points))
+    return Experiment(
+        key="generation_speed", title=f"Greedy generation of {new_tokens} tokens after a prompt (batch 1)",
+        x_name="prompt length", series=series, views=[View("new_tokens_per_second", "new tokens per second")],
+        notes=[MODEL_NOTE.split(";")[0] + "; axial positions sized to prompt + new tokens.",
+               "Time of one generate() call after a 1-token warm-up call."],
+        plot_metric=None, timeout_s=profile.timeout_s,
+    )
+
+
+def attention_speed(profile: Profile) -> Experiment:
+    kinds = [("lsh-1", "LSH, 1 hash"), ("lsh-2", "LSH, 2 hashes"), ("lsh-4", "LSH, 4 hashes"), ("lsh-8", "LSH, 8 hashes"),
+             ("local", "local"), ("full", "full (SDPA)")]
+    series = [
+        Series(label=label, key=kind, impl="ours", points=[
+            Point(L, dict(task="attention", impl="ours", attention=kind, length=L, device=profile.device,
+                          dtype=profile.dtype)) for L in profile.attention_lengths])
+        for kind, label in kinds
+    ]
+    return Experiment(
+        key="attention_speed", title="The attention layer alone: forward + backward vs length (batch 1, 4 heads x 64)",
+        x_name="sequence length", series=series,
+        views=[View("seconds", "seconds for forward + backward"), View("peak_mib", "peak memory (MiB)")],
+        notes=["Measured by torch_reformer.bench.attention (the attention layer's own benchmark), causal, chunk 64."],
+        plot_metric="seconds", timeout_s=profile.long_timeout_s,
+    )
+
+
+def plan(profile: Profile) -> list[Experiment]:
+    experiments = [train_speed(profile), attention_speed(profile), generation_speed(profile)]
+    return [e for e in experiments if profile.wants(e.key) and e.series and e.series[0].points]
+
+
+# ------------------------------------------------------------------------------------ child-side tasks
+
+
+def generation_task(spec: dict) -> dict:
+    """Tokens per second of one greedy ``generate`` call (with or without the cache)."""
+    import torch
+
+    from torch_reformer.config import ReformerConfig
+    from torch_reformer.model import ReformerLM
+
+    generate = getattr(ReformerLM, "generate", None)
+    if generate is None or importlib.util.find_spec("torch_reformer.generation") is None:
+        raise NotAvailable("model.generate is not available in this version of torch_reformer")
+    if "use_cache" not in inspect.signature(importlib.import_module("torch_reformer.generation").generate).parameters:
+        raise NotAvailable("generate() has no use_cache option in this version of torch_reformer")
+    torch.manual_seed(spec.get("seed", 0))
+    model = ReformerLM(ReformerConfig(**spec["config"])).to(spec["device"]).eval()
+    prompt = torch.randint(0, spec["config"]["vocab_size"], (1, spec["length"]), device=spec["device"])
+    meter = Meter(spec["device"])
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=1, use_cache=spec["use_cache"])
+        baseline = meter.baseline()
+        seconds = meter.seconds(lambda: model.generate(prompt, max_new_tokens=spec["new_tokens"],
+                                                       use_cache=spec["use_cache"]))
+    peak = meter.peak()
+    return {"seconds": seconds, "new_tokens_per_second": spec["new_tokens"] / seconds, "baseline_bytes": baseline,
+            "peak_bytes": peak, "activation_bytes": max(0, peak - baseline)}
+
+
+def attention_task(spec: dict) -> dict:
+    """One configuration of the attention layer's own benchmark (``torch_reformer.bench.attention``)."""
+    if importlib.util.find_spec("torch_reformer.bench.attention") is None:
+        raise NotAvailable("the attention benchmark (torch_reformer.bench.attention) is not in this version")
+    raise NotAvailable("the attention benchmark's interface is not wired here yet")

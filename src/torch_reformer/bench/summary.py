@@ -1,0 +1,230 @@
+"""The headline ratios of a benchmark run, read from its results document (see ``report``).
+
+Against each peer (transformers, reformer_pytorch): training memory per token, memory slope with
+depth, step time, longest trainable length. For our own model: where local/LSH attention overtakes
+full (SDPA) attention in time and memory, and the bits-per-character gap of LSH vs full. Then the
+figures issue 4 sets targets for. A figure whose configurations did not run reads "n/a" with the
+reason, never a guess.
+"""
+
+from __future__ import annotations
+
+from .report import environment_lines, format_x, metric_value
+
+PEERS = (("hf", "transformers"), ("reformer_pytorch", "reformer_pytorch"))
+NOT_MEASURED = "n/a (not measured in this run)"
+
+
+def _experiment(results: dict, suite: str, key: str) -> dict | None:
+    return results["suites"].get(suite, {}).get("experiments", {}).get(key)
+
+
+def _series(experiment: dict | None, series_key: str) -> dict | None:
+    if experiment is None:
+        return None
+    return next((s for s in experiment["series"] if s["key"] == series_key), None)
+
+
+def value(experiment: dict | None, series_key: str, x, metric: str) -> float | None:
+    """``metric`` of one point (None when the experiment, series or point is missing or did not run)."""
+    series = _series(experiment, series_key)
+    if series is None:
+        return None
+    point = next((p for p in series["points"] if p["x"] == x), None)
+    return None if point is None else metric_value(point, metric)
+
+
+def measured_xs(experiment: dict | None, series_key: str, metric: str) -> list:
+    series = _series(experiment, series_key)
+    if series is None:
+        return []
+    return [p["x"] for p in series["points"] if metric_value(p, metric) is not None]
+
+
+def common_largest_x(experiment: dict | None, keys: tuple[str, ...], metric: str):
+    """The largest x at which every series in ``keys`` was measured (None if there is none)."""
+    sets = [set(measured_xs(experiment, key, metric)) for key in keys]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+def _fmt(number: float | None, unit: str = "") -> str:
+    if number is None:
+        return "n/a"
+    text = f"{number:,.0f}" if abs(number) >= 100 else f"{number:.3g}"
+    return f"{text}{unit}"
+
+
+# ------------------------------------------------------------------------------------ peer headlines
+
+
+def memory_per_token(results: dict, peer: str, name: str) -> str:
+    experiment = _experiment(results, "memory", "train_memory_vs_length")
+    x = common_largest_x(experiment, ("ours-reversible", peer), "peak_kib_per_token")
+    if x is None:
+        return f"- Training memory per token vs {name}: {NOT_MEASURED}"
+    ours, theirs = (value(experiment, k, x, "peak_kib_per_token") for k in ("ours-reversible", peer))
+    ours_act, theirs_act = (value(experiment, k, x, "activation_mib") for k in ("ours-reversible", peer))
+    return (f"- Training memory per token at {format_x(x)} tokens (2 layers): ours {_fmt(ours, ' KiB')}, {name} "
+            f"{_fmt(theirs, ' KiB')}: {name} needs {_ratio(theirs, ours)} ours (peak above baseline: "
+            f"{_ratio(theirs_act, ours_act)}).")
+
+
+def depth_slope(results: dict, series_key: str) -> tuple[float | None, float | None, tuple]:
+    """(MiB per added layer between the smallest and largest depth measured, peak ratio of those, depths)."""
+    experiment = _experiment(results, "memory", "train_memory_vs_depth")
+    depths = measured_xs(experiment, series_key, "peak_mib")
+    if len(depths) < 2:
+        return None, None, ()
+    low, high = min(depths), max(depths)
+    peak_low, peak_high = value(experiment, series_key, low, "peak_mib"), value(experiment, series_key, high, "peak_mib")
+    return (peak_high - peak_low) / (high - low), peak_high / peak_low, (low, high)
+
+
+def depth_headline(results: dict, peer: str, name: str) -> str:
+    ours_slope, ours_ratio, ours_depths = depth_slope(results, "ours-reversible")
+    peer_slope, peer_ratio, peer_depths = depth_slope(results, peer)
+    if ours_slope is None or peer_slope is None:
+        return f"- Memory slope with depth vs {name}: {NOT_MEASURED}"
+    return (f"- Memory slope with depth: ours {_fmt(ours_slope, ' MiB')}/layer (peak x{ours_ratio:.2f} from "
+            f"{ours_depths[0]} to {ours_depths[1]} layers), {name} {_fmt(peer_slope, ' MiB')}/layer (x{peer_ratio:.2f} "
+            f"from {peer_depths[0]} to {peer_depths[1]}).")
+
+
+def step_time(results: dict, peer: str, name: str) -> str:
+    experiment = _experiment(results, "speed", "train_speed_vs_length")
+    x = 16384 if value(experiment, peer, 16384, "seconds") and value(experiment, "ours-reversible", 16384, "seconds") \
+        else common_largest_x(experiment, ("ours-reversible", peer), "seconds")
+    if x is None:
+        return f"- Training step time vs {name}: {NOT_MEASURED}"
+    ours, theirs = (value(experiment, k, x, "seconds") for k in ("ours-reversible", peer))
+    return (f"- Training step at {format_x(x)} tokens: ours {_fmt(ours, ' s')}, {name} {_fmt(theirs, ' s')}: ours "
+            f"takes {_ratio(ours, theirs)} {name}'s time.")
+
+
+def longest(results: dict, series_key: str) -> tuple[int | None, str]:
+    """Longest length that trained, and from which experiment, preferring the dedicated search."""
+    for key, label in (("longest_trainable", "search"), ("train_memory_vs_length", "2-layer series")):
+        xs = measured_xs(_experiment(results, "memory", key), series_key, "peak_mib")
+        if xs:
+            return max(xs), label
+    return None, ""
+
+
+def longest_headline(results: dict, peer: str, name: str) -> str:
+    ours, ours_source = longest(results, "ours-reversible")
+    theirs, their_source = longest(results, peer)
+    if ours is None or theirs is None:
+        return f"- Longest trainable length vs {name}: {NOT_MEASURED}"
+    return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {theirs:,} ({their_source}): "
+            f"{ours / theirs:.0f}x longer.")
+
+
+# ------------------------------------------------------------------------------------ ours: LSH vs full
+
+
+def crossover(experiment: dict | None, fast_key: str, slow_key: str, metric: str) -> str:
+    """Where ``fast_key`` (local/LSH) becomes smaller than ``slow_key`` (full) in ``metric``."""
+    xs = sorted(set(measured_xs(experiment, fast_key, metric)) & set(measured_xs(experiment, slow_key, metric)))
+    if not xs:
+        return NOT_MEASURED
+    below = [x for x in xs if value(experiment, fast_key, x, metric) < value(experiment, slow_key, x, metric)]
+    if not below:
+        return f"full stays below local/LSH at every length measured (up to {format_x(xs[-1])})"
+    first = below[0]
+    before = [x for x in xs if x < first]
+    if not before:
+        return f"local/LSH is below full at every length measured (from {format_x(first)})"
+    return f"between {format_x(before[-1])} and {format_x(first)} tokens"
+
+
+def lsh_vs_full(results: dict) -> list[str]:
+    speed = _experiment(results, "speed", "train_speed_vs_length")
+    memory = _experiment(results, "memory", "train_memory_vs_length")
+    lines = [
+        f"- Crossover in training step time, local/LSH vs full (SDPA), both reversible: "
+        f"{crossover(speed, 'ours-reversible', 'ours-full-reversible', 'seconds')}.",
+        f"- Crossover in training peak memory: {crossover(memory, 'ours-reversible', 'ours-full-reversible', 'peak_mib')}.",
+    ]
+    for x in (16384, 65536):
+        for mode in ("reversible", "checkpoint"):
+            full_time = value(speed, f"ours-full-{mode}", x, "seconds")
+            full_peak = value(memory, f"ours-full-{mode}", x, "peak_mib") or value(speed, f"ours-full-{mode}", x, "peak_mib")
+            lsh_time = value(speed, "ours-reversible", x, "seconds")
+            lsh_peak = value(memory, "ours-reversible", x, "peak_mib") or value(speed, "ours-reversible", x, "peak_mib")
+            lines.append(
+                f"- At {format_x(x)} tokens, full (SDPA, {mode}) vs local/LSH (reversible): step "
+                f"{_fmt(full_time, ' s')} vs {_fmt(lsh_time, ' s')} (local/LSH {_ratio(full_time, lsh_time)} faster), "
+                f"peak {_fmt(full_peak, ' MiB')} vs {_fmt(lsh_peak, ' MiB')}."
+            )
+    return lines
+
+
+def quality_lines(results: dict) -> list[str]:
+    lines = []
+    bpc = _experiment(results, "quality", "bpc")
+    cells = {s["key"]: ((s["points"][0].get("result") or {}).get("cells") or {}) for s in (bpc or {}).get("series", [])}
+    scores = {key: c.get("eval bpc") for key, c in cells.items()}
+    if scores.get("full") is not None:
+        for key in ("lsh", "local"):
+            if scores.get(key) is not None:
+                lines.append(f"- Bits per character, {key} vs full: {scores[key]:.3f} vs {scores['full']:.3f} "
+                             f"(gap {scores[key] - scores['full']:+.3f}).")
+    else:
+        lines.append(f"- Bits per character gap LSH vs full: {NOT_MEASURED}")
+    duplication = _experiment(results, "quality", "duplication")
+    for series in (duplication or {}).get("series", []):
+        result = series["points"][0].get("result") or {}
+        if result.get("cells"):
+            same = series["key"].upper() if series["key"].startswith("lsh") else "full"
+            lines.append(f"- Duplication, {series['label']}: eval accuracy {result['cells'].get(same, float('nan')):.3f} "
+                         f"evaluated the same way, {result['cells'].get('full', float('nan')):.3f} with full attention.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------ issue 4
+
+
+def issue_four(results: dict) -> list[str]:
+    depth = _experiment(results, "memory", "train_memory_vs_depth")
+    memory = _experiment(results, "memory", "train_memory_vs_length")
+    speed = _experiment(results, "speed", "train_speed_vs_length")
+    lines = []
+    for key, name in (("ours-reversible", "ours"), ("hf", "transformers")):
+        p2, p12 = value(depth, key, 2, "peak_mib"), value(depth, key, 12, "peak_mib")
+        lines.append(f"- {name}: 12-layer peak {_fmt(p12, ' MiB')} vs 2-layer {_fmt(p2, ' MiB')} = {_ratio(p12, p2)} "
+                     "(target for ours: <= 1.10x)")
+    ours, hf = (value(memory, k, 65536, "peak_kib_per_token") for k in ("ours-reversible", "hf"))
+    lines.append(f"- Peak per token at 64K, 2 layers: ours {_fmt(ours, ' KiB')}, transformers {_fmt(hf, ' KiB')} = "
+                 f"{_ratio(ours, hf)} (target <= 0.33x)")
+    ours, hf = (value(speed, k, 16384, "seconds") for k in ("ours-reversible", "hf"))
+    lines.append(f"- Seconds per step at 16K: ours {_fmt(ours)}, transformers {_fmt(hf)} = {_ratio(ours, hf)} "
+                 "(target <= 0.5x)")
+    ours_longest = max(measured_xs(_experiment(results, "memory", "longest_trainable"), "ours-reversible", "peak_mib"),
+                       default=None)
+    lines.append(f"- Longest power-of-two length the 6-layer model trains on: "
+                 f"{f'{ours_longest:,}' if ours_longest else 'n/a'} tokens (target 1,048,576)")
+    return lines
+
+
+def summary_markdown(results: dict) -> str:
+    lines = ["# Benchmark summary", "", "Measured by:", ""]
+    seen = []
+    for record in results["suites"].values():
+        for experiment in record["experiments"].values():
+            text = " ".join(environment_lines(experiment["environment"]))
+            if text not in seen:
+                seen.append(text)
+    lines += [f"- {text}" for text in seen] + [""]
+    for peer, name in PEERS:
+        lines += [f"## Against {name}", ""]
+        lines += [memory_per_token(results, peer, name), depth_headline(results, peer, name),
+                  step_time(results, peer, name), longest_headline(results, peer, name), ""]
+    lines += ["## Local/LSH vs full attention (ours)", "", *lsh_vs_full(results), ""]
+    lines += ["## Quality", "", *quality_lines(results), ""]
+    lines += ["## Issue 4 targets", "", *issue_four(results), ""]
+    return "\n".join(lines)

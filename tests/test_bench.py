@@ -1,0 +1,226 @@
+"""The benchmark harness: fresh-process runs, failure statuses, missing peers, tables, plots and headline ratios.
+
+A tiny run (2 lengths of one configuration, a 64-wide model) goes through the same code as
+`reformer bench` and its tables, plot and JSON are checked; failures (memory cap, time limit, a
+broken configuration, a missing peer) must become rows, never exceptions; the summary's ratios are
+checked against hand-computed values on a synthetic results document.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+
+from torch_reformer.bench import QUICK, build_parser, run_experiments
+from torch_reformer.bench import harness, peers, quality, report, summary
+from torch_reformer.bench.harness import Point, Series, run_series, run_spec
+
+TINY_MODEL = dict(hidden_size=64, num_attention_heads=2, attention_head_size=32, feed_forward_size=128,
+                  axial_pos_embds_dim=[16, 48])
+FULL_SERIES = "ours-full-reversible"
+TINY = replace(QUICK, name="tiny", lengths=[512, 4096], model=TINY_MODEL, threads=1,
+               experiments={"train_memory_vs_length"}, series={FULL_SERIES})
+
+
+def _tiny_spec(**overrides) -> dict:
+    spec = dict(task="train_step", impl="ours", length=256, config=peers.benchmark_config(256, **TINY_MODEL), threads=1)
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    results = report.load_results(out_dir / "results.json")
+    logged = []
+    run_experiments("memory", TINY, results, out_dir, "reformer bench memory (tiny)", 8 * 2**30,
+                    log=lambda *args, **kwargs: logged.append(args[0]))
+    return out_dir, results, logged
+
+
+def test_tiny_run_measures_positive_numbers_and_full_attention_grows(tiny_run):
+    _, results, logged = tiny_run
+    experiment = results["suites"]["memory"]["experiments"]["train_memory_vs_length"]
+    assert [s["key"] for s in experiment["series"]] == [FULL_SERIES]
+    assert len(logged) == 2
+    for series in experiment["series"]:
+        assert [p["x"] for p in series["points"]] == [512, 4096]
+        for point in series["points"]:
+            result = point["result"]
+            assert result["status"] == "ok", result
+            assert result["peak_bytes"] >= result["baseline_bytes"] > 0
+            assert result["seconds"] > 0 and result["tokens_per_second"] > 0
+            assert result["tokens"] == point["x"]
+    full = summary._series(experiment, FULL_SERIES)["points"]
+    assert full[1]["result"]["activation_bytes"] > full[0]["result"]["activation_bytes"]
+    assert full[1]["result"]["peak_bytes"] > full[0]["result"]["peak_bytes"]
+
+
+def test_tiny_run_writes_tables_plot_json_and_summary(tiny_run):
+    out_dir, results, _ = tiny_run
+    markdown = (out_dir / "memory.md").read_text()
+    assert "Command: `reformer bench memory (tiny)`" in markdown
+    assert "device cpu, dtype float32, torch " in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ours, all layers full (SDPA), reversible |")]
+    assert len(rows) == 3  # one per view: peak, peak above baseline, per token
+    peak_cells = rows[0].strip("|").split("|")[1:]
+    experiment = results["suites"]["memory"]["experiments"]["train_memory_vs_length"]
+    expected = [report.format_cell(p, "peak_mib") for p in experiment["series"][0]["points"]]
+    assert [cell.strip() for cell in peak_cells] == expected
+    assert all(float(cell.replace(",", "")) > 0 for cell in expected)
+    assert "| model | 512 | 4K |" in markdown
+    png = out_dir / "train_memory_vs_length.png"
+    if report._import_pyplot() is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "](train_memory_vs_length.png)" in markdown
+    assert json.loads((out_dir / "results.json").read_text()) == results
+    assert "# Benchmark summary" in (out_dir / "summary.md").read_text()
+
+
+def test_memory_cap_and_time_limit_become_statuses():
+    oom = run_spec(_tiny_spec(), timeout_s=120, memory_cap_bytes=40 * 2**20)
+    assert oom["status"] == "OOM" and "cap" in oom["detail"]
+    timeout = run_spec(_tiny_spec(), timeout_s=0.3, memory_cap_bytes=None)
+    assert timeout["status"] == "timeout"
+
+
+def test_a_broken_configuration_is_an_error_row_not_a_crash():
+    result = run_spec(_tiny_spec(config=dict(peers.benchmark_config(256), hidden_size=-1)), 120, None)
+    assert result["status"] == "error"
+    assert "hidden_size" in result["detail"]
+
+
+def test_series_stops_growing_after_oom_or_timeout():
+    outcomes = iter([{"status": "ok"}, {"status": "OOM", "detail": "cap"}])
+    series = Series("s", [Point(x, {"x": x}) for x in (1, 2, 4, 8)])
+    ran = []
+
+    def fake_run(spec):
+        ran.append(spec["x"])
+        return next(outcomes)
+
+    results = run_series(series, fake_run)
+    assert ran == [1, 2]
+    assert [r["status"] for r in results] == ["ok", "OOM", "not run", "not run"]
+    assert results[2]["detail"] == "OOM at 2"
+
+
+def test_missing_peer_gives_not_installed_rows(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "reformer_pytorch", None)  # import fails as if it were not installed
+    assert not peers.is_installed("reformer_pytorch")
+    with pytest.raises(peers.PeerNotInstalled, match="pip install torch-reformer\\[peers\\]"):
+        peers._require("reformer_pytorch")
+    status = harness._error_status(peers.PeerNotInstalled("reformer_pytorch is not installed"))
+    assert status["status"] == "not installed"
+    profile = replace(TINY, series={"reformer_pytorch"})
+    results = report.load_results(tmp_path / "results.json")
+    run_experiments("memory", profile, results, tmp_path, "test", None, log=lambda *a, **k: None)
+    experiment = results["suites"]["memory"]["experiments"]["train_memory_vs_length"]
+    assert [p["result"]["status"] for p in experiment["series"][0]["points"]] == ["not installed"] * 2
+    assert "| reformer_pytorch | not installed | not installed |" in (tmp_path / "memory.md").read_text()
+
+
+def _point(x, length, peak_mib=None, seconds=None, status="ok", baseline_mib=100):
+    if status != "ok":
+        return {"x": x, "spec": {"length": length}, "result": {"status": status}}
+    result = {"status": "ok", "peak_bytes": int(peak_mib * 2**20), "baseline_bytes": int(baseline_mib * 2**20),
+              "activation_bytes": int((peak_mib - baseline_mib) * 2**20)}
+    if seconds is not None:
+        result["seconds"] = seconds
+    return {"x": x, "spec": {"length": length}, "result": result}
+
+
+def _experiment(key, series, env):
+    return {"key": key, "environment": env, "series": [{"key": k, "label": k, "points": p} for k, p in series.items()]}
+
+
+def test_summary_ratios_match_hand_computed_values():
+    env = {"machine": "m", "cpu": "c", "gpu": None, "device": "cpu", "dtype": "float32", "torch": "t", "threads": 2,
+           "python": "p", "date": "d", "command": "reformer bench memory speed"}
+    k16, k64 = 16384, 65536
+    memory = {
+        "train_memory_vs_length": _experiment("train_memory_vs_length", {
+            "ours-reversible": [_point(k16, k16, 400), _point(k64, k64, 1000)],
+            "ours-full-reversible": [_point(k16, k16, 300), _point(k64, k64, 1200)],
+            "hf": [_point(k16, k16, 900), _point(k64, k64, 3000)],
+        }, env),
+        "train_memory_vs_depth": _experiment("train_memory_vs_depth", {
+            "ours-reversible": [_point(2, k16, 500), _point(12, k16, 520), _point(24, k16, 544)],
+            "hf": [_point(2, k16, 1000), _point(12, k16, 2000), _point(24, k16, None, status="OOM")],
+        }, env),
+        "longest_trainable": _experiment("longest_trainable", {
+            "ours-reversible": [_point(k64, k64, 2000), _point(4 * k64, 4 * k64, 8000),
+                                _point(16 * k64, 16 * k64, None, status="OOM")],
+            "hf": [_point(k64, k64, 4000), _point(2 * k64, 2 * k64, None, status="OOM")],
+        }, env),
+    }
+    speed = {"train_speed_vs_length": _experiment("train_speed_vs_length", {
+        "ours-reversible": [_point(4096, 4096, 200, 2.0), _point(k16, k16, 300, 4.0), _point(k64, k64, 900, 16.0)],
+        "ours-full-reversible": [_point(4096, 4096, 200, 1.0), _point(k16, k16, 300, 8.0), _point(k64, k64, 900, 100.0)],
+        "hf": [_point(4096, 4096, 200, 3.0), _point(k16, k16, 300, 10.0), _point(k64, k64, 900, None, "timeout")],
+    }, env)}
+    results = {"format": 1, "suites": {"memory": {"experiments": memory}, "speed": {"experiments": speed}}}
+
+    assert "ours 15.6 KiB, transformers 46.9 KiB: transformers needs 3.00x ours" in summary.memory_per_token(results, "hf", "transformers")
+    slope, ratio, depths = summary.depth_slope(results, "ours-reversible")
+    assert slope == pytest.approx(44 / 22) and ratio == pytest.approx(544 / 500) and depths == (2, 24)
+    assert summary.depth_slope(results, "hf")[:2] == (pytest.approx(100.0), pytest.approx(2.0))
+    assert "ours 4 s, transformers 10 s: ours takes 0.40x" in summary.step_time(results, "hf", "transformers")
+    assert summary.longest(results, "ours-reversible") == (4 * k64, "search")
+    assert "ours 262,144 tokens (search), transformers 65,536 (search): 4x longer" in summary.longest_headline(
+        results, "hf", "transformers")
+    timing = _experiment_of(results, "speed", "train_speed_vs_length")
+    assert summary.crossover(timing, "ours-reversible", "ours-full-reversible", "seconds") == "between 4K and 16K tokens"
+    sizes = _experiment_of(results, "memory", "train_memory_vs_length")
+    assert summary.crossover(sizes, "ours-reversible", "ours-full-reversible", "peak_mib") == "between 16K and 64K tokens"
+    issue = "\n".join(summary.issue_four(results))
+    assert "12-layer peak 520 MiB vs 2-layer 500 MiB = 1.04x" in issue
+    assert "Seconds per step at 16K: ours 4, transformers 10 = 0.40x" in issue
+    assert "trains on: 262,144 tokens" in issue
+    assert "Command: `reformer bench memory speed`" in summary.summary_markdown(results)
+
+
+def _experiment_of(results, suite, key):
+    return results["suites"][suite]["experiments"][key]
+
+
+def test_duplication_config_full_is_one_chunk_and_lsh_keeps_the_chunk():
+    settings = dict(length=64, vocab=16, hidden=32, heads=2, chunk=8)
+    full = quality.duplication_config(settings, "full")
+    lsh4 = quality.duplication_config(settings, "lsh-4")
+    assert full["lsh_attn_chunk_length"] == 64 and full["attn_layers"] == ["lsh"]
+    assert lsh4["lsh_attn_chunk_length"] == 8 and lsh4["num_hashes"] == 4
+    assert {k: v for k, v in full.items() if k not in ("lsh_attn_chunk_length", "num_hashes")} == \
+        {k: v for k, v in lsh4.items() if k not in ("lsh_attn_chunk_length", "num_hashes")}
+
+
+def test_stdlib_corpus_is_sorted_and_just_covers_the_requested_bytes():
+    files = quality.stdlib_corpus(200_000)
+    sizes = [f.stat().st_size for f in files]
+    assert [f.name for f in files] == sorted(f.name for f in files)
+    assert sum(sizes) >= 200_000 > sum(sizes[:-1])
+    assert files[0].name in quality.describe_corpus(files)
+
+
+def test_peer_config_mappings():
+    config = peers.benchmark_config(2048, layers=4)
+    assert config["attn_layers"] == ["local", "lsh", "local", "lsh"]
+    assert config["axial_pos_shape"] == [16, 128] and config["chunk_size_feed_forward"] == 2048
+    hf = peers.hf_config_kwargs(dict(config, position_embedding_type="learned"))
+    assert hf["axial_pos_embds"] is False and "memory_mode" not in hf and "position_embedding_type" not in hf
+    with pytest.raises(harness.NotAvailable, match="full"):
+        peers.hf_config_kwargs(peers.benchmark_config(2048, attention="full"))
+    pytest.importorskip("torch")
+    rp = peers.reformer_pytorch_kwargs(config, 2048)
+    assert (rp["dim"], rp["depth"], rp["heads"], rp["dim_head"], rp["bucket_size"], rp["n_hashes"]) == (256, 4, 4, 64, 64, 2)
+    assert rp["ff_mult"] == 4 and rp["ff_chunks"] == 1 and rp["causal"] and not rp["use_full_attn"]
+
+
+def test_command_line_rejects_unknown_suites():
+    parser = build_parser("reformer bench")
+    assert parser.parse_args(["memory", "speed", "--quick"]).suites == ["memory", "speed"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bogus"])
