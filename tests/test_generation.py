@@ -202,7 +202,7 @@ def test_padded_batches_continue_each_prompt_as_alone(use_cache):
     model = tiny_lm()
     prompts = [random_ids(model, 1, length, seed=length)[0] for length in (5, 13, 9)]
     alone = [generate(model, prompt[None], 6, use_cache=use_cache)[0, len(prompt):] for prompt in prompts]
-    width, pad = 13, 0
+    width, pad = 13, -1  # padding slots are never read: any value is accepted and kept
     left = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
     right = torch.stack([torch.cat([p, torch.full((width - len(p),), pad)]) for p in prompts])
     mask_left = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()

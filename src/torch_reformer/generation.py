@@ -157,11 +157,10 @@ def _is_number(value) -> bool:
 
 
 def _token_ids(name: str, value, vocab_size: int) -> tuple[int, ...]:
-    ids = () if value is None else (value,) if _is_int(value) else tuple(value)
-    for token in ids:
-        if not _is_int(token) or not 0 <= token < vocab_size:
-            raise ValueError(f"{name}={value!r} must be token ids in [0, {vocab_size}) (or None)")
-    return ids
+    ids = () if value is None else (value,) if _is_int(value) else value
+    if not isinstance(ids, (tuple, list)) or not all(_is_int(token) and 0 <= token < vocab_size for token in ids):
+        raise ValueError(f"{name}={value!r} must be token ids in [0, {vocab_size}) (or None)")
+    return tuple(ids)
 
 
 def _decoding_options(model: ReformerLM, **settings) -> DecodingOptions:
@@ -205,10 +204,6 @@ def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) 
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got {got} (use ids[None] for one)")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    vocab = model.config.vocab_size
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{low}, {high}]: check the tokenizer")
     if attention_mask is None:
         real = torch.ones_like(input_ids, dtype=torch.bool)
     else:
@@ -218,6 +213,10 @@ def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) 
         real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
         if not bool(real.any(dim=1).all()):
             raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    vocab, tokens = model.config.vocab_size, input_ids[real]  # padding slots are never read
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{low}, {high}]: check the tokenizer")
     capacity = model.config.max_length
     longest = int(real.sum(dim=1).max()) + max_new_tokens
     if capacity is not None and longest > capacity:
@@ -255,7 +254,7 @@ def fixed_hashing(model: ReformerLM, max_length: int, generator: torch.Generator
     weight = next(model.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     length = padded_length(model, max_length)
-    saved = [(layer, layer.num_buckets, getattr(layer, "fixed_rotations", None)) for layer in _lsh_layers(model)]
+    saved = [(layer, layer.num_buckets, layer.fixed_rotations) for layer in _lsh_layers(model)]
     try:
         for layer, _, _ in saved:
             layer.num_buckets = layer.bucket_spec(length)
@@ -291,39 +290,31 @@ class DecodeCache:
             layer_cache.reorder(rows)
 
 
-def _final_logits(model: ReformerLM, x1: Tensor, x2: Tensor) -> Tensor:
-    """Logits of the last position, (N, V), from the two streams (N, t, H)."""
+def _through_layers(model: ReformerLM, input_ids: Tensor, cache: DecodeCache, attend: str) -> Tensor:
+    """Embed ``input_ids`` (N, t) at the cache's next positions and run every layer, its attention
+    through ``attend`` ("prefill" or "decode_step"); logits of the token after them (N, V)."""
+    rows, count = input_ids.shape
+    positions = torch.arange(cache.position, cache.position + count, device=input_ids.device).expand(rows, count)
+    x1 = x2 = model.reformer.embeddings(input_ids, positions)  # (N, t, H)
+    padded = padded_length(model, cache.position + count)
+    for layer, layer_cache in zip(model.reformer.layers, cache.layers):
+        block = layer.attention
+        attention_step = getattr(block.self_attention, attend)
+        x1 = x1 + block.dropout(attention_step(block.layer_norm(x2), layer_cache, padded_length=padded))
+        x2 = x2 + layer.feed_forward(x1)
+    cache.position += count
     hidden = model.reformer.layer_norm(torch.cat([x1[:, -1], x2[:, -1]], dim=-1))  # (N, 2H)
     return model.lm_head(hidden)
 
 
 def prefill(model: ReformerLM, input_ids: Tensor, cache: DecodeCache) -> Tensor:
-    """Run the prompt (N, n) through the model, fill ``cache``; logits of the next token (N, V)."""
-    rows, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).expand(rows, length)
-    x1 = x2 = model.reformer.embeddings(input_ids, positions)  # (N, n, H)
-    padded = padded_length(model, length)
-    for layer, layer_cache in zip(model.reformer.layers, cache.layers):
-        block = layer.attention
-        attended = block.self_attention.prefill(block.layer_norm(x2), layer_cache, padded_length=padded)
-        x1 = x1 + block.dropout(attended)
-        x2 = x2 + layer.feed_forward(x1)
-    cache.position = length
-    return _final_logits(model, x1, x2)
+    """Run the prompt (N, n) through the model into an empty ``cache``; logits of the next token (N, V)."""
+    return _through_layers(model, input_ids, cache, "prefill")
 
 
 def decode_step(model: ReformerLM, tokens: Tensor, cache: DecodeCache) -> Tensor:
     """Append ``tokens`` (N,) at ``cache.position``; logits of the token after them (N, V)."""
-    positions = torch.full((tokens.shape[0], 1), cache.position, device=tokens.device)
-    x1 = x2 = model.reformer.embeddings(tokens[:, None], positions)  # (N, 1, H)
-    padded = padded_length(model, cache.position + 1)
-    for layer, layer_cache in zip(model.reformer.layers, cache.layers):
-        block = layer.attention
-        attended = block.self_attention.decode_step(block.layer_norm(x2), layer_cache, padded_length=padded)
-        x1 = x1 + block.dropout(attended)
-        x2 = x2 + layer.feed_forward(x1)
-    cache.position += 1
-    return _final_logits(model, x1, x2)
+    return _through_layers(model, tokens[:, None], cache, "decode_step")
 
 
 class CachedSteps:
@@ -426,7 +417,7 @@ def _select_beams(top_scores, top_beams, top_tokens, generated, hypotheses, step
         live = []
         for rank, (score, beam, token) in enumerate(zip(top_scores[row], top_beams[row], top_tokens[row])):
             if hyps.done or len(live) == num_beams or score == float("-inf"):
-                break
+                break  # sorted candidates: the rest are no better
             if token in eos:
                 if rank < num_beams:
                     hyps.add(score, generated[row * num_beams + beam] + [token])
