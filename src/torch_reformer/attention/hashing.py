@@ -29,7 +29,12 @@ BucketSpec = int | Sequence[int]
 
 def bucket_factors(num_buckets: BucketSpec) -> tuple[int, ...]:
     """Validate ``num_buckets`` (an even int or a non-empty list of even ints) and return its factors."""
-    factors = (num_buckets,) if isinstance(num_buckets, int) else tuple(num_buckets)
+    if isinstance(num_buckets, int):
+        factors = (num_buckets,)
+    elif isinstance(num_buckets, Sequence):
+        factors = tuple(num_buckets)
+    else:
+        raise TypeError(f"num_buckets must be an even int or a list of even ints, got {num_buckets!r}")
     if not factors:
         raise ValueError("num_buckets is an empty list: give an even int such as 64 or even factors such as [8, 8]")
     for factor in factors:
