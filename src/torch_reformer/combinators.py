@@ -64,7 +64,8 @@ def call_on_items(layer: nn.Module, items: tuple) -> tuple:
 
 
 def _layer_name(layer: object) -> str:
-    return getattr(layer, "name", None) or type(layer).__name__
+    name = getattr(layer, "name", None)
+    return name if isinstance(name, str) and name else type(layer).__name__
 
 
 class Layer(nn.Module):

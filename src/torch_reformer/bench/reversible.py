@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -124,19 +125,29 @@ def run_subprocess(config: dict, timeout: float, mmap_threshold: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def skip_reason(mode: str, depth: int, args: argparse.Namespace) -> str | None:
+    """Why a configuration cannot run here, or None."""
+    if mode == "revlib" and importlib.util.find_spec("revlib") is None:
+        return "RevLib not installed: pip install torch-reformer[peers]"
+    if mode == "autograd":
+        needed = estimated_autograd_bytes(depth, args.length, args.width, args.hidden)
+        if needed > args.memory_fraction * available_memory():
+            return f"skipped: needs ~{needed / 2**30:.1f} GiB"
+    return None
+
+
 def run_all(args: argparse.Namespace) -> dict:
     """Every (mode, depth) for ``rounds`` rounds, interleaved; results per configuration."""
     results: dict[tuple[str, int], list[dict]] = {(m, d): [] for m in args.modes for d in args.depths}
     for round_index in range(args.rounds):
         for depth in args.depths:
             for mode in args.modes:
+                reason = skip_reason(mode, depth, args)
+                if reason:
+                    results[(mode, depth)].append({"skipped": reason})
+                    continue
                 config = dict(mode=mode, depth=depth, length=args.length, width=args.width, hidden=args.hidden,
                               warmup=args.warmup, steps=args.steps, threads=args.threads)
-                if mode == "autograd":
-                    needed = estimated_autograd_bytes(depth, args.length, args.width, args.hidden)
-                    if needed > args.memory_fraction * available_memory():
-                        results[(mode, depth)].append({"skipped": f"needs ~{needed / 2**30:.1f} GiB"})
-                        continue
                 result = run_subprocess(config, args.timeout, args.mmap_threshold)
                 results[(mode, depth)].append(result)
                 print(f"round {round_index + 1} {mode:>10} N={depth:<3} {_brief(result)}", file=sys.stderr)
