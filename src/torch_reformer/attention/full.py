@@ -40,8 +40,8 @@ def visibility_mask(key_mask: Tensor | None, length: int, causal: bool) -> Tenso
     positions = torch.arange(length, device=key_mask.device)
     earlier = positions[None, :] <= positions[:, None]  # (L, L)
     own_position = torch.eye(length, dtype=torch.bool, device=key_mask.device)
-    padded_query = ~key_mask[:, :, None]  # (B, L, 1)
-    return ((earlier & key_mask[:, None, :]) | (own_position & padded_query))[:, None]  # (B, 1, L, L)
+    sees_nothing = (key_mask.cumsum(dim=-1) == 0)[:, :, None]  # (B, L, 1): no real token up to here
+    return ((earlier & key_mask[:, None, :]) | (own_position & sees_nothing))[:, None]  # (B, 1, L, L)
 
 
 def full_attention(

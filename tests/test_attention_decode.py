@@ -1,0 +1,118 @@
+"""Incremental decoding: each cached step equals the last row of a forward pass over the prefix."""
+
+import pytest
+import torch
+
+from torch_reformer.attention.full import FullSelfAttention
+from torch_reformer.attention.local import LocalSelfAttention
+from torch_reformer.attention.lsh import LSHSelfAttention
+
+LAYERS = {
+    "lsh-1-hash": lambda: LSHSelfAttention(16, 2, 8, num_hashes=1, num_buckets=4, chunk_length=4, causal=True),
+    "lsh-2-hashes-chunk-8": lambda: LSHSelfAttention(16, 2, 8, num_hashes=2, num_buckets=8, chunk_length=8, causal=True),
+    "lsh-4-hashes-factorised": lambda: LSHSelfAttention(16, 2, 8, num_hashes=4, num_buckets=[2, 4], chunk_length=4,
+                                                        causal=True),
+    "lsh-wide-window": lambda: LSHSelfAttention(16, 2, 8, num_hashes=3, num_buckets=4, chunk_length=4,
+                                                num_chunks_before=2, num_chunks_after=1, causal=True),
+    "local": lambda: LocalSelfAttention(16, 2, 8, chunk_length=4, causal=True),
+    "local-look-ahead-wraps": lambda: LocalSelfAttention(16, 2, 8, chunk_length=4, num_chunks_before=1,
+                                                         num_chunks_after=1, causal=True),
+    "full": lambda: FullSelfAttention(16, 2, 8, causal=True),
+}
+
+
+def forward_kwargs(layer, rotations):
+    return dict(rotations=rotations) if isinstance(layer, LSHSelfAttention) else {}
+
+
+def make(name, length):
+    torch.manual_seed(0)
+    layer = LAYERS[name]().eval()
+    rotations = layer.draw_rotations(length) if isinstance(layer, LSHSelfAttention) else None
+    return layer, rotations
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_each_step_equals_the_forward_pass_over_its_prefix(name):
+    total, prompt = 30, 3
+    layer, rotations = make(name, total)
+    hidden = torch.randn(2, total, 16)
+    cache_kwargs = {} if rotations is None else dict(rotations=rotations)
+    cache = layer.init_cache(2, total, **cache_kwargs)
+    with torch.no_grad():
+        prefilled = layer.prefill(hidden[:, :prompt], cache)
+        assert (prefilled - layer(hidden[:, :prompt], **forward_kwargs(layer, rotations))).abs().max() <= 1e-5
+        for t in range(prompt, total):  # crosses from one chunk (exact path) to several chunks
+            step = layer.decode_step(hidden[:, t : t + 1], cache)
+            expected = layer(hidden[:, : t + 1], **forward_kwargs(layer, rotations))[:, -1:]
+            assert (step - expected).abs().max() <= 1e-5, t
+
+
+@pytest.mark.parametrize("name", ["lsh-2-hashes-chunk-8", "local-look-ahead-wraps", "full"])
+def test_steps_follow_a_model_padding_to_a_larger_multiple(name):
+    # A model with chunk lengths 4 and 8 pads every prefix to a multiple of 8 (and 12 to 16, ...).
+    total = 21
+    layer, rotations = make(name, total)
+    hidden = torch.randn(1, total, 16)
+    cache = layer.init_cache(1, total, **({} if rotations is None else dict(rotations=rotations)))
+    with torch.no_grad():
+        layer.prefill(hidden[:, :5], cache, padded_length=8)
+        for t in range(5, total):
+            padded = -(-(t + 1) // 8) * 8
+            step = layer.decode_step(hidden[:, t : t + 1], cache, padded_length=padded)
+            inputs = torch.nn.functional.pad(hidden[:, : t + 1], (0, 0, 0, padded - t - 1))
+            mask = torch.arange(padded)[None, :] <= t
+            expected = layer(inputs, mask, **forward_kwargs(layer, rotations))[:, t : t + 1]
+            assert (step - expected).abs().max() <= 1e-5, t
+
+
+@pytest.mark.parametrize("name", ["lsh-4-hashes-factorised", "local", "full"])
+def test_padded_prompts_and_reordered_rows(name):
+    total = 20
+    layer, rotations = make(name, total)
+    hidden = torch.randn(2, total, 16)
+    mask = torch.ones(2, total, dtype=torch.bool)
+    mask[1, :2] = False  # a left-padded prompt
+    cache = layer.init_cache(2, total, **({} if rotations is None else dict(rotations=rotations)))
+    with torch.no_grad():
+        layer.prefill(hidden[:, :6], cache, mask[:, :6])
+        for t in range(6, 12):
+            layer.decode_step(hidden[:, t : t + 1], cache)
+        cache.reorder(torch.tensor([1, 1]))  # both rows now continue row 1
+        for t in range(12, total):
+            step = layer.decode_step(hidden[1:, t : t + 1].expand(2, 1, 16), cache)
+            expected = layer(hidden[1:, : t + 1], mask[1:, : t + 1], **forward_kwargs(layer, rotations))[:, -1:]
+            assert (step - expected).abs().max() <= 1e-5, t
+
+
+def test_lsh_decoding_hashes_with_its_fixed_rotations_only():
+    layer, _ = make("lsh-2-hashes-chunk-8", 16)
+    layer.fixed_rotations = layer.draw_rotations(16)
+    hidden = torch.randn(1, 16, 16)
+    cache = layer.init_cache(1, 16)
+    assert torch.equal(cache.rotations, layer.fixed_rotations)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        layer.prefill(hidden[:, :4], cache)
+        steps = [layer.decode_step(hidden[:, t : t + 1], cache) for t in range(4, 16)]
+        assert torch.equal(torch.get_rng_state(), state)  # nothing re-drawn
+        assert (steps[-1] - layer(hidden)[:, -1:]).abs().max() <= 1e-5
+
+
+def test_decoding_errors_are_clear():
+    for layer in (LSHSelfAttention(8, 2, 4, num_buckets=4, chunk_length=4), LocalSelfAttention(8, 2, 4),
+                  FullSelfAttention(8, 2, 4)):
+        with pytest.raises(ValueError, match="causal"):
+            layer.init_cache(1, 8)
+    layer = LocalSelfAttention(8, 2, 4, chunk_length=4, causal=True)
+    cache = layer.init_cache(1, 4)
+    with pytest.raises(ValueError, match="one new position"):
+        layer.decode_step(torch.randn(1, 2, 8), cache)
+    layer.prefill(torch.randn(1, 4, 8), cache)
+    with pytest.raises(ValueError, match="max_length"):
+        layer.decode_step(torch.randn(1, 1, 8), cache)
+    lsh = LSHSelfAttention(8, 2, 4, num_buckets=4, chunk_length=4, causal=True)
+    cache = lsh.init_cache(1, 8)
+    lsh.prefill(torch.randn(1, 5, 8), cache)
+    with pytest.raises(ValueError, match="padded_length"):
+        lsh.decode_step(torch.randn(1, 1, 8), cache, padded_length=4)

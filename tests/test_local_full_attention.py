@@ -1,0 +1,264 @@
+"""Local attention against a dense banded (cyclic) reference and HF; full attention against naive softmax."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_reformer.attention.chunking import mask_values
+from torch_reformer.attention.full import FullSelfAttention, full_attention
+from torch_reformer.attention.local import LocalSelfAttention, local_attention
+
+# ---------------------------------------------------------------------------------------- references
+
+
+def banded_counts(length, chunk_length, before, after):
+    """(L, L): how often key k is in the window of query q: q's chunk and its neighbours, indices mod N."""
+    if length <= chunk_length:
+        return torch.ones(length, length)
+    num_chunks = length // chunk_length
+    counts = torch.zeros(length, length)
+    for query in range(length):
+        for offset in range(-before, after + 1):
+            chunk = (query // chunk_length + offset) % num_chunks
+            counts[query, chunk * chunk_length : (chunk + 1) * chunk_length] += 1
+    return counts
+
+
+def reference_local(queries, keys, values, counts, causal, key_mask):
+    """Dense attention where key k counts counts[q, k] times; masked scores replaced by the mask constant."""
+    length, head_size = queries.shape[2], queries.shape[3]
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(head_size)  # (B, H, L, L)
+    positions = torch.arange(length)
+    hidden = torch.zeros(queries.shape[0], 1, length, length, dtype=torch.bool)
+    if causal:
+        hidden |= positions[None, :] > positions[:, None]
+    if key_mask is not None:
+        hidden |= ~key_mask[:, None, None, :]
+    scores = scores.masked_fill(hidden, mask_values(queries.dtype)[0])
+    present = counts > 0
+    row_max = torch.where(present, scores, -math.inf).amax(-1, keepdim=True).detach()
+    weights = torch.where(present, counts.to(scores.dtype) * torch.exp(torch.where(present, scores, row_max) - row_max), 0)
+    return (weights / weights.sum(-1, keepdim=True)) @ values
+
+
+def naive_full(queries, keys, values, causal, key_mask):
+    """softmax(q k^T / sqrt(D)) v; a padded query that would see no key sees itself."""
+    length = queries.shape[2]
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[3])
+    visible = torch.ones(queries.shape[0], 1, length, length, dtype=torch.bool)
+    if causal:
+        visible &= torch.ones(length, length, dtype=torch.bool).tril()
+    if key_mask is not None:
+        visible &= key_mask[:, None, None, :]
+        visible |= torch.eye(length, dtype=torch.bool) & ~visible.any(-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1) @ values
+
+
+def qkv(batch, heads, length, head_size, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, head_size, generator=generator, dtype=dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def left_and_right_padding(batch, length):
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, -3:] = False
+    mask[-1, :2] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------- local
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("before, after", [(1, 0), (2, 1), (0, 0), (0, 3)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_local_equals_banded_reference(causal, before, after, padded):
+    queries, keys, values = qkv(2, 2, 24, 5)
+    key_mask = left_and_right_padding(2, 24) if padded else None
+    out = local_attention(queries, keys, values, chunk_length=4, num_chunks_before=before,
+                          num_chunks_after=after, causal=causal, key_mask=key_mask)
+    expected = reference_local(queries, keys, values, banded_counts(24, 4, before, after), causal, key_mask)
+    real = slice(None) if key_mask is None else key_mask[:, None, :, None].expand_as(out)
+    assert torch.allclose(out[real], expected[real], atol=1e-12)
+    probe = torch.randn_like(out) * (1.0 if key_mask is None else key_mask[:, None, :, None])
+    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
+        assert torch.allclose(grad, expected_grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("length, chunk", [(37, 8), (6, 8), (97, 8)])
+def test_local_module_pads_internally(length, chunk):
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(12, 3, 4, chunk_length=chunk, causal=False).double()
+    hidden = torch.randn(2, length, 12, dtype=torch.float64)
+    padded = length if length <= chunk else -(-length // chunk) * chunk
+    hidden_padded = torch.nn.functional.pad(hidden, (0, 0, 0, padded - length))
+    mask = torch.arange(padded)[None, :].expand(2, padded) < length
+
+    def heads(projection):
+        return projection(hidden_padded).view(2, padded, 3, 4).transpose(1, 2)
+
+    attended = reference_local(heads(layer.query), heads(layer.key), heads(layer.value),
+                               banded_counts(padded, chunk, 1, 0), False, mask)
+    expected = layer.output(attended.transpose(1, 2).reshape(2, padded, 12))[:, :length]
+    assert torch.allclose(layer(hidden), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("before, after, length", [(1, 0, 32), (2, 1, 32), (1, 0, 8)])
+def test_local_matches_hf(causal, before, after, length):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.reformer.modeling_reformer import LocalSelfAttention as HFLocal
+
+    config = transformers.ReformerConfig(
+        hidden_size=32, num_attention_heads=2, attention_head_size=16, local_attn_chunk_length=8,
+        local_num_chunks_before=before, local_num_chunks_after=after, is_decoder=causal, attn_layers=["local"],
+        local_attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    hf = HFLocal(config).eval()
+    ours = LocalSelfAttention(32, 2, 16, chunk_length=8, num_chunks_before=before, num_chunks_after=after,
+                              causal=causal).eval()
+    for name in ("query", "key", "value"):
+        getattr(ours, name).weight.data.copy_(getattr(hf, name).weight)
+    hidden = torch.randn(2, length, 32)
+    mask = left_and_right_padding(2, length)
+    with torch.no_grad():
+        for attention_mask in (None, mask.long()):
+            expected = ours.output(hf(hidden, attention_mask=attention_mask).hidden_states)
+            # Rows of padded queries whose every key is masked are HF float32 rounding noise: compare real rows.
+            assert (ours(hidden, attention_mask) - expected)[mask].abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- full
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_equals_naive_softmax_attention(causal, padded):
+    queries, keys, values = qkv(2, 3, 19, 8)
+    key_mask = left_and_right_padding(2, 19) if padded else None
+    out = full_attention(queries, keys, values, causal=causal, key_mask=key_mask)
+    expected = naive_full(queries, keys, values, causal, key_mask)
+    assert torch.allclose(out, expected, atol=1e-12)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
+        assert torch.allclose(grad, expected_grad, atol=1e-10)
+
+
+def test_full_module_is_projections_around_naive_attention():
+    torch.manual_seed(0)
+    layer = FullSelfAttention(12, 3, 4, causal=True).double()
+    hidden = torch.randn(2, 9, 12, dtype=torch.float64)
+
+    def heads(projection):
+        return projection(hidden).view(2, 9, 3, 4).transpose(1, 2)
+
+    attended = naive_full(heads(layer.query), heads(layer.key), heads(layer.value), True, None)
+    assert torch.allclose(layer(hidden), layer.output(attended.transpose(1, 2).reshape(2, 9, 12)), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------- shared properties
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from(["local", "full"]),
+    length=st.integers(2, 40),
+    chunk=st.integers(1, 9),
+    before=st.integers(0, 2),
+    after=st.integers(0, 2),
+    heads=st.integers(1, 3),
+    cut=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_causal_layers_never_look_ahead(kind, length, chunk, before, after, heads, cut, seed):
+    torch.manual_seed(seed)
+    if kind == "local":
+        layer = LocalSelfAttention(8, heads, 4, chunk_length=chunk, num_chunks_before=before,
+                                   num_chunks_after=after, causal=True).double()
+    else:
+        layer = FullSelfAttention(8, heads, 4, causal=True).double()
+    hidden = torch.randn(1, length, 8, dtype=torch.float64)
+    position = int(cut * (length - 1))
+    changed = hidden.clone()
+    changed[:, position + 1 :] = torch.randn(1, length - position - 1, 8, dtype=torch.float64)
+    assert torch.allclose(layer(hidden)[:, : position + 1], layer(changed)[:, : position + 1], atol=1e-12)
+
+
+def test_gradcheck_local_and_full_fp64():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 10, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 8 + [False] * 2])
+    local = LocalSelfAttention(4, 2, 2, chunk_length=4, causal=True).double()
+    full = FullSelfAttention(4, 2, 2, causal=False).double()
+    assert torch.autograd.gradcheck(lambda x: local(x, mask), (hidden,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: full(x, mask), (hidden,), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["local", "full"])
+def test_half_precision_within_twice_the_naive_error(dtype, kind):
+    queries, keys, values = (x.detach().to(dtype) for x in qkv(1, 2, 64, 16, seed=3))
+    key_mask = left_and_right_padding(1, 64)
+    if kind == "local":
+        counts = banded_counts(64, 8, 1, 0)
+        ours = local_attention(queries, keys, values, chunk_length=8, causal=True, key_mask=key_mask)
+        exact = reference_local(queries.double(), keys.double(), values.double(), counts, True, key_mask)
+        naive = reference_local(queries, keys, values, counts, True, key_mask)
+    else:
+        ours = full_attention(queries, keys, values, causal=True, key_mask=key_mask)
+        exact = naive_full(queries.double(), keys.double(), values.double(), True, key_mask)
+        naive = naive_full(queries, keys, values, True, key_mask)
+    assert ours.dtype == dtype and torch.isfinite(ours).all()
+    real = key_mask[:, None, :, None].expand_as(ours)
+    assert (ours.double() - exact)[real].abs().max() <= 2 * (naive.double() - exact)[real].abs().max()
+
+
+def test_padding_invariance():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 21, 8, dtype=torch.float64)
+    extra = torch.randn(2, 11, 8, dtype=torch.float64)
+    longer = torch.cat([hidden, extra], dim=1)
+    mask = torch.arange(32)[None, :].expand(2, 32) < 21
+    # Full attention and causal local attention: any amount of appended padding changes nothing.
+    for layer in (FullSelfAttention(8, 2, 4).double(), FullSelfAttention(8, 2, 4, causal=True).double(),
+                  LocalSelfAttention(8, 2, 4, chunk_length=4, causal=True).double()):
+        assert torch.allclose(layer(longer, mask)[:, :21], layer(hidden), atol=1e-12)
+    # Non-causal local attention wraps around, so the padding must stop at the chunk multiple it would use.
+    local = LocalSelfAttention(8, 2, 4, chunk_length=8).double()
+    to_multiple = longer[:, :24]
+    assert torch.allclose(local(to_multiple, mask[:, :24])[:, :21], local(hidden), atol=1e-12)
+
+
+def test_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 16, 8)
+    for layer in (LocalSelfAttention(8, 2, 4, chunk_length=4, dropout=0.5), FullSelfAttention(8, 2, 4, dropout=0.5)):
+        evaluated = layer.eval()(hidden)
+        layer.train()
+        torch.manual_seed(3)
+        dropped = layer(hidden)
+        torch.manual_seed(3)
+        assert torch.equal(layer(hidden), dropped) and not torch.allclose(dropped, evaluated)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    for layer in (LocalSelfAttention(8, 2, 4), FullSelfAttention(8, 2, 4)):
+        with pytest.raises(ValueError, match="hidden_size=8"):
+            layer(torch.randn(1, 4, 7))
+        with pytest.raises(ValueError, match="attention_mask has shape"):
+            layer(torch.randn(2, 4, 8), torch.ones(2, 5))
+        with pytest.raises(TypeError, match="attention_mask"):
+            layer(torch.randn(2, 4, 8), [[1, 1, 1, 1]] * 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        FullSelfAttention(8, 0)
+    with pytest.raises(ValueError, match="num_chunks_before"):
+        LocalSelfAttention(8, 2, 4, num_chunks_before=-1)
+    with pytest.raises(ValueError, match="multiple of chunk_length"):
+        local_attention(*(torch.randn(1, 1, 6, 2) for _ in range(3)), chunk_length=4)
