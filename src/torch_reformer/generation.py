@@ -65,7 +65,7 @@ from .attention.lsh import LSHSelfAttention
 from .model import ReformerLM
 
 __all__ = [
-    "CachedSteps", "DecodeCache", "UncachedSteps", "apply_repetition_penalty", "apply_temperature",
+    "CachedSteps", "DecodeCache", "DecodingOptions", "UncachedSteps", "apply_repetition_penalty", "apply_temperature",
     "apply_top_k", "apply_top_p", "beam_search", "decode_step", "fixed_hashing", "generate",
     "greedy_pick", "padded_length", "prefill", "sample_pick", "sample_tokens",
 ]
