@@ -232,10 +232,7 @@ def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) 
 
 def padded_length(model: ReformerLM, length: int) -> int:
     """The length the model's layers run on for ``length`` tokens (the forward pads to chunk multiples)."""
-    trunk = model.reformer
-    if length % trunk.pad_multiple == 0 or length <= trunk.min_chunk_length:
-        return length
-    return -(-length // trunk.pad_multiple) * trunk.pad_multiple
+    return model.reformer.padded_length(length)
 
 
 def _lsh_layers(model: ReformerLM) -> list[LSHSelfAttention]:

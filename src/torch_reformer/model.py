@@ -344,11 +344,18 @@ class ReformerModel(ReformerPreTrainedModel):
             )
         return input_ids, attention_mask, position_ids
 
+    def padded_length(self, length: int) -> int:
+        """The length the layers run on for ``length`` tokens: the next multiple of the chunk
+        lengths' lcm, unless ``length`` already is one or fits in the smallest chunk (HF's rule)."""
+        if length % self.pad_multiple == 0 or length <= self.min_chunk_length:
+            return length
+        return -(-length // self.pad_multiple) * self.pad_multiple
+
     def _pad_to_chunk_multiple(self, input_ids, attention_mask, position_ids):
         batch, length = input_ids.shape
-        if length % self.pad_multiple == 0 or length <= self.min_chunk_length:
+        pad = self.padded_length(length) - length
+        if pad == 0:
             return input_ids, attention_mask, position_ids
-        pad = self.pad_multiple - length % self.pad_multiple
         device = input_ids.device
         input_ids = F.pad(input_ids, (0, pad), value=self.config.pad_token_id)
         if attention_mask is None:
