@@ -12,9 +12,10 @@ model and the input and materialising every parameter's gradient, so the differe
 activation memory: parameters, gradients and the input are in the baseline. Each step
 starts with ``zero_grad(set_to_none=True)``, as optimizers do by default.
 
-Time: median seconds per step over the timed steps after a warm-up. Configurations run
-interleaved (all modes at one depth, then the next depth) for ``--rounds`` rounds, and
-every figure is a median over rounds, because other work may share the CPU.
+Time: each memory run also reports its median seconds per step, but times taken in separate
+processes move with whatever else shares the CPU. A second, interleaved pass therefore runs
+all modes in one fresh process per depth, one step each in turn for ``--timing-rounds``
+rounds, and reports the median of the per-round ratios to autograd.
 
 Workers run with a fixed ``MALLOC_MMAP_THRESHOLD_`` (``--mmap-threshold``): with glibc's
 dynamic threshold, freed blocks stay in a fragmented heap and RSS grows with the number of
@@ -99,6 +100,34 @@ def measure(config: dict) -> dict:
     }
 
 
+def measure_alternating(config: dict) -> dict:
+    """Time all modes in one process, one step each in turn, for ``rounds`` rounds.
+
+    Other work on the machine then slows every mode alike, so the per-round ratios to
+    autograd are far steadier than times taken in separate processes.
+    """
+    torch.set_num_threads(config["threads"])
+    modes = config["modes"]
+    models = {mode: build_model(mode, config["depth"], config["width"] // 2, config["hidden"]) for mode in modes}
+    base = torch.randn(1, config["length"], config["width"])
+
+    def step_seconds(mode: str) -> float:
+        models[mode].zero_grad(set_to_none=True)
+        x = base.clone().requires_grad_()
+        start = time.perf_counter()
+        models[mode](x).square().mean().backward()
+        return time.perf_counter() - start
+
+    for mode in modes:  # warm-up
+        step_seconds(mode)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_index in range(config["rounds"]):
+        shift = round_index % len(modes)  # rotate the order so no mode always runs first
+        for mode in modes[shift:] + modes[:shift]:
+            seconds[mode].append(step_seconds(mode))
+    return {"seconds": seconds}
+
+
 def estimated_autograd_bytes(depth: int, length: int, width: int, hidden: int) -> int:
     """What plain autograd keeps per block: stream, LayerNorm output, two hidden tensors (fp32)."""
     return depth * length * (width + 2 * hidden) * 4
@@ -154,6 +183,30 @@ def run_all(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_timing(args: argparse.Namespace) -> dict[int, dict]:
+    """The alternating timing pass: one fresh process per depth."""
+    timings = {}
+    for depth in args.timing_depths:
+        modes = [mode for mode in args.modes if not skip_reason(mode, depth, args)]
+        config = dict(depth=depth, modes=modes, rounds=args.timing_rounds, length=args.length, width=args.width,
+                      hidden=args.hidden, threads=args.threads, alternating=True)
+        timings[depth] = run_subprocess(config, args.timeout * len(modes), args.mmap_threshold)
+        print(f"timing N={depth}: {timings[depth].get('error') or 'done'}", file=sys.stderr)
+    return timings
+
+
+def timing_rows(timings: dict[int, dict]) -> dict[tuple[str, int], dict]:
+    """Median seconds and median per-round ratio to autograd, per (mode, depth)."""
+    rows = {}
+    for depth, result in timings.items():
+        seconds = result.get("seconds", {})
+        reference = seconds.get("autograd")
+        for mode, times in seconds.items():
+            ratio = statistics.median(t / r for t, r in zip(times, reference)) if reference else None
+            rows[(mode, depth)] = {"seconds": statistics.median(times), "ratio": ratio, "rounds": len(times)}
+    return rows
+
+
 def _brief(result: dict) -> str:
     if "seconds" not in result:
         return result.get("error") or result.get("skipped", "")
@@ -172,26 +225,30 @@ def summarise(runs: list[dict]) -> dict | None:
     }
 
 
-def markdown(args: argparse.Namespace, results: dict, command: str) -> str:
-    summary = {key: summarise(runs) for key, runs in results.items()}
-    lines = [
+def header(args: argparse.Namespace, command: str) -> list[str]:
+    malloc = (f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} so RSS follows live memory"
+              if args.mmap_threshold else "glibc's default (dynamic) mmap threshold")
+    return [
         "# Reversible engine: one training step vs depth (CPU)",
         "",
         f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"{torch.get_num_threads()} torch threads), {platform.platform()}",
+        f"{args.threads} torch threads), {platform.platform()}",
         f"- torch {torch.__version__}, fp32; date {datetime.date.today().isoformat()}",
         f"- command: `{command}`",
         f"- model: N blocks LayerNorm({args.width // 2}) -> Linear({args.width // 2}, {args.hidden}) -> GELU -> "
         f"Linear({args.hidden}, {args.width // 2}); input (1, {args.length}, {args.width}) split into two "
         f"{args.width // 2}-wide streams; loss = mean of squared outputs",
-        f"- each configuration in a fresh subprocess; {args.warmup} warm-up + {args.steps} timed steps; "
-        f"{args.rounds} interleaved round(s); medians",
+        f"- memory table: each configuration in a fresh subprocess, {args.warmup} warm-up + {args.steps} timed "
+        f"step(s), {args.rounds} round(s), medians; workers run with {malloc}",
         "- activation memory = peak RSS minus the RSS after building model + input and materialising all "
-        "gradients (so parameters, gradients and input are excluded); workers run with "
-        + (f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} so RSS follows live memory"
-           if args.mmap_threshold else "glibc's default (dynamic) mmap threshold"),
+        "gradients (parameters, gradients and input are in that baseline)",
         "",
-        "| N | mode | activation MiB | peak RSS MiB | s/step | vs autograd time |",
+    ]
+
+
+def memory_table(args: argparse.Namespace, results: dict, summary: dict) -> list[str]:
+    lines = [
+        "| N | mode | activation MiB | peak RSS MiB | s/step (own process) | vs autograd |",
         "|---|---|---|---|---|---|",
     ]
     for depth in args.depths:
@@ -203,15 +260,39 @@ def markdown(args: argparse.Namespace, results: dict, command: str) -> str:
                 lines.append(f"| {depth} | {mode} | {note} | | | |")
                 continue
             ratio = f"{row['seconds'] / reference['seconds']:.2f}x" if reference else "n/a"
-            lines.append(
-                f"| {depth} | {mode} | {row['activation_mib']:.0f} | {row['peak_mib']:.0f} | "
-                f"{row['seconds']:.2f} | {ratio} |"
-            )
-    lines += ["", *targets(args, summary)]
+            lines.append(f"| {depth} | {mode} | {row['activation_mib']:.0f} | {row['peak_mib']:.0f} | "
+                         f"{row['seconds']:.2f} | {ratio} |")
+    return lines
+
+
+def timing_table(args: argparse.Namespace, rows: dict) -> list[str]:
+    lines = [
+        "",
+        f"Interleaved timing: one fresh process per depth runs the modes one step each in turn (rotating the "
+        f"order), {args.timing_rounds} rounds after a warm-up step per mode; medians over rounds.",
+        "",
+        "| N | mode | s/step | per-round ratio to autograd |",
+        "|---|---|---|---|",
+    ]
+    for (mode, depth), row in sorted(rows.items(), key=lambda item: (item[0][1], MODES.index(item[0][0]))):
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "n/a"
+        lines.append(f"| {depth} | {mode} | {row['seconds']:.2f} | {ratio} |")
+    return lines
+
+
+def markdown(args: argparse.Namespace, results: dict, timings: dict, command: str) -> str:
+    summary = {key: summarise(runs) for key, runs in results.items()}
+    rows = timing_rows(timings)
+    lines = header(args, command)
+    if args.depths:
+        lines += memory_table(args, results, summary)
+    if rows:
+        lines += timing_table(args, rows)
+    lines += ["", *targets(args, summary, rows)]
     return "\n".join(lines) + "\n"
 
 
-def targets(args: argparse.Namespace, summary: dict) -> list[str]:
+def targets(args: argparse.Namespace, summary: dict, rows: dict) -> list[str]:
     """The three goals of the engine, checked on the measured figures."""
 
     def figure(mode: str, depth: int, key: str) -> float | None:
@@ -219,22 +300,25 @@ def targets(args: argparse.Namespace, summary: dict) -> list[str]:
         return row[key] if row else None
 
     lines = ["Targets:", ""]
-    low, high = min(args.depths), max(args.depths)
-    rev_low, rev_high = figure("reversible", low, "activation_mib"), figure("reversible", high, "activation_mib")
-    if rev_low and rev_high:
-        ratio = rev_high / rev_low
-        lines.append(f"- reversible activation N={high} / N={low}: {ratio:.2f} (goal <= 1.1): "
-                     f"{'met' if ratio <= 1.1 else 'missed'}")
-    ratios = [
-        (d, figure("reversible", d, "seconds") / figure("autograd", d, "seconds"))
-        for d in args.depths
-        if figure("reversible", d, "seconds") and figure("autograd", d, "seconds")
-    ]
+    if args.depths:
+        low, high = min(args.depths), max(args.depths)
+        rev_low, rev_high = figure("reversible", low, "activation_mib"), figure("reversible", high, "activation_mib")
+        if rev_low and rev_high:
+            ratio = rev_high / rev_low
+            lines.append(f"- reversible activation N={high} / N={low}: {ratio:.2f} (goal <= 1.1): "
+                         f"{'met' if ratio <= 1.1 else 'missed'}")
+    ratios = [(depth, row["ratio"]) for (mode, depth), row in sorted(rows.items())
+              if mode == "reversible" and row["ratio"] is not None]
+    source = "interleaved timing"
+    if not ratios:
+        source = "own-process times"
+        ratios = [(d, figure("reversible", d, "seconds") / figure("autograd", d, "seconds"))
+                  for d in args.depths if figure("reversible", d, "seconds") and figure("autograd", d, "seconds")]
     if ratios:
         text = ", ".join(f"N={d}: {r:.2f}x" for d, r in ratios)
-        lines.append(f"- reversible / autograd time: {text} (goal <= 1.4x): "
+        lines.append(f"- reversible / autograd time ({source}): {text} (goal <= 1.4x): "
                      f"{'met' if all(r <= 1.4 for _, r in ratios) else 'missed'}")
-    compare_depth = 24 if 24 in args.depths else high
+    compare_depth = 24 if 24 in args.depths else max(args.depths, default=None)
     mine = figure("reversible", compare_depth, "peak_mib")
     for other in ("revlib", "checkpoint"):
         theirs = figure(other, compare_depth, "peak_mib")
@@ -246,13 +330,17 @@ def targets(args: argparse.Namespace, summary: dict) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 6, 12, 24, 48])
+    parser.add_argument("--depths", type=int, nargs="*", default=[2, 6, 12, 24, 48],
+                        help="depths of the memory pass (none: skip it)")
+    parser.add_argument("--timing-depths", type=int, nargs="*", default=[2, 6, 12],
+                        help="depths of the interleaved timing pass (none: skip it)")
+    parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--width", type=int, default=512, help="input width; each stream gets half")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
@@ -271,10 +359,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        config = json.loads(args.worker)
+        print(json.dumps(measure_alternating(config) if config.get("alternating") else measure(config)))
         return
     command = "python -m torch_reformer.bench.reversible " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = markdown(args, run_all(args), command.strip())
+    results, timings = run_all(args), run_timing(args)
+    report = markdown(args, results, timings, command.strip())
     print(report)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
