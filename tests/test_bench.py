@@ -169,9 +169,9 @@ def test_summary_ratios_match_hand_computed_values():
     assert slope == pytest.approx(44 / 22) and ratio == pytest.approx(544 / 500) and depths == (2, 24)
     assert summary.depth_slope(results, "hf")[:2] == (pytest.approx(100.0), pytest.approx(2.0))
     assert "ours 4 s, transformers 10 s: ours takes 0.40x" in summary.step_time(results, "hf", "transformers")
-    assert summary.longest(results, "ours-reversible") == (4 * k64, "search")
-    assert "ours 262,144 tokens (search), transformers 65,536 (search): 4x longer" in summary.longest_headline(
-        results, "hf", "transformers")
+    assert summary.longest(results, "ours-reversible") == (4 * k64, "limit, 6-layer search")
+    assert "ours 262,144 tokens (limit, 6-layer search), transformers 65,536 (limit, 6-layer search): ratio 4" in \
+        summary.longest_headline(results, "hf", "transformers")
     timing = _experiment_of(results, "speed", "train_speed_vs_length")
     assert summary.crossover(timing, "ours-reversible", "ours-full-reversible", "seconds") == "between 4K and 16K tokens"
     sizes = _experiment_of(results, "memory", "train_memory_vs_length")
@@ -179,7 +179,7 @@ def test_summary_ratios_match_hand_computed_values():
     issue = "\n".join(summary.issue_four(results))
     assert "12-layer peak 520 MiB vs 2-layer 500 MiB = 1.04x" in issue
     assert "Seconds per step at 16K: ours 4, transformers 10 = 0.40x" in issue
-    assert "trains on: 262,144 tokens" in issue
+    assert "trains on: 262,144 tokens; 1M failed: OOM" in issue
     assert "Command: `reformer bench memory speed`" in summary.summary_markdown(results)
 
 
@@ -224,3 +224,28 @@ def test_command_line_rejects_unknown_suites():
     assert parser.parse_args(["memory", "speed", "--quick"]).suites == ["memory", "speed"]
     with pytest.raises(SystemExit):
         parser.parse_args(["bogus"])
+
+
+def test_series_skips_a_point_whose_extrapolated_time_exceeds_the_limit():
+    series = Series("full", [Point(x, {"x": x, "warmup": 0, "steps": 1}) for x in (1024, 4096, 16384)], time_exponent=2.0)
+    ran = []
+
+    def fake_run(spec):
+        ran.append(spec["x"])
+        step = 10.0 * (spec["x"] / 1024) ** 2
+        return {"status": "ok", "seconds": step, "wall_seconds": 5.0 + step}  # 5 s of start-up + one step
+
+    results = run_series(series, fake_run, timeout_s=200.0)  # 4096: 5 + 10 * 16 = 165 s fits; 16384 would not
+    assert ran == [1024, 4096]
+    assert results[2] == {"status": "not run", "detail": "predicted 2,565 s > the 200 s limit"}
+
+
+def test_rerunning_some_series_keeps_the_others_with_their_environment():
+    old_env, new_env = {"command": "old"}, {"command": "new"}
+    experiment = harness.Experiment(key="e", title="t", x_name="x", views=[], series=[
+        Series("B", [Point(1, {})], key="b")])
+    previous = {"series": [{"key": "a", "label": "A", "environment": old_env, "points": []},
+                           {"key": "b", "label": "B", "environment": old_env, "points": []}]}
+    record = report.experiment_record(experiment, new_env, previous, planned_keys=["a", "b"])
+    assert [(s["key"], s["environment"]["command"]) for s in record["series"]] == [("a", "old"), ("b", "new")]
+    assert record["series"][1]["points"] == [{"x": 1, "spec": {}, "result": None}]

@@ -50,15 +50,17 @@ QUICK = Profile(
     blog_lengths=[2048],
     blog_layers=[2, 4], blog_layer_shape=(1, 512),
     longest_lengths=[], longest_layers=6,
-    speed_lengths=[1024, 2048],
+    speed_lengths=[2048],
     attention_lengths=[1024],
     generation_contexts=[256], generation_new_tokens=8,
     duplication=dict(length=32, vocab=16, steps=30, batch=8, lr=1e-3, hidden=64, heads=4, chunk=8, eval_size=32),
     bpc=dict(seq_len=128, steps=20, batch=4, lr=1e-3, hidden=64, layers=2, heads=4, chunk=32,
              corpus_bytes=300_000, eval_size=8),
     timeout_s=120.0, long_timeout_s=240.0,
-    experiments={"train_memory_vs_length", "train_memory_vs_depth", "inference_global_vs_lsh",
-                 "train_speed_vs_length", "attention_speed", "generation_speed", "duplication", "bpc"},
+    experiments={"train_memory_vs_length", "train_memory_vs_depth", "train_speed_vs_length", "attention_speed",
+                 "generation_speed", "duplication", "bpc"},
+    series={"ours-reversible", "ours-full-reversible", "hf", "reformer_pytorch", "lsh-2", "local", "full", "hf-2",
+            "reformer_pytorch-2", "cache", "no-cache", "lsh-1", "lsh-4", "lsh"},
 )
 
 
@@ -91,6 +93,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="float32, or bfloat16/float16 autocast for the forward passes")
     parser.add_argument("--only", metavar="KEYS", help="comma-separated experiment keys to run (default: all)")
+    parser.add_argument("--series", metavar="KEYS", help="comma-separated series keys to run, e.g. "
+                        "ours-reversible,hf (default: all; --quick: a subset)")
     parser.add_argument("--memory-cap-gib", type=float, metavar="GIB",
                         help="kill a configuration whose resident memory passes this (default: 80%% of the "
                              "memory available at start; CPU only)")
@@ -105,10 +109,13 @@ def make_profile(args: argparse.Namespace) -> Profile:
     from dataclasses import replace
 
     base = QUICK if args.quick else FULL
-    experiments = base.experiments
+    experiments, series = base.experiments, base.series
     if args.only:
         experiments = {key.strip() for key in args.only.split(",") if key.strip()}
-    return replace(base, device=args.device, dtype=args.dtype, experiments=experiments, threads=args.threads,
+    if args.series:
+        series = {key.strip() for key in args.series.split(",") if key.strip()}
+    return replace(base, device=args.device, dtype=args.dtype, experiments=experiments, series=series,
+                   threads=args.threads,
                    timeout_s=base.timeout_s * args.timeout_scale, long_timeout_s=base.long_timeout_s * args.timeout_scale)
 
 
@@ -142,12 +149,15 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
     env = environment(profile.device, profile.dtype, command, profile.threads)
     record = results["suites"].setdefault(suite, {"experiments": {}})
     for experiment in _suite_module(suite).plan(profile):
+        planned_keys = [series.key for series in experiment.series]
         experiment.series = [series for series in experiment.series if profile.wants_series(series.key)]
         if not experiment.series:
             continue
-        stored = experiment_record(experiment, env)
+        stored = experiment_record(experiment, env, record["experiments"].get(experiment.key), planned_keys)
         record["experiments"][experiment.key] = stored
-        for series, series_record in zip(experiment.series, stored["series"]):
+        records = {series_record["key"]: series_record for series_record in stored["series"]}
+        for series in experiment.series:
+            series_record = records[series.key]
             if not is_installed(series.impl):
                 series.skip_reason = "not installed"
 
@@ -158,7 +168,7 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
                 log(f"[{suite}] {experiment.key} | {series.label} | {point.x}: {_describe(result)}", flush=True)
 
             run_series(series, lambda spec: run_spec({**spec, "threads": profile.threads}, experiment.timeout_s,
-                                                     memory_cap_bytes), on_result)
+                                                     memory_cap_bytes), on_result, experiment.timeout_s)
         write_reports(out_dir, results)
 
 

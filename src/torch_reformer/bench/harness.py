@@ -85,6 +85,7 @@ class Series:
     points: list[Point]
     key: str = ""  # stable name for lookups (summary ratios), e.g. "ours-reversible", "hf"
     impl: str = "ours"  # implementation under test ("ours", "hf", "reformer_pytorch")
+    time_exponent: float = 1.0  # run time grows like x ** this (2 for full attention vs length)
     skip_reason: str | None = None  # e.g. "not installed": every point is recorded with it, none run
 
 
@@ -226,21 +227,38 @@ def _gib(num_bytes: float) -> str:
     return f"{num_bytes / 2**30:.1f} GiB"
 
 
+def _predicted_seconds(previous: tuple[Point, dict] | None, point: Point, exponent: float) -> float | None:
+    """Wall time of ``point`` extrapolated from the previous point's (x ** exponent growth)."""
+    if previous is None or not isinstance(point.x, (int, float)) or "wall_seconds" not in previous[1]:
+        return None
+    last_point, last_result = previous
+    step_count = last_point.spec.get("warmup", 0) + last_point.spec.get("steps", 1)
+    compute = min(last_result["wall_seconds"], last_result.get("seconds", 0.0) * step_count)
+    overhead = last_result["wall_seconds"] - compute  # imports, model creation: roughly constant
+    return overhead + compute * (point.x / last_point.x) ** exponent
+
+
 def run_series(
     series: Series,
     run: Callable[[dict], dict],
     on_result: Callable[[Point, dict], None] | None = None,
+    timeout_s: float | None = None,
 ) -> list[dict]:
-    """Run a series' points in order with ``run(spec)``; after an "OOM"/"timeout" run no larger point.
+    """Run a series' points in order with ``run(spec)``; after an "OOM"/"timeout" run no larger point,
+    nor one whose time extrapolated from the previous point exceeds ``timeout_s``.
 
     Returns one result per point (``on_result`` sees each as it arrives)."""
-    results, stop_reason = [], series.skip_reason
+    results, stop_reason, previous = [], series.skip_reason, None
     for point in series.points:
+        predicted = _predicted_seconds(previous, point, series.time_exponent)
+        if stop_reason is None and timeout_s is not None and predicted is not None and predicted > timeout_s:
+            stop_reason = f"predicted {predicted:,.0f} s > the {timeout_s:,.0f} s limit"
         if stop_reason is not None:
             status = series.skip_reason or "not run"
             result = {"status": status, "detail": stop_reason if series.skip_reason is None else ""}
         else:
             result = run(point.spec)
+            previous = (point, result)
             if result["status"] in FAILED_STATUSES:
                 stop_reason = f"{result['status']} at {point.x}"
             elif result["status"] in ("not installed", "not available"):

@@ -20,7 +20,7 @@ maximum resident set, on CUDA ``torch.cuda.max_memory_allocated``. The experimen
 from __future__ import annotations
 
 from .harness import Experiment, Point, Profile, Series, View
-from .peers import IMPL_NAMES, benchmark_config
+from .peers import IMPL_NAMES, axial_shape, benchmark_config
 
 MEMORY_VIEWS = [
     View("peak_mib", "peak memory (MiB)"),
@@ -64,8 +64,8 @@ def lineup(profile: Profile) -> list[tuple[str, str, str, dict]]:
     return [row for row in rows if row[2] in profile.impls]
 
 
-def _series(profile: Profile, key: str, label: str, impl: str, xs: list[int], make_spec) -> Series:
-    return Series(label=label, key=key, impl=impl, points=[Point(x, make_spec(x)) for x in xs])
+def _series(profile: Profile, key: str, label: str, impl: str, xs: list[int], make_spec, exponent: float = 1.0) -> Series:
+    return Series(label=label, key=key, impl=impl, points=[Point(x, make_spec(x)) for x in xs], time_exponent=exponent)
 
 
 def _train_config(profile: Profile, length: int, layers: int, overrides: dict) -> dict:
@@ -77,7 +77,8 @@ def _train_config(profile: Profile, length: int, layers: int, overrides: dict) -
 def train_vs_length(profile: Profile) -> Experiment:
     series = [
         _series(profile, key, label, impl, profile.lengths,
-                lambda L, impl=impl, o=overrides: spec(profile, "train_step", impl, L, _train_config(profile, L, 2, o)))
+                lambda L, impl=impl, o=overrides: spec(profile, "train_step", impl, L, _train_config(profile, L, 2, o)),
+                exponent=2.0 if "full" in key else 1.0)
         for key, label, impl, overrides in lineup(profile)
     ]
     return Experiment(
@@ -133,7 +134,8 @@ def inference_global_vs_lsh(profile: Profile) -> Experiment:
         ("hf-global", "transformers, global (local with chunk = length)", "hf", global_hf),
     ]
     series = [
-        _series(profile, key, label, impl, lengths, lambda L, impl=impl, make=make: spec(profile, "inference", impl, L, make(L)))
+        _series(profile, key, label, impl, lengths, lambda L, impl=impl, make=make: spec(profile, "inference", impl, L, make(L)),
+                exponent=2.0 if key in ("ours-full", "hf-global") else 1.0)
         for key, label, impl, make in rows if impl in profile.impls
     ]
     return Experiment(
@@ -203,8 +205,9 @@ def layers_in_training(profile: Profile) -> Experiment:
 
     batch, length = profile.blog_layer_shape
     enwik8 = {key: list(value) if isinstance(value, tuple) else value for key, value in PRESETS["enwik8"].items()}
+    # HF trains only at exactly the product of the axial shape: (L / 128, 128) as everywhere here.
     enwik8.update(num_hashes=1, hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
-                  lsh_attention_probs_dropout_prob=0.0, **profile.model)
+                  lsh_attention_probs_dropout_prob=0.0, axial_pos_shape=axial_shape(length), **profile.model)
 
     def config(layers: int, mode: str) -> dict:
         pattern = (enwik8["attn_layers"] * layers)[:layers]
@@ -223,8 +226,8 @@ def layers_in_training(profile: Profile) -> Experiment:
     return Experiment(
         key="layers_in_training", title=f"Training memory vs layers, enwik8 shape, batch {batch} x {length}",
         x_name="layers", series=series, views=MEMORY_VIEWS[:2],
-        notes=["HF blog section 3: the enwik8 configuration (d 1024, 8 x 128 heads, ff 4096, local/local/lsh/local "
-               "pattern, 1 hash, dropout 0) at batch 8 x 512."],
+        notes=[f"HF blog section 3: the enwik8 configuration (d 1024, 8 x 128 heads, ff 4096, local/local/lsh/local "
+               f"pattern, 1 hash, dropout 0, axial positions {tuple(axial_shape(length))}) at batch {batch} x {length}."],
         plot_metric="peak_mib", log_x=False, log_y=False, timeout_s=profile.timeout_s,
     )
 

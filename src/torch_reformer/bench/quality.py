@@ -119,7 +119,7 @@ def duplication_config(settings: dict, mode: str) -> dict:
     hidden, length = settings["hidden"], settings["length"]
     hashes = int(mode.split("-")[1]) if mode.startswith("lsh") else 1
     return dict(
-        attn_layers=["lsh"], vocab_size=settings["vocab"], hidden_size=hidden, num_attention_heads=settings["heads"],
+        attn_layers=["lsh"] * settings.get("layers", 1), vocab_size=settings["vocab"], hidden_size=hidden, num_attention_heads=settings["heads"],
         attention_head_size=hidden // settings["heads"], feed_forward_size=2 * hidden, num_hashes=hashes,
         lsh_attn_chunk_length=length if mode == "full" else settings["chunk"], is_decoder=True,
         hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,

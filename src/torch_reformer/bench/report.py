@@ -57,6 +57,19 @@ def _total_memory_bytes() -> int | None:
     return None
 
 
+def _source_revision() -> str | None:
+    """The git commit of the measured code (``+dirty`` when the tree has local changes), if known."""
+    import subprocess
+
+    package_dir = Path(__file__).resolve().parents[1]
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=package_dir,
+                                   capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
+
+
 def environment(device: str, dtype: str, command: str, threads: int | None = None) -> dict:
     """What produced a set of results: machine, processor(s), dtype, torch version, threads, date, command."""
     import torch
@@ -73,6 +86,7 @@ def environment(device: str, dtype: str, command: str, threads: int | None = Non
         "threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": _source_revision(),
         "command": command,
     }
 
@@ -92,7 +106,8 @@ def environment_lines(env: dict) -> list[str]:
     processor = env["cpu"] + (f"; GPU {env['gpu']}" if env.get("gpu") else "")
     return [
         f"Machine `{env['machine']}` ({processor}), device {env['device']}, dtype {env['dtype']}, "
-        f"torch {env['torch']} ({env.get('threads', '?')} threads), Python {env['python']}, {env['date']}.",
+        f"torch {env['torch']} ({env.get('threads', '?')} threads), Python {env['python']}, {env['date']}"
+        + (f", code at {env['revision']}." if env.get("revision") else "."),
         f"Command: `{env['command']}`",
     ]
 
@@ -100,13 +115,25 @@ def environment_lines(env: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ cells
 
 
-def experiment_record(experiment: Experiment, env: dict) -> dict:
-    """The JSON form of a planned experiment run in ``env``, results still empty."""
+def experiment_record(experiment: Experiment, env: dict, previous: dict | None = None,
+                      planned_keys: list[str] | None = None) -> dict:
+    """The JSON form of a planned experiment run in ``env``, results still empty.
+
+    Series of ``previous`` (the same experiment from an earlier run into the same folder) that are not
+    re-run now are kept, each with the environment it was measured in, in the plan's order
+    (``planned_keys``)."""
     record = {"environment": env, **asdict(experiment)}
     for series in record["series"]:
         series.pop("skip_reason", None)
+        series["environment"] = env
         for point in series["points"]:
             point["result"] = None
+    if previous:
+        fresh = {series["key"]: series for series in record["series"]}
+        kept = {series["key"]: series for series in previous["series"] if series["key"] not in fresh}
+        order = planned_keys or list(fresh)
+        record["series"] = [fresh.get(key) or kept[key] for key in order if key in fresh or key in kept]
+        record["series"] += [series for key, series in kept.items() if key not in order]
     return record
 
 
@@ -164,11 +191,26 @@ def format_cell(point: dict, metric: str) -> str:
 
 
 def _series_table(experiment: dict, metric: str) -> list[str]:
-    xs = [point["x"] for point in experiment["series"][0]["points"]]
+    xs = list(dict.fromkeys(point["x"] for series in experiment["series"] for point in series["points"]))
     lines = ["| " + " | ".join(["model"] + [format_x(x) for x in xs]) + " |", "|---" * (len(xs) + 1) + "|"]
     for series in experiment["series"]:
-        cells = [format_cell(point, metric) for point in series["points"]]
+        by_x = {point["x"]: point for point in series["points"]}
+        cells = [format_cell(by_x[x], metric) if x in by_x else "-" for x in xs]
         lines.append("| " + " | ".join([series["label"]] + cells) + " |")
+    return lines
+
+
+def measured_by_lines(experiment: dict) -> list[str]:
+    """The environment lines of an experiment; per group of series when they were measured apart."""
+    groups: dict[str, list[str]] = {}
+    for series in experiment["series"]:
+        text = "\n".join(environment_lines(series.get("environment") or experiment["environment"]))
+        groups.setdefault(text, []).append(series["label"])
+    if len(groups) == 1:
+        return next(iter(groups)).split("\n")
+    lines = []
+    for text, labels in groups.items():
+        lines += [f"Series {', '.join(labels)}:", "", *text.split("\n"), ""]
     return lines
 
 
@@ -199,7 +241,7 @@ def _failures(experiment: dict) -> list[str]:
 
 
 def experiment_markdown(experiment: dict, plot_file: str | None) -> str:
-    lines = [f"## {experiment['title']}", "", *environment_lines(experiment["environment"]), ""]
+    lines = [f"## {experiment['title']}", "", *measured_by_lines(experiment), ""]
     lines += [note for note in experiment["notes"]] + [""]
     for view in experiment["views"]:
         lines += [f"{view['caption'][:1].upper()}{view['caption'][1:]}, by {experiment['x_name']}:", ""]

@@ -107,11 +107,17 @@ def step_time(results: dict, peer: str, name: str) -> str:
 
 
 def longest(results: dict, series_key: str) -> tuple[int | None, str]:
-    """Longest length that trained, and from which experiment, preferring the dedicated search."""
-    for key, label in (("longest_trainable", "search"), ("train_memory_vs_length", "2-layer series")):
-        xs = measured_xs(_experiment(results, "memory", key), series_key, "peak_mib")
+    """Longest length that trained and how it is known: "limit" when a longer one failed (OOM/timeout)
+    or was not run because of a failure, "at least" when every length tried ran. The dedicated search
+    (``longest_trainable``) is preferred over the 2-layer length series."""
+    for key in ("longest_trainable", "train_memory_vs_length"):
+        experiment = _experiment(results, "memory", key)
+        xs = measured_xs(experiment, series_key, "peak_mib")
         if xs:
-            return max(xs), label
+            statuses = [(p.get("result") or {}).get("status") for p in _series(experiment, series_key)["points"]]
+            limited = any(status in ("OOM", "timeout", "not run") for status in statuses)
+            where = "6-layer search" if key == "longest_trainable" else "2-layer series"
+            return max(xs), f"{'limit' if limited else 'at least'}, {where}"
     return None, ""
 
 
@@ -121,7 +127,7 @@ def longest_headline(results: dict, peer: str, name: str) -> str:
     if ours is None or theirs is None:
         return f"- Longest trainable length vs {name}: {NOT_MEASURED}"
     return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {theirs:,} ({their_source}): "
-            f"{ours / theirs:.0f}x longer.")
+            f"ratio {ours / theirs:g}.")
 
 
 # ------------------------------------------------------------------------------------ ours: LSH vs full
@@ -204,10 +210,13 @@ def issue_four(results: dict) -> list[str]:
     ours, hf = (value(speed, k, 16384, "seconds") for k in ("ours-reversible", "hf"))
     lines.append(f"- Seconds per step at 16K: ours {_fmt(ours)}, transformers {_fmt(hf)} = {_ratio(ours, hf)} "
                  "(target <= 0.5x)")
-    ours_longest = max(measured_xs(_experiment(results, "memory", "longest_trainable"), "ours-reversible", "peak_mib"),
-                       default=None)
+    search = _experiment(results, "memory", "longest_trainable")
+    ours_longest = max(measured_xs(search, "ours-reversible", "peak_mib"), default=None)
+    failed = next((p for p in (_series(search, "ours-reversible") or {}).get("points", [])
+                   if (p.get("result") or {}).get("status") in ("OOM", "timeout")), None)
+    reason = f"; {format_x(failed['x'])} failed: {failed['result']['status']}" if failed else ""
     lines.append(f"- Longest power-of-two length the 6-layer model trains on: "
-                 f"{f'{ours_longest:,}' if ours_longest else 'n/a'} tokens (target 1,048,576)")
+                 f"{f'{ours_longest:,}' if ours_longest else 'n/a'} tokens{reason} (target 1,048,576)")
     return lines
 
 
@@ -216,9 +225,10 @@ def summary_markdown(results: dict) -> str:
     seen = []
     for record in results["suites"].values():
         for experiment in record["experiments"].values():
-            text = " ".join(environment_lines(experiment["environment"]))
-            if text not in seen:
-                seen.append(text)
+            for series in experiment["series"]:
+                text = " ".join(environment_lines(series.get("environment") or experiment["environment"]))
+                if text not in seen:
+                    seen.append(text)
     lines += [f"- {text}" for text in seen] + [""]
     for peer, name in PEERS:
         lines += [f"## Against {name}", ""]
