@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # A duplication run small enough for the test suite (seconds): 16 tokens, one LSH and one local layer.
 TINY_TRAIN = ["train", "--seq-len", "16", "--vocab-size", "8", "--steps", "4", "--batch-size", "4",
-              "--eval-every", "2", "--eval-size", "8", "--log-every", "1"]
+              "--eval-every", "2", "--eval-size", "8", "--log-every", "1", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +169,8 @@ def bad_inputs(tmp_path):
         "missing checkpoint": ["generate", "--checkpoint", tmp_path / "none", "--prompt", "hi"],
         "not a checkpoint": ["generate", "--checkpoint", tmp_path, "--prompt", "hi"],
         "no subcommand": [],
-        "tokenizer vocab too small": ["tokenizer", "train", "--data", short, "--vocab-size", "5", "--out", tmp_path / "t"],
+        "tokenizer vocab too small": ["tokenizer", "train", "--data", short, "--vocab-size", "5",
+                                      "--out", tmp_path / "t"],
     }
 
 

@@ -58,7 +58,8 @@ def test_duplication_eval_set_is_fixed_and_sharded():
     again = torch.cat([ids for ids, _ in task.eval_batches(3)])
     assert first.shape == (10, 8) and torch.equal(first, again)
     shards = [torch.cat([ids for ids, _ in task.eval_batches(2, rank, 2)]) for rank in range(2)]
-    assert torch.equal(torch.cat([shards[0][0:2], shards[1][0:2], shards[0][2:4], shards[1][2:4], shards[0][4:]]), first)
+    interleaved = [shards[0][0:2], shards[1][0:2], shards[0][2:4], shards[1][2:4], shards[0][4:]]
+    assert torch.equal(torch.cat(interleaved), first)
 
 
 @pytest.mark.parametrize("kwargs", [dict(seq_len=7), dict(seq_len=2), dict(seq_len=8, vocab_size=2),

@@ -204,8 +204,8 @@ def test_corrupt_checkpoint_is_reported_and_resume_falls_back(tmp_path):
 
 def test_resume_with_another_model_config_is_refused(tmp_path):
     Trainer(tiny_model(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
-    trainer = Trainer(tiny_model(hidden_size=48, axial_pos_embds_dim=(24, 24)), tiny_args(tmp_path, steps=4, resume=True),
-                      data.DuplicationTask(16, 16), reporter=quiet())
+    wider = tiny_model(hidden_size=48, axial_pos_embds_dim=(24, 24))
+    trainer = Trainer(wider, tiny_args(tmp_path, steps=4, resume=True), data.DuplicationTask(16, 16), reporter=quiet())
     with pytest.raises(CheckpointError, match="hidden_size"):
         trainer.train()
 
@@ -317,5 +317,6 @@ def test_two_processes_match_one_process(tmp_path):
         first = [float(r[key]) for r in one if r[key]]
         second = [float(r[key]) for r in two if r[key]]
         assert len(first) == len(second) > 0 and first == pytest.approx(second, abs=1e-5), key
-    assert json.loads((tmp_path / "two" / "checkpoints" / "step-4" / "trainer_state.json").read_text())["world_size"] == 2
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
     assert not math.isnan(float(one[-1]["train_loss"]))

@@ -97,7 +97,9 @@ class DuplicationTask:
         if not isinstance(seq_len, int) or seq_len < 4 or seq_len % 2:
             raise ValueError(f"the duplication task needs an even sequence length >= 4, got {seq_len!r}")
         if not isinstance(vocab_size, int) or vocab_size < 3:
-            raise ValueError(f"the duplication task needs vocab_size >= 3 (symbol 0 plus two or more), got {vocab_size!r}")
+            raise ValueError(
+                f"the duplication task needs vocab_size >= 3 (symbol 0 plus two or more), got {vocab_size!r}"
+            )
         if not isinstance(eval_size, int) or eval_size < 1:
             raise ValueError(f"eval_size must be a positive number of sequences, got {eval_size!r}")
         self.seq_len, self.vocab_size, self.seed = seq_len, vocab_size, int(seed)
@@ -396,7 +398,9 @@ class BPETokenizer:
         tokenizers = _import_tokenizers()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist (train one with `reformer tokenizer train`)")
+            raise FileNotFoundError(
+                f"tokenizer file {self.path} does not exist (train one with `reformer tokenizer train`)"
+            )
         try:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as err:  # the Rust library raises its own exception type

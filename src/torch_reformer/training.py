@@ -258,7 +258,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is truncated: {name} has {size} bytes, expected {expected['bytes']}")
+            raise CheckpointError(
+                f"checkpoint {path} is truncated: {name} has {size} bytes, expected {expected['bytes']}"
+            )
         if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -309,7 +311,11 @@ def newest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
 def _config_differences(saved: dict, current: dict) -> list[str]:
     ignored = {"architectures"}
     keys = sorted((set(saved) | set(current)) - ignored)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [
+        f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -458,7 +464,9 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            where = "no checkpoint was written yet"
+            if self.last_checkpoint is not None:
+                where = f"the last good checkpoint is {self.last_checkpoint}"
             raise TrainingDiverged(
                 f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); the weights were not "
                 f"updated and {where}: train again (or --resume) with a lower --lr or with --clip"
@@ -625,7 +633,8 @@ class Trainer:
                           "elapsed_seconds": time.perf_counter() - started}
                 if (args.eval_every and self.step % args.eval_every == 0) or final:
                     record.update(self.evaluate())
-                    self.history.append({"step": self.step, **{k: v for k, v in record.items() if k.startswith("eval")}})
+                    evaluation = {k: v for k, v in record.items() if k.startswith("eval")}
+                    self.history.append({"step": self.step, **evaluation})
                 if "eval_loss" in record or self.step % args.log_every == 0 or final:
                     metrics.update(record, status="finished" if final else "running",
                                    eval_num_hashes=args.eval_num_hashes, history=self.history)
