@@ -202,6 +202,25 @@ def test_corrupt_checkpoint_is_reported_and_resume_falls_back(tmp_path):
         training.newest_valid_checkpoint(tmp_path / "checkpoints")
 
 
+def test_resume_warns_when_the_data_order_cannot_continue(tmp_path):
+    Trainer(tiny_model(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
+    trainer = Trainer(tiny_model(), tiny_args(tmp_path, steps=3, resume=True, batch_size=4),
+                      data.DuplicationTask(16, 16, seed=5), reporter=quiet())
+    with pytest.warns(UserWarning, match="batch_size, data_seed"):
+        trainer.train()
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    losses = {}
+    for bf16 in (False, True):
+        trainer = Trainer(tiny_model(hash_seed=3), tiny_args(tmp_path / str(bf16), steps=3, bf16=bf16, eval_every=0),
+                          data.DuplicationTask(16, 16), reporter=quiet())
+        trainer.train()
+        losses[bf16] = [float(row["train_loss"]) for row in read_csv(tmp_path / str(bf16) / "log.csv")]
+    assert losses[True] != losses[False]  # autocast really ran in bf16
+    assert losses[True] == pytest.approx(losses[False], abs=2e-2)
+
+
 def test_resume_with_another_model_config_is_refused(tmp_path):
     Trainer(tiny_model(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
     wider = tiny_model(hidden_size=48, axial_pos_embds_dim=(24, 24))

@@ -579,6 +579,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {value} does not fit this model ({str(err).splitlines()[0]})") from None
         restore_rng_states(loaded["rng"].get(ctx.rank, loaded["rng"][0]))
+        self._warn_about_changed_data(loaded["trainer_state"])
         self.step = loaded["trainer_state"]["step"]
         self.history = loaded["trainer_state"]["history"]
         self.last_checkpoint = value
@@ -588,6 +589,16 @@ class Trainer:
                     shutil.rmtree(unusable)
         if self.reporter:
             self.reporter.message(f"resumed from {value} (step {self.step})")
+
+    def _warn_about_changed_data(self, saved: dict) -> None:
+        now = {f"data_{k}": v for k, v in self.dataset.describe().items()}
+        now["batch_size"] = self.args.batch_size
+        before = {f"data_{k}": v for k, v in saved.get("data", {}).items()}
+        before["batch_size"] = saved["args"]["batch_size"]
+        changed = sorted(key for key in now if before.get(key) != now[key])
+        if changed:
+            warnings.warn(f"resuming with a different {', '.join(changed)} than the checkpoint's run: "
+                          "the data order will not continue the original one", stacklevel=3)
 
     # ---------------------------------------------------------------- the loop
     def _prepare_out_dir(self) -> None:
@@ -614,7 +625,8 @@ class Trainer:
         run_log = RunLog(self.out_dir, self.step) if ctx.is_main else None
         if self.reporter:
             self.reporter.start(self.step, args.steps)
-        metrics = {"step": self.step, "status": "running", **(self.history[-1] if self.history else {})}
+        status = "finished" if self.step >= args.steps else "running"
+        metrics = {"step": self.step, "status": status, **(self.history[-1] if self.history else {})}
         tokens_per_step = args.batch_size * self.dataset.seq_len
         started, window_seconds, window_steps = time.perf_counter(), 0.0, 0
         try:
