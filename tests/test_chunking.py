@@ -57,8 +57,33 @@ def test_rows_go_to_windows_and_back():
     gathered = rows.permute(0, 2, 1, 3).reshape(batch * heads, length, width)
     positions = layout.positions.view(batch * heads, -1)
     assert torch.equal(slots.view(batch * heads, -1, width), torch.stack([g[p] for g, p in zip(gathered, positions)]))
-    back = from_windows(slots, layout)  # (B, L, H, R, E): every round reads its own copy of the row
-    assert torch.equal(back, rows[:, :, :, None, :].expand(-1, -1, -1, rounds, -1))
+    # Reading back merges the rounds: every round holds the same row, and the weights sum to 1.
+    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64)
+    assert torch.allclose(from_windows(slots, layout, logsumexp), rows)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        from_windows(slots, layout)
+
+
+def test_reading_back_weights_each_round_by_softmax_of_its_logsumexp():
+    batch, heads, rounds, length, width = 1, 2, 3, 8, 4
+    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=4)
+    layout = window_layout(sorted_positions, 4, 1, 0)
+    slots = torch.randn(layout.positions.shape[0], 4, width, dtype=torch.float64)
+    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64)
+    expected = torch.zeros(batch, length, heads, width, dtype=torch.float64)
+    num_chunks, groups = rounds * length // 4, batch * heads
+    for group in range(groups):
+        for r in range(rounds):
+            for position in range(length):
+                slot = (sorted_positions[0, group, r] == position).nonzero().item() + r * length + 4  # + 1 copy chunk
+                index = group * (num_chunks + 1) * 4 + slot
+                row_lse = []
+                for other in range(rounds):
+                    other_slot = (sorted_positions[0, group, other] == position).nonzero().item() + other * length + 4
+                    row_lse.append(logsumexp.view(-1)[group * (num_chunks + 1) * 4 + other_slot])
+                weight = torch.softmax(torch.stack(row_lse), 0)[r]
+                expected[0, position, group] += weight * slots.view(-1, width)[index]
+    assert torch.allclose(from_windows(slots, layout, logsumexp), expected)
 
 
 def test_gradients_of_the_permutations_are_their_definitions():
@@ -68,7 +93,8 @@ def test_gradients_of_the_permutations_are_their_definitions():
     rows = torch.randn(batch, length, heads, width, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: to_windows(x, layout), (rows,))
     slots = torch.randn(to_windows(rows, layout).shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: from_windows(x, layout), (slots,))
+    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, lse: from_windows(x, layout, lse), (slots, logsumexp))
 
 
 def dense_window_reference(queries, keys, values, positions, key_ranks, before, after, causal, self_mask):

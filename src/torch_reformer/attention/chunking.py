@@ -125,7 +125,7 @@ def window_layout(sorted_positions: Tensor, chunk_length: int, before: int, afte
 
 
 class _ToWindows(torch.autograd.Function):
-    """(B, L, H, E) rows -> (T', C, E) window layout; backward gathers slots back and sums copies."""
+    """(B, L, H, E) rows -> (T', C, E) window layout; backward sums every slot's gradient into its row."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, layout: WindowLayout) -> Tensor:
@@ -136,35 +136,61 @@ class _ToWindows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         layout = ctx.layout
-        width = grad.shape[-1]
-        grad_slots = grad.reshape(-1, width)
-        per_round = grad_slots.index_select(0, layout.undo_rows)  # (B*L*H*R, E)
+        batch, length, heads, rounds = layout.shape
+        grad_slots = grad.reshape(-1, grad.shape[-1])
+        # Sum of the R slots holding each row: a gather and sum in one kernel, no (…, R, E) temporary.
+        grad_rows = nn.functional.embedding_bag(layout.undo_rows.view(-1, rounds), grad_slots, mode="sum")
         if layout.copy_slots.numel():
             # Wrap copies are few (G * (before + after) chunks). index_put_ rather than index_add_,
             # whose CPU kernel walks the whole destination.
-            copies = grad_slots.index_select(0, layout.copy_slots)
-            per_round.index_put_((layout.slot_rows.index_select(0, layout.copy_slots),), copies, accumulate=True)
-        batch, length, heads, rounds = layout.shape
-        per_round = per_round.view(batch, length, heads, rounds, width)
-        return per_round.sum(dim=3) if rounds > 1 else per_round.view(batch, length, heads, width), None
+            copy_rows = layout.slot_rows.index_select(0, layout.copy_slots).div_(rounds, rounding_mode="floor")
+            grad_rows.index_put_((copy_rows,), grad_slots.index_select(0, layout.copy_slots), accumulate=True)
+        return grad_rows.view(batch, length, heads, -1), None
 
 
 class _FromWindows(torch.autograd.Function):
-    """(T', C, E) window layout -> (B, L, H, R, E) rows; backward puts gradients back in slot order."""
+    """(T', C, E) window layout -> (B, L, H, E) rows, rounds merged by softmax of their log-sum-exp.
+
+    Forward is one weighted gather-and-sum (``embedding_bag``); backward gathers the row gradient
+    back to every slot and scales it by the slot's round weight.
+    """
 
     @staticmethod
-    def forward(ctx, slots: Tensor, layout: WindowLayout) -> Tensor:
-        ctx.layout = layout
+    def forward(ctx, slots: Tensor, logsumexp: Tensor | None, layout: WindowLayout) -> Tensor:
+        batch, length, heads, rounds = layout.shape
         width = slots.shape[-1]
-        return slots.reshape(-1, width).index_select(0, layout.undo_rows).view(*layout.shape, width)
+        slots = slots.reshape(-1, width)
+        bags = layout.undo_rows.view(-1, rounds)  # (B*L*H, R): the slot of every round of every row
+        weights = None
+        if rounds > 1:
+            weights = torch.softmax(logsumexp.reshape(-1)[bags], dim=-1)  # (B*L*H, R)
+            rows = nn.functional.embedding_bag(bags, slots, mode="sum", per_sample_weights=weights)
+        else:
+            rows = slots.index_select(0, layout.undo_rows)
+        ctx.layout = layout
+        ctx.save_for_backward(slots, weights)
+        return rows.view(batch, length, heads, width)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         layout = ctx.layout
+        slots, weights = ctx.saved_tensors
+        rounds = layout.shape[3]
         width = grad.shape[-1]
-        grad_slots = grad.reshape(-1, width).index_select(0, layout.slot_rows)  # (T'*C, E)
+        slot_rows = layout.slot_rows if rounds == 1 else layout.slot_rows.div(rounds, rounding_mode="floor")
+        grad_slots = grad.reshape(-1, width).index_select(0, slot_rows)  # (T'*C, E)
+        grad_logsumexp = None
+        if rounds > 1:
+            # d out / d w_r = slot_r; weights are a softmax of the rounds' log-sum-exp.
+            grad_weights = torch.einsum("se,se->s", grad_slots, slots)  # per slot
+            grad_weights = grad_weights[layout.undo_rows].view(-1, rounds)  # (B*L*H, R)
+            grad_lse_rows = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+            grad_logsumexp = grad_lse_rows.view(-1)[layout.slot_rows].view(-1, layout.chunk_length)
+            grad_slots.mul_(weights.view(-1)[layout.slot_rows].unsqueeze(-1))
         grad_slots[layout.copy_slots] = 0  # wrap copies are never read as outputs
-        return grad_slots.view(-1, layout.chunk_length, width), None
+        if grad_logsumexp is not None:
+            grad_logsumexp.view(-1)[layout.copy_slots] = 0
+        return grad_slots.view(-1, layout.chunk_length, width), grad_logsumexp, None
 
 
 def to_windows(rows: Tensor, layout: WindowLayout) -> Tensor:
@@ -172,9 +198,15 @@ def to_windows(rows: Tensor, layout: WindowLayout) -> Tensor:
     return _ToWindows.apply(rows, layout)
 
 
-def from_windows(slots: Tensor, layout: WindowLayout) -> Tensor:
-    """Window-layout slots (T', C, E) read back in original order, (B, L, H, R, E)."""
-    return _FromWindows.apply(slots, layout)
+def from_windows(slots: Tensor, layout: WindowLayout, logsumexp: Tensor | None = None) -> Tensor:
+    """Window-layout slots (T', C, E) read back in original order, (B, L, H, E).
+
+    With several rounds, each row is the softmax(``logsumexp``)-weighted sum of its rounds'
+    slots (``logsumexp`` (T', C) as returned by ``window_attention``); see ``merge_rounds``.
+    """
+    if layout.shape[3] > 1 and logsumexp is None:
+        raise ValueError("from_windows needs the log-sum-exp of every slot to merge several rounds")
+    return _FromWindows.apply(slots, logsumexp, layout)
 
 
 def window_key_ranks(layout: WindowLayout, key_mask: Tensor | None) -> Tensor | None:
@@ -241,12 +273,18 @@ def _fill_block_masks(scores: Tensor, positions: Tensor, key_ranks: Tensor | Non
         scores.masked_fill_(query_positions[:, :, None] == key_positions[:, None, :], self_mask_value)
 
 
+# exp is clamped from below at this value: a weight e^-87 ~ 1.6e-38 is nothing next to the row
+# maximum's weight 1, and exp's vectorised kernels fall to a path ~10x slower for inputs whose
+# result would underflow, which every masked score (-1e9 - max) is.
+EXP_FLOOR = -87.0
+
+
 def _softmax_over_blocks_(scores: Tensor) -> Tensor:
     """In-place softmax over the (J, C) keys of every query row of (J, T'', C, C); returns the lse (T'', C)."""
     row_max = scores[0].amax(dim=-1)
     for block in scores[1:]:
         torch.maximum(row_max, block.amax(dim=-1), out=row_max)
-    scores.sub_(row_max[None, :, :, None]).exp_()
+    scores.sub_(row_max[None, :, :, None]).clamp_(min=EXP_FLOOR).exp_()
     row_sum = scores.sum(dim=(0, 3))
     scores.div_(row_sum[None, :, :, None])
     return row_max.add_(row_sum.log_())

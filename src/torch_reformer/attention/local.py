@@ -71,7 +71,7 @@ def local_attention(
         before=layout.before, after=layout.after, causal=causal, self_mask=False,
         dropout=dropout, training=training,
     )
-    return from_windows(out, layout).squeeze(3).transpose(1, 2)  # (B, H, L, D)
+    return from_windows(out, layout).transpose(1, 2)  # (B, H, L, D)
 
 
 def local_decode_attention(

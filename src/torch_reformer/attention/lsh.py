@@ -66,11 +66,7 @@ def _attend_in_layout(
         before=layout.before, after=layout.after, causal=causal, self_mask=True,
         dropout=dropout, training=training,
     )  # (T', C, D), (T', C)
-    per_round = from_windows(out, layout)  # (B, L, H, R, D)
-    if layout.shape[3] == 1:
-        return per_round.squeeze(3).transpose(1, 2)
-    round_logsumexp = from_windows(logsumexp.unsqueeze(-1), layout).squeeze(-1)  # (B, L, H, R)
-    return merge_rounds(per_round, round_logsumexp).transpose(1, 2)  # (B, H, L, D)
+    return from_windows(out, layout, logsumexp).transpose(1, 2)  # (B, H, L, D)
 
 
 def shared_qk_attention(
