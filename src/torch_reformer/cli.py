@@ -204,7 +204,11 @@ def _run_train(args) -> int:
         lsh = f", {config.num_hashes} hash round(s)" if "lsh" in config.attn_layers else ""
         print(f"training {model.num_parameters:,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "
               f"{dataset.describe()['task']} data, seq-len {dataset.seq_len}, into {out_dir}", flush=True)
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if trainer.context.is_main:
         key = "eval_accuracy" if "eval_accuracy" in metrics else "eval_bpc"
         print(f"done: step {metrics['step']}, eval_loss {metrics.get('eval_loss', float('nan')):.4f}, "
