@@ -215,3 +215,30 @@ def test_nan_loss_gives_one_line_error(tmp_path, capsys):
     assert_one_line_error(code, err)
     assert "diverged" in err
     assert json.loads((tmp_path / "nan" / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_convert_round_trips_through_hf_format(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from torch_reformer.model import ReformerLM
+
+    config = ReformerConfig.from_preset("tiny", is_decoder=True)
+    model = ReformerLM(config).eval()
+    model.save_pretrained(tmp_path / "ours")
+    code, out, err = run(["convert", str(tmp_path / "ours"), str(tmp_path / "hf")], capsys)
+    assert code == 0 and "-> ReformerModelWithLMHead" in out, err
+    code, out, err = run(["convert", str(tmp_path / "hf"), str(tmp_path / "back")], capsys)
+    assert code == 0 and "-> ReformerLM" in out, err
+    back = ReformerLM.from_pretrained(tmp_path / "back")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    code, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err)
+
+
+def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):
+    import torch_reformer.bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["bench", "--help-like", "memory"]) == 0
+    assert seen == [["--help-like", "memory"]]

@@ -363,13 +363,53 @@ def _run_tokenizer_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- convert
+
+
+def _add_convert(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "convert", help="convert a checkpoint between Hugging Face and torch-reformer",
+        description="Convert a folder saved by transformers' save_pretrained into ours, or ours into HF's. "
+                    "The direction is read from SRC/config.json.",
+    )
+    parser.add_argument("src", metavar="SRC", help="folder holding config.json and the weights")
+    parser.add_argument("dst", metavar="DST", help="folder to write (created; must differ from SRC)")
+    parser.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .interop.hf import convert_checkpoint
+
+    done = convert_checkpoint(args.src, args.dst)
+    print(f"converted {done.source_format} {done.source_architecture} -> {done.target_architecture} in {args.dst}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _add_bench(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "bench", add_help=False, help="memory, speed and quality benchmarks against the peers",
+        description="Run `reformer bench --help` for the benchmark options.",
+    )
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:  # reached only through build_parser().parse_args: main() forwards `bench` itself
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 # ------------------------------------------------------------------------------------------------- main
 
-SUBCOMMANDS = [_add_train, _add_generate, _add_tokenizer]
+SUBCOMMANDS = [_add_train, _add_generate, _add_tokenizer, _add_convert, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="reformer", description="Reformer language models: train and generate.")
+    parser = _ArgumentParser(prog="reformer", description="Reformer language models: train, generate, convert and benchmark.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subcommands)
@@ -382,6 +422,11 @@ def _one_line(text: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``reformer`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser, options included (argparse cannot forward them)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .training import TrainingDiverged
 
