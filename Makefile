@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
+# The built-in default: the duplication task with a small LSH model. runs/demo belongs to the demo
+# and is started afresh each time (train into your own --out folder to keep runs).
 demo: $(STAMP)
-	$(VENV)/bin/reformer train
+	rm -rf runs/demo
+	$(VENV)/bin/reformer train --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest
