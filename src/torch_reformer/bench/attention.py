@@ -9,13 +9,15 @@ Layers (hidden 256 = 4 heads x 64, batch 1, causal, chunk 64, one chunk back, no
 LSH layers run with each of ``--hashes``. A step is ``layer(x).sum().backward()`` with ``x``
 (1, L, 256) requiring grad, gradients set to None before each step.
 
-Every configuration runs in a fresh subprocess. Memory: peak RSS (``resource.getrusage``
-maxrss) minus the RSS after building the layer and the input and materialising every weight's
-gradient, i.e. what the step itself adds. Workers run with a fixed ``MALLOC_MMAP_THRESHOLD_``
-so freed large blocks go back to the system and RSS follows live memory. Time: median seconds
-per step after a warm-up (fewer steps at long lengths, where one step takes minutes).
-Configurations run interleaved (all layers at one length, then the next length) for
-``--rounds`` rounds and every figure is a median over rounds, because the CPU may be shared.
+Every measurement runs in a fresh subprocess. Time: median wall-clock seconds per step after a
+warm-up (fewer steps at long lengths, where one step takes minutes), and the process CPU time
+of the same steps (steadier than wall-clock when other work shares the cores), with glibc's
+default allocator settings, as users run. Configurations run interleaved (all layers at one
+length, then the next length) for ``--rounds`` rounds; every figure is a median over rounds.
+Memory: a separate one-step run per configuration with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
+freed large blocks go back to the system and RSS follows live memory; the figure is the peak
+RSS (``resource.getrusage`` maxrss) minus the RSS after building the layer and the input and
+materialising every weight's gradient, i.e. what the step itself adds.
 
 Run: ``python -m torch_reformer.bench.attention`` (``--help`` for options). It prints markdown
 tables and writes them to ``--out``. ``measure(config)`` runs one configuration in-process.
@@ -112,7 +114,7 @@ def timing_plan(length: int) -> tuple[int, int]:
 
 
 def measure(config: dict) -> dict:
-    """One configuration in this process: {"seconds": [...], "baseline_mib", "peak_mib", "activation_mib"}.
+    """One configuration in this process: {"seconds", "cpu_seconds" (lists), "baseline_mib", "peak_mib", "activation_mib"}.
 
     ``config`` holds ``impl``, ``length``, ``num_hashes`` and optionally ``threads``, ``warmup``,
     ``steps``.
@@ -128,17 +130,19 @@ def measure(config: dict) -> dict:
     baseline = max(current_rss(), peak_rss())
     warmup, steps = timing_plan(length)
     warmup, steps = config.get("warmup", warmup), config.get("steps", steps)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for step in range(warmup + steps):
         layer.zero_grad(set_to_none=True)
         x = base.clone().requires_grad_()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         layer(x).sum().backward()
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
         del x
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "baseline_mib": baseline / MIB,
         "peak_mib": peak_rss() / MIB,
         "activation_mib": (peak_rss() - baseline) / MIB,
@@ -176,25 +180,32 @@ def skip_reason(impl: str, length: int, args: argparse.Namespace) -> str | None:
     return None
 
 
-def run_all(args: argparse.Namespace) -> dict:
-    """Every (layer, hashes, length) for ``rounds`` rounds, interleaved per length."""
-    results: dict[tuple[str, int, int], list[dict]] = {}
+def run_all(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Every (layer, hashes, length): timing runs for ``rounds`` rounds, interleaved per length, and one
+    memory run in the first round. Returns (timing runs, memory run) per configuration."""
+    timings: dict[tuple[str, int, int], list[dict]] = {}
+    memory: dict[tuple[str, int, int], dict] = {}
     for round_index in range(args.rounds):
         for length in args.lengths:
             for impl, hashes in configurations(args):
-                runs = results.setdefault((impl, hashes, length), [])
+                key = (impl, hashes, length)
+                runs = timings.setdefault(key, [])
                 reason = skip_reason(impl, length, args)
                 if reason:
                     runs.append({"skipped": reason})
+                    memory[key] = {"skipped": reason}
                     continue
                 if round_index > 0 and length > args.single_round_above:
                     continue  # one round is all the time allows at this length
                 config = dict(impl=impl, length=length, num_hashes=max(hashes, 1), threads=args.threads)
-                result = run_subprocess(config, args.timeout, args.mmap_threshold)
-                runs.append(result)
-                print(f"round {round_index + 1} L={length:<7} {label(impl, hashes):<22} {brief(result)}",
+                runs.append(run_subprocess(config, args.timeout, 0))
+                print(f"round {round_index + 1} L={length:<7} {label(impl, hashes):<26} {brief(runs[-1])}",
                       file=sys.stderr, flush=True)
-    return results
+                if round_index == 0 and args.memory:
+                    memory[key] = run_subprocess({**config, "warmup": 0, "steps": 1}, args.timeout, args.mmap_threshold)
+                    print(f"memory  L={length:<7} {label(impl, hashes):<26} {brief(memory[key])}",
+                          file=sys.stderr, flush=True)
+    return timings, memory
 
 
 def label(impl: str, hashes: int) -> str:
@@ -206,75 +217,82 @@ def label(impl: str, hashes: int) -> str:
 def brief(result: dict) -> str:
     if "seconds" not in result:
         return result.get("error") or result.get("skipped", "")
-    return f"{statistics.median(result['seconds']):.3f} s/step, +{result['activation_mib']:.0f} MiB"
+    return (f"{statistics.median(result['seconds']):.3f} s/step (cpu {statistics.median(result['cpu_seconds']):.3f}), "
+            f"+{result['activation_mib']:.0f} MiB")
 
 
-def summarise(runs: list[dict]) -> dict | None:
+def summarise(runs: list[dict], memory_run: dict | None) -> dict | None:
     done = [run for run in runs if "seconds" in run]
     if not done:
         return None
-    return {
+    summary = {
         "seconds": statistics.median(statistics.median(run["seconds"]) for run in done),
-        "activation_mib": statistics.median(run["activation_mib"] for run in done),
-        "peak_mib": statistics.median(run["peak_mib"] for run in done),
+        "cpu_seconds": statistics.median(statistics.median(run["cpu_seconds"]) for run in done),
     }
+    if memory_run and "activation_mib" in memory_run:
+        summary["activation_mib"] = memory_run["activation_mib"]
+    return summary
 
 
 def _cell(summary: dict | None, runs: list[dict], key: str, fmt: str) -> str:
-    if summary is not None:
+    if summary is not None and key in summary:
         return format(summary[key], fmt)
     notes = [run.get("skipped") or run.get("error") for run in runs]
     return (notes[0] or "n/a") if notes else "n/a"
 
 
-def _ratio(numerator: dict | None, denominator: dict | None) -> str:
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> str:
     if numerator is None or denominator is None:
         return "n/a"
-    return f"{numerator['seconds'] / denominator['seconds']:.2f}x"
+    return f"{numerator[key] / denominator[key]:.2f}x"
 
 
-def markdown(args: argparse.Namespace, results: dict, command: str, load: tuple[str, str]) -> str:
-    summary = {key: summarise(runs) for key, runs in results.items()}
+def _table(title: str, columns: list, rows: list[str]) -> list[str]:
+    return ["", title, "", "| L | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|", *rows]
+
+
+def markdown(args: argparse.Namespace, timings: dict, memory: dict, command: str, load: tuple[str, str]) -> str:
+    summary = {key: summarise(runs, memory.get(key)) for key, runs in timings.items()}
     columns = configurations(args)
-    header = "| L | " + " | ".join(label(impl, hashes) for impl, hashes in columns) + " |"
-    rule = "|---" * (len(columns) + 1) + "|"
+    names = [label(impl, hashes) for impl, hashes in columns]
+
+    def rows(key: str, fmt: str, runs_of=lambda k: timings.get(k, [])) -> list[str]:
+        return [f"| {length} | " + " | ".join(_cell(summary.get((i, h, length)), runs_of((i, h, length)), key, fmt)
+                                          for i, h in columns) + " |" for length in args.lengths]
+
+    ratio_columns = [("full", 0, "lsh", 2, "full SDPA / ours LSH x2")]
+    for hashes in args.hashes:
+        for peer in ("hf", "reformer_pytorch"):
+            ratio_columns.append((peer, hashes, "lsh", hashes, f"{label(peer, hashes)} / ours LSH x{hashes}"))
+
+    def ratio_rows(key: str) -> list[str]:
+        return [f"| {length} | " + " | ".join(_ratio(summary.get((a, ah, length)), summary.get((b, bh, length)), key)
+                                          for a, ah, b, bh, _ in ratio_columns) + " |" for length in args.lengths]
+
     lines = [
         "# Attention layer alone: forward + backward vs length (CPU)",
         "",
         f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"{args.threads or torch.get_num_threads()} torch threads), {platform.platform()}",
+        f"{args.threads or torch.get_num_threads()} torch thread(s)), {platform.platform()}",
         f"- torch {torch.__version__}, float32; date {datetime.date.today().isoformat()}",
         f"- command: `{command}`",
         f"- load average at start / end: {load[0]} / {load[1]} (the cores are shared: compare ratios within this run)",
         f"- layer: hidden {HIDDEN} = {HEADS} heads x {HEAD_SIZE}, batch 1, causal, chunk {CHUNK} (one chunk back), "
         "automatic bucket count, no dropout; step = layer(x).sum().backward()",
-        f"- one fresh subprocess per configuration; {args.rounds} interleaved round(s) up to L = "
-        f"{args.single_round_above}, one above; warm-up/timed steps: 1/3 up to 4K, 1/2 up to 16K, 0/1 above; medians",
-        f"- memory = peak RSS minus RSS after building layer + input + zero gradients (what one step adds); "
-        f"workers run with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}",
-        "",
-        "## Seconds per step",
-        "",
-        header,
-        rule,
+        f"- one fresh subprocess per measurement; {args.rounds} interleaved timing round(s) up to L = "
+        f"{args.single_round_above}, one above; warm-up/timed steps: 1/3 up to 4K, 1/2 up to 16K, 0/1 above; "
+        "medians; default allocator settings",
+        f"- memory: one step in its own subprocess with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}; peak RSS minus "
+        "RSS after building layer + input + zero gradients (what one step adds)",
     ]
-    for length in args.lengths:
-        cells = [_cell(summary.get((i, h, length)), results.get((i, h, length), []), "seconds", ".3f") for i, h in columns]
-        lines.append(f"| {length} | " + " | ".join(cells) + " |")
-    lines += ["", "## Memory added by one step (MiB)", "", header, rule]
-    for length in args.lengths:
-        cells = [_cell(summary.get((i, h, length)), results.get((i, h, length), []), "activation_mib", ",.0f")
-                 for i, h in columns]
-        lines.append(f"| {length} | " + " | ".join(cells) + " |")
-    lines += ["", "## Time ratios (higher = ours faster)", ""]
-    ratio_columns = [("full", 0, "lsh", 2, "full SDPA / ours LSH x2")]
-    for hashes in args.hashes:
-        for peer in ("hf", "reformer_pytorch"):
-            ratio_columns.append((peer, hashes, "lsh", hashes, f"{label(peer, hashes)} / ours LSH x{hashes}"))
-    lines += ["| L | " + " | ".join(name for *_, name in ratio_columns) + " |", "|---" * (len(ratio_columns) + 1) + "|"]
-    for length in args.lengths:
-        cells = [_ratio(summary.get((a, ah, length)), summary.get((b, bh, length))) for a, ah, b, bh, _ in ratio_columns]
-        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    lines += _table("## Seconds per step (wall clock)", names, rows("seconds", ".3f"))
+    lines += _table("## CPU seconds per step (process time)", names, rows("cpu_seconds", ".3f"))
+    lines += _table("## Memory added by one step (MiB)", names,
+                    rows("activation_mib", ",.0f", lambda k: [memory[k]] if k in memory else []))
+    lines += _table("## Wall-clock ratios (higher = ours faster)", [name for *_, name in ratio_columns],
+                    ratio_rows("seconds"))
+    lines += _table("## CPU-time ratios (higher = ours faster)", [name for *_, name in ratio_columns],
+                    ratio_rows("cpu_seconds"))
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m torch_reformer.bench.attention",
         description="Forward+backward time and peak memory of the attention layer alone, ours vs the peers.",
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
     parser.add_argument("--hashes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--rounds", type=int, default=2)
@@ -300,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--mmap-threshold", type=int, default=131072,
-                        help="MALLOC_MMAP_THRESHOLD_ for the workers (0 leaves glibc's default)")
+                        help="MALLOC_MMAP_THRESHOLD_ for the memory runs (0 leaves glibc's default)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory runs")
     parser.add_argument("--out", default=DEFAULT_OUT, help="markdown file to write ('' for none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
@@ -313,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
     start_load = _load_average()
-    results = run_all(args)
-    text = markdown(args, results, "python -m torch_reformer.bench.attention " + shlex.join(argv),
+    timings, memory = run_all(args)
+    text = markdown(args, timings, memory, "python -m torch_reformer.bench.attention " + shlex.join(argv),
                     (start_load, _load_average()))
     print(text)
     if args.out:
