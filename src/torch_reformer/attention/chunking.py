@@ -65,11 +65,11 @@ class WindowLayout(NamedTuple):
     """Index tables that move rows between sequence order and the window layout.
 
     Sequence-order tensors are (B, L, H, E) ("rows", the natural layout of a projection
-    (B, L, H * E)) and, per round, (B, L, H, R, E).
+    (B, L, H * E)); every row has one slot per round.
     ``positions`` (T', C): original position of every slot (wrap copies included).
     ``gather_rows`` (T'*C,): row of the (B*L*H, E) input that fills each slot.
     ``undo_rows`` (B*L*H*R,): slot holding each (batch, position, head, round).
-    ``slot_rows`` (T'*C,): (batch, position, head, round) row of each slot (used by backward).
+    ``slot_rows`` (T'*C,): (batch, position, head, round) index of each slot (used by backward).
     ``copy_slots`` (G*(before+after)*C,): the slots that hold wrap copies.
     """
 
@@ -279,15 +279,18 @@ def _fill_block_masks(scores: Tensor, positions: Tensor, key_ranks: Tensor | Non
 EXP_FLOOR = -87.0
 
 
-def _softmax_over_blocks_(scores: Tensor) -> Tensor:
-    """In-place softmax over the (J, C) keys of every query row of (J, T'', C, C); returns the lse (T'', C)."""
+def _softmax_over_blocks_(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place softmax over the (J, C) keys of every query row of (J, T'', C, C).
+
+    Returns the row maximum and the log-sum-exp, each (T'', C).
+    """
     row_max = scores[0].amax(dim=-1)
     for block in scores[1:]:
         torch.maximum(row_max, block.amax(dim=-1), out=row_max)
     scores.sub_(row_max[None, :, :, None]).clamp_(min=EXP_FLOOR).exp_()
     row_sum = scores.sum(dim=(0, 3))
     scores.div_(row_sum[None, :, :, None])
-    return row_max.add_(row_sum.log_())
+    return row_max, row_max + row_sum.log_()
 
 
 def _accumulate_products(out: Tensor, blocks: Tensor, right: Tensor, spec: WindowSpec) -> None:
@@ -338,8 +341,12 @@ class _WindowAttention(torch.autograd.Function):
             key_block = keys[spec.before + offset : total - spec.after + offset]
             torch.bmm(queries[spec.before : total - spec.after], key_block.transpose(1, 2), out=scores[index])
             _fill_block_masks(scores[index], positions, key_ranks, offset, spec)
+        row_max, inner_logsumexp = _softmax_over_blocks_(scores)
         logsumexp = queries.new_zeros(total, chunk)
-        logsumexp[spec.before : total - spec.after] = _softmax_over_blocks_(scores)
+        logsumexp[spec.before : total - spec.after] = inner_logsumexp
+        # Rows that see no key (their maximum is a mask constant) are constants: no gradient.
+        mask_value, self_mask_value = mask_values(scores.dtype)
+        degenerate = row_max <= (self_mask_value if spec.self_mask else mask_value)  # (T'', C)
         probs, keep = scores, None
         if training and spec.dropout > 0:
             keep = torch.rand_like(scores) >= spec.dropout
@@ -347,12 +354,12 @@ class _WindowAttention(torch.autograd.Function):
         out = queries.new_empty(queries.shape)
         _accumulate_products(out, probs, values, spec)
         ctx.spec, ctx.shared = spec, shared
-        ctx.save_for_backward(queries, keys, values, scores, keep, out, logsumexp)
+        ctx.save_for_backward(queries, keys, values, scores, keep, out, degenerate)
         return out, logsumexp
 
     @staticmethod
     def backward(ctx, grad_out, grad_logsumexp):
-        queries, keys, values, probs, keep, out, logsumexp = ctx.saved_tensors
+        queries, keys, values, probs, keep, out, degenerate = ctx.saved_tensors
         spec = ctx.spec
         total = queries.shape[0]
         mid = slice(spec.before, total - spec.after)
@@ -371,9 +378,8 @@ class _WindowAttention(torch.autograd.Function):
             dropped = probs * keep / (1 - spec.dropout)
         grad_values = _transposed_products(dropped, grad_out, spec)
         grad_scores = grad_probs.sub_(shift[None, :, :, None]).mul_(probs)
-        # Masked scores are constants: their probabilities are exactly 0 unless every key of the
-        # row is masked; such rows (lse at the mask constants) get no gradient at all.
-        degenerate = logsumexp[mid] < mask_values(probs.dtype)[1] / 2
+        # Masked scores are constants. In a row that sees some key their probabilities are at most
+        # e^-87 (EXP_FLOOR), so their gradient is negligible; a row that sees no key gets none.
         grad_scores.masked_fill_(degenerate[None, :, :, None], 0)
         grad_queries = torch.empty_like(queries)
         _accumulate_products(grad_queries, grad_scores, keys, spec)
@@ -402,7 +408,7 @@ def window_attention(
     queries, values (T', C, D); keys (T', C, D), or None for shared-QK attention (keys are then
     ``normalize_keys(queries)``); positions and key_ranks (T', C) from ``WindowLayout`` and
     ``window_key_ranks``. Returns outputs (T', C, D) and the log-sum-exp of each query's scores
-    (T', C); rows of wrap copies hold zeros.
+    (T', C); the rows of wrap copies mean nothing (``from_windows`` never reads them).
     """
     spec = WindowSpec(before, after, causal, self_mask, float(dropout))
     return _WindowAttention.apply(
