@@ -222,21 +222,14 @@ def window_key_ranks(layout: WindowLayout, key_mask: Tensor | None) -> Tensor | 
     return torch.where(real, positions, length).view_as(layout.positions)
 
 
-def normalize_keys(qk: Tensor, epsilon: float = 1e-6) -> Tensor:
-    """Keys from shared qk vectors (…, D): x / sqrt(mean(x^2) + eps) / sqrt(D)."""
-    inverse_rms = torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + epsilon)
-    return qk * (inverse_rms / qk.shape[-1] ** 0.5)
-
-
 def _inverse_rms(qk: Tensor, epsilon: float) -> Tensor:
     """rsqrt(mean(x^2) + eps) over the last axis, (…, D) -> (…, 1), without an x^2 temporary."""
-    squared_norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).square_()
-    return squared_norm.div_(qk.shape[-1]).add_(epsilon).rsqrt_()
+    return torch.rsqrt(torch.linalg.vector_norm(qk, dim=-1, keepdim=True).square() / qk.shape[-1] + epsilon)
 
 
-def _normalize_keys_fused(qk: Tensor, epsilon: float = 1e-6) -> Tensor:
-    """``normalize_keys`` for use inside autograd Functions (fewer temporaries)."""
-    return qk * _inverse_rms(qk, epsilon).div_(qk.shape[-1] ** 0.5)
+def normalize_keys(qk: Tensor, epsilon: float = 1e-6) -> Tensor:
+    """Keys from shared qk vectors (…, D): x / sqrt(mean(x^2) + eps) / sqrt(D)."""
+    return qk * (_inverse_rms(qk, epsilon) / qk.shape[-1] ** 0.5)
 
 
 def _normalize_keys_backward(qk: Tensor, grad_keys: Tensor, epsilon: float = 1e-6) -> Tensor:
@@ -332,7 +325,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, values, positions, key_ranks, spec: WindowSpec, training: bool):
         shared = keys is None
-        keys = _normalize_keys_fused(queries) if shared else keys
+        keys = normalize_keys(queries) if shared else keys
         total, chunk, _ = queries.shape
         inner = total - spec.before - spec.after
         blocks = spec.before + 1 + spec.after

@@ -29,8 +29,8 @@ from torch_reformer.attention.chunking import (
     check_chunking,
     check_layer_sizes,
     from_windows,
-    merge_heads,
     mask_values,
+    merge_heads,
     merge_rounds,
     normalize_keys,
     pad_sequence,
@@ -49,7 +49,6 @@ from torch_reformer.attention.hashing import (
     hash_vectors,
     total_buckets,
 )
-
 from torch_reformer.reversible import saved_state
 
 
