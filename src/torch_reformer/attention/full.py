@@ -4,10 +4,10 @@ Legend: B batch, H heads, L length, D head dim.
 
 The baseline against which LSH and local attention are measured, and the right choice for
 short sequences. PyTorch picks its flash / memory-efficient kernels where it can, so without a
-padding mask no L x L tensor is built. With a padding mask, padded keys are hidden; a query
-that would see no key at all (a padding position before the first real token, or a row that
-is all padding) attends to itself instead of producing NaN. Causal attention with a padding
-mask needs a (B, 1, L, L) boolean mask.
+padding mask no L x L tensor is built. With a padding mask, padded keys are hidden. A query
+that would see no key at all gets a finite output instead of NaN: in causal attention a padding
+position before the first real token attends to itself; a row that is all padding attends to
+every position. Causal attention with a padding mask needs a (B, 1, L, L) boolean mask.
 """
 
 from __future__ import annotations
