@@ -45,7 +45,8 @@ def reference_local(queries, keys, values, counts, causal, key_mask):
 
 
 def naive_full(queries, keys, values, causal, key_mask):
-    """softmax(q k^T / sqrt(D)) v; a padded query that would see no key sees itself."""
+    """softmax(q k^T / sqrt(D)) v. A query that would see no key sees itself (causal) or, in a row
+    that is all padding, every key."""
     length = queries.shape[2]
     scores = queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[3])
     visible = torch.ones(queries.shape[0], 1, length, length, dtype=torch.bool)
@@ -53,7 +54,10 @@ def naive_full(queries, keys, values, causal, key_mask):
         visible &= torch.ones(length, length, dtype=torch.bool).tril()
     if key_mask is not None:
         visible &= key_mask[:, None, None, :]
-        visible |= torch.eye(length, dtype=torch.bool) & ~visible.any(-1, keepdim=True)
+        if causal:
+            visible |= torch.eye(length, dtype=torch.bool) & ~visible.any(-1, keepdim=True)
+        else:
+            visible |= ~key_mask.any(-1)[:, None, None, None]
     return torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1) @ values
 
 
@@ -140,8 +144,11 @@ def test_local_matches_hf(causal, before, after, length):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 def test_full_equals_naive_softmax_attention(causal, padded):
-    queries, keys, values = qkv(2, 3, 19, 8)
-    key_mask = left_and_right_padding(2, 19) if padded else None
+    queries, keys, values = qkv(3, 3, 19, 8)
+    key_mask = None
+    if padded:
+        key_mask = left_and_right_padding(3, 19)
+        key_mask[1] = False  # a row that is all padding
     out = full_attention(queries, keys, values, causal=causal, key_mask=key_mask)
     expected = naive_full(queries, keys, values, causal, key_mask)
     assert torch.allclose(out, expected, atol=1e-12)
