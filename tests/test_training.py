@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_reformer import data, training
+from torch_reformer import checkpoints, data, training
 from torch_reformer.config import ReformerConfig
 from torch_reformer.model import ReformerLM
 from torch_reformer.serialization import CheckpointError
@@ -160,7 +160,7 @@ def test_checkpoints_are_complete_pruned_and_verified(tmp_path):
     assert seen == [2, 4, 6]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-6"]
     newest = tmp_path / "checkpoints" / "step-6"
-    state = training.verify_checkpoint(newest)
+    state = checkpoints.verify_checkpoint(newest)
     assert state["step"] == 6 and state["world_size"] == 1
     assert {"config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
             "trainer_state.json", "manifest.json"} == {p.name for p in newest.iterdir()}
@@ -178,28 +178,28 @@ def test_corrupt_checkpoint_is_reported_and_resume_falls_back(tmp_path):
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
     with pytest.raises(CheckpointError, match="truncated"):
-        training.verify_checkpoint(newest)
+        checkpoints.verify_checkpoint(newest)
     optimizer_file = tmp_path / "checkpoints" / "step-4" / "optimizer.safetensors"
     blob = bytearray(optimizer_file.read_bytes())
     blob[-1] ^= 0xFF  # same size, damaged content
     optimizer_file.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="checksum"):
-        training.verify_checkpoint(optimizer_file.parent)
+        checkpoints.verify_checkpoint(optimizer_file.parent)
     with pytest.warns(UserWarning, match="trying an older checkpoint"):
-        assert training.newest_valid_checkpoint(tmp_path / "checkpoints").name == "step-2"
+        assert checkpoints.newest_valid_checkpoint(tmp_path / "checkpoints").name == "step-2"
     trainer = Trainer(tiny_model(seed=5), tiny_args(tmp_path, steps=8, resume=True), data.DuplicationTask(16, 16),
                       reporter=quiet())
     with pytest.warns(UserWarning):
         trainer.train()
-    assert training.verify_checkpoint(tmp_path / "checkpoints" / "step-8")["step"] == 8
+    assert checkpoints.verify_checkpoint(tmp_path / "checkpoints" / "step-8")["step"] == 8
     steps_logged = [int(row["step"]) for row in read_csv(tmp_path / "log.csv")]
     assert steps_logged == list(range(1, 9))  # rows after step 2 were logged again, once
     # The damaged step-4 and step-6 were dropped when the run continued from step 2.
-    assert [p.name for p in training.list_checkpoints(tmp_path / "checkpoints")] == ["step-8", "step-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-8", "step-2"]
     (tmp_path / "checkpoints" / "step-8" / "manifest.json").unlink()
     (tmp_path / "checkpoints" / "step-2" / "rng.safetensors").unlink()
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
-        training.newest_valid_checkpoint(tmp_path / "checkpoints")
+        checkpoints.newest_valid_checkpoint(tmp_path / "checkpoints")
 
 
 def test_resume_warns_when_the_data_order_cannot_continue(tmp_path):
@@ -281,7 +281,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                       reporter=quiet())
     with pytest.raises(training.TrainingDiverged, match="step 5.*step-4"):
         trainer.train()
-    assert [p.name for p in training.list_checkpoints(tmp_path / "checkpoints")] == ["step-4", "step-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-4", "step-2"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     saved = ReformerLM.from_pretrained(tmp_path / "checkpoints" / "step-4").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # step 5 never updated

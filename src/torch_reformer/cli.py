@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 import warnings
@@ -277,7 +276,7 @@ def _add_generate(subcommands) -> None:
 
 def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """(model folder, run folder) for a run folder or a checkpoint/model folder."""
-    from .training import CHECKPOINT_DIR, MANIFEST, newest_valid_checkpoint, verify_checkpoint
+    from .checkpoints import CHECKPOINT_DIR, MANIFEST, newest_valid_checkpoint, verify_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
