@@ -10,6 +10,8 @@ from .attention.full import FullSelfAttention
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
 from .config import ReformerConfig
+from .data import DuplicationTask, byte_text_dataset
+from .generation import generate
 from .layers import AxialPositionalEmbedding, ChunkedFeedForward, LearnedPositionalEmbedding
 from .model import (
     ReformerForMaskedLM,
@@ -26,12 +28,14 @@ from .reversible import (
     saved_state,
 )
 from .serialization import CheckpointError
+from .training import Trainer, TrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AxialPositionalEmbedding",
     "CheckpointError",
+    "DuplicationTask",
     "ChunkedFeedForward",
     "FullSelfAttention",
     "LSHSelfAttention",
@@ -44,9 +48,13 @@ __all__ = [
     "ReformerModel",
     "ReformerOutput",
     "ReversibleSequential",
+    "Trainer",
+    "TrainingArguments",
     "additive_coupling_forward",
     "additive_coupling_inverse",
+    "byte_text_dataset",
     "combinators",
+    "generate",
     "is_recomputing",
     "saved_state",
 ]
