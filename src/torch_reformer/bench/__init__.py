@@ -36,8 +36,8 @@ FULL = Profile(
     speed_lengths=[1024, 4096, 16384, 65536],
     attention_lengths=[1024, 4096, 16384, 65536],
     generation_contexts=[1024, 4096], generation_new_tokens=32,
-    duplication=dict(length=256, vocab=64, steps=1200, batch=16, lr=1e-3, hidden=256, heads=4, chunk=32, eval_size=128),
-    bpc=dict(seq_len=512, steps=300, batch=8, lr=1e-3, hidden=128, layers=2, heads=4, chunk=64,
+    duplication=dict(length=256, vocab=64, steps=300, batch=16, lr=3e-3, hidden=256, heads=4, chunk=32, eval_size=256),
+    bpc=dict(seq_len=512, steps=500, batch=8, lr=2e-3, hidden=128, layers=2, heads=4, chunk=64,
              corpus_bytes=4_000_000, eval_size=64),
     timeout_s=900.0, long_timeout_s=2400.0,
 )
@@ -53,7 +53,7 @@ QUICK = Profile(
     speed_lengths=[2048],
     attention_lengths=[1024],
     generation_contexts=[256], generation_new_tokens=8,
-    duplication=dict(length=32, vocab=16, steps=30, batch=8, lr=1e-3, hidden=64, heads=4, chunk=8, eval_size=32),
+    duplication=dict(length=64, vocab=16, steps=40, batch=8, lr=3e-3, hidden=64, heads=4, chunk=8, eval_size=32),
     bpc=dict(seq_len=128, steps=20, batch=4, lr=1e-3, hidden=64, layers=2, heads=4, chunk=32,
              corpus_bytes=300_000, eval_size=8),
     timeout_s=120.0, long_timeout_s=240.0,
@@ -100,6 +100,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                              "memory available at start; CPU only)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads in every configuration (default: torch's own choice)")
+    parser.add_argument("--mmap-threshold", type=int, default=131072, metavar="BYTES",
+                        help="glibc MALLOC_MMAP_THRESHOLD_ of the memory suite's configurations, so resident "
+                             "memory follows live memory (0: glibc's dynamic default)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, metavar="X",
                         help="multiply every per-configuration time limit by X")
     return parser
@@ -115,7 +118,7 @@ def make_profile(args: argparse.Namespace) -> Profile:
     if args.series:
         series = {key.strip() for key in args.series.split(",") if key.strip()}
     return replace(base, device=args.device, dtype=args.dtype, experiments=experiments, series=series,
-                   threads=args.threads,
+                   threads=args.threads, mmap_threshold=args.mmap_threshold,
                    timeout_s=base.timeout_s * args.timeout_scale, long_timeout_s=base.long_timeout_s * args.timeout_scale)
 
 
@@ -146,7 +149,10 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
     from .peers import is_installed
     from .report import environment, experiment_record, write_json, write_reports
 
-    env = environment(profile.device, profile.dtype, command, profile.threads)
+    child_env = {}
+    if suite == "memory" and profile.mmap_threshold:
+        child_env["MALLOC_MMAP_THRESHOLD_"] = str(profile.mmap_threshold)
+    env = environment(profile.device, profile.dtype, command, profile.threads, child_env)
     record = results["suites"].setdefault(suite, {"experiments": {}})
     for experiment in _suite_module(suite).plan(profile):
         planned_keys = [series.key for series in experiment.series]
@@ -168,7 +174,7 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
                 log(f"[{suite}] {experiment.key} | {series.label} | {point.x}: {_describe(result)}", flush=True)
 
             run_series(series, lambda spec: run_spec({**spec, "threads": profile.threads}, experiment.timeout_s,
-                                                     memory_cap_bytes), on_result, experiment.timeout_s)
+                                                     memory_cap_bytes, child_env), on_result, experiment.timeout_s)
         write_reports(out_dir, results)
 
 

@@ -20,8 +20,10 @@ Measurements, made inside the child (``Meter``):
 - time: wall clock around each step (``time.perf_counter``; CUDA events on a GPU), the median of
   ``steps`` steps after ``warmup`` untimed ones (``seconds``; every sample in ``all_seconds``).
 
-A series (lengths or depths in increasing order) stops growing at its first "OOM" or "timeout":
-the larger points are recorded as "not run" with the reason.
+A series (lengths or depths in increasing order) stops growing at its first "OOM" or "timeout", or
+before a point whose time, extrapolated from the previous point (``Series.time_exponent``: 1 for
+linear, 2 for full attention), would pass the time limit: the larger points are recorded as
+"not run" with the reason.
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ class Profile:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch.set_num_threads in every child; None: torch's default
+    # glibc MALLOC_MMAP_THRESHOLD_ for the memory suite's children (0: glibc's dynamic default); see
+    # ``memory`` for why.
+    mmap_threshold: int = 131072
 
     def wants(self, key: str) -> bool:
         return self.experiments is None or key in self.experiments
@@ -180,16 +185,17 @@ def _classify_failure(returncode: int, stderr: str) -> dict:
     return {"status": "error", "detail": last[:300]}
 
 
-def run_spec(spec: dict, timeout_s: float, memory_cap_bytes: int | None) -> dict:
+def run_spec(spec: dict, timeout_s: float, memory_cap_bytes: int | None, env: dict | None = None) -> dict:
     """Run ``spec`` in a fresh Python process; return its result dict (always one, never raises).
 
     The child is killed after ``timeout_s`` seconds ("timeout") or when its resident memory passes
-    ``memory_cap_bytes`` ("OOM"). ``wall_seconds`` is the child's whole life, imports included.
+    ``memory_cap_bytes`` ("OOM"). ``env`` adds environment variables for the child (e.g. glibc's
+    ``MALLOC_MMAP_THRESHOLD_``). ``wall_seconds`` is the child's whole life, imports included.
     """
     command = [sys.executable, "-m", "torch_reformer.bench.harness", json.dumps(spec)]
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})
         verdict, max_rss = None, 0
         while child.poll() is None:
             elapsed = time.monotonic() - started

@@ -70,7 +70,8 @@ def _source_revision() -> str | None:
     return described.stdout.strip() or None
 
 
-def environment(device: str, dtype: str, command: str, threads: int | None = None) -> dict:
+def environment(device: str, dtype: str, command: str, threads: int | None = None,
+                child_env: dict | None = None) -> dict:
     """What produced a set of results: machine, processor(s), dtype, torch version, threads, date, command."""
     import torch
 
@@ -87,6 +88,7 @@ def environment(device: str, dtype: str, command: str, threads: int | None = Non
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": _source_revision(),
+        "child_env": dict(child_env or {}),
         "command": command,
     }
 
@@ -104,10 +106,12 @@ def machine_slug(device: str) -> str:
 
 def environment_lines(env: dict) -> list[str]:
     processor = env["cpu"] + (f"; GPU {env['gpu']}" if env.get("gpu") else "")
+    allocator = " ".join(f"{k}={v}" for k, v in (env.get("child_env") or {}).items())
     return [
         f"Machine `{env['machine']}` ({processor}), device {env['device']}, dtype {env['dtype']}, "
         f"torch {env['torch']} ({env.get('threads', '?')} threads), Python {env['python']}, {env['date']}"
-        + (f", code at {env['revision']}." if env.get("revision") else "."),
+        + (f", code at {env['revision']}" if env.get("revision") else "")
+        + (f", children run with {allocator}." if allocator else ", glibc's default allocator settings."),
         f"Command: `{env['command']}`",
     ]
 

@@ -20,6 +20,7 @@ import inspect
 
 from .harness import Experiment, Meter, NotAvailable, Point, Profile, Series, View
 from .memory import MODEL_NOTE, lineup, model_config
+from .peers import precision
 
 SPEED_VIEWS = [
     View("seconds", "seconds per training step"),
@@ -132,10 +133,11 @@ def generation_task(spec: dict) -> dict:
     if "use_cache" not in inspect.signature(importlib.import_module("torch_reformer.generation").generate).parameters:
         raise NotAvailable("generate() has no use_cache option in this version of torch_reformer")
     torch.manual_seed(spec.get("seed", 0))
-    model = ReformerLM(ReformerConfig(**spec["config"])).to(spec["device"]).eval()
-    prompt = torch.randint(0, spec["config"]["vocab_size"], (1, spec["length"]), device=spec["device"])
-    meter = Meter(spec["device"])
-    with torch.no_grad():
+    device = spec.get("device", "cpu")
+    model = ReformerLM(ReformerConfig(**spec["config"])).to(device).eval()
+    prompt = torch.randint(0, spec["config"]["vocab_size"], (1, spec["length"]), device=device)
+    meter = Meter(device)
+    with torch.no_grad(), precision(spec):
         model.generate(prompt, max_new_tokens=1, use_cache=spec["use_cache"])
         baseline = meter.baseline()
         seconds = meter.seconds(lambda: model.generate(prompt, max_new_tokens=spec["new_tokens"],
