@@ -282,13 +282,15 @@ def markdown(args: argparse.Namespace, timings: dict, memory: dict, command: str
         f"- one fresh subprocess per measurement; {args.rounds} interleaved timing round(s) up to L = "
         f"{args.single_round_above}, one above; warm-up/timed steps: 1/3 up to 4K, 1/2 up to 16K, 0/1 above; "
         "medians; default allocator settings",
-        f"- memory: one step in its own subprocess with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}; peak RSS minus "
-        "RSS after building layer + input + zero gradients (what one step adds)",
     ]
+    if args.memory:
+        lines.append(f"- memory: one step in its own subprocess with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}; "
+                     "peak RSS minus RSS after building layer + input + zero gradients (what one step adds)")
     lines += _table("## Seconds per step (wall clock)", names, rows("seconds", ".3f"))
     lines += _table("## CPU seconds per step (process time)", names, rows("cpu_seconds", ".3f"))
-    lines += _table("## Memory added by one step (MiB)", names,
-                    rows("activation_mib", ",.0f", lambda k: [memory[k]] if k in memory else []))
+    if args.memory:
+        lines += _table("## Memory added by one step (MiB)", names,
+                        rows("activation_mib", ",.0f", lambda k: [memory[k]] if k in memory else []))
     lines += _table("## Wall-clock ratios (higher = ours faster)", [name for *_, name in ratio_columns],
                     ratio_rows("seconds"))
     lines += _table("## CPU-time ratios (higher = ours faster)", [name for *_, name in ratio_columns],
