@@ -39,12 +39,14 @@ tensor of the same shape, split in two equal halves along ``split_dim``.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .block_state import BlockCallState, activated
+from .block_state import is_recomputing, saved_state  # noqa: F401 - part of the engine's API
 
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 
@@ -59,77 +61,6 @@ def additive_coupling_forward(other_stream: Tensor, fn_out: Tensor) -> Tensor:
 def additive_coupling_inverse(output: Tensor, fn_out: Tensor) -> Tensor:
     """Inverse of the RevNet coupling: ``x = y - f``."""
     return output - fn_out
-
-
-# --------------------------------------------------------------------------------------
-# Per-block-call scratch state
-# --------------------------------------------------------------------------------------
-
-
-class _BlockCallState:
-    """Scratch dicts of one block call, one per owner, plus whether the call is a rerun."""
-
-    __slots__ = ("by_owner", "recomputing", "calls")
-
-    def __init__(self) -> None:
-        self.by_owner: dict[int, tuple[object, dict]] = {}  # id(owner) -> (owner, scratch)
-        self.recomputing = False
-        self.calls = 0
-
-    def scratch_for(self, owner: object) -> dict:
-        entry = self.by_owner.get(id(owner))
-        if entry is None:
-            # The owner is kept in the entry so its id cannot be reused while the state lives.
-            entry = (owner, {})
-            self.by_owner[id(owner)] = entry
-        return entry[1]
-
-
-_thread_local = threading.local()
-
-
-def _active_states() -> list[_BlockCallState]:
-    states = getattr(_thread_local, "states", None)
-    if states is None:
-        states = _thread_local.states = []
-    return states
-
-
-@contextlib.contextmanager
-def _activated(state: _BlockCallState, recomputing: bool) -> Iterator[None]:
-    states = _active_states()
-    state.recomputing = recomputing
-    states.append(state)
-    try:
-        yield
-    finally:
-        states.pop()
-
-
-def saved_state(owner: object) -> dict | None:
-    """A scratch dict private to ``owner`` for the current block call, or None.
-
-    During the engine's forward a block (or any module nested inside it) may store
-    tensors in the dict; during the backward recomputation of the same block call the
-    same dict, with those entries, is returned. It is freed when that block's backward
-    step is done. There is one dict per owner per block call: a module called several
-    times inside one block shares it and must key its entries itself. Store small things
-    (bucket ids, seeds): a stored activation stays alive until the backward pass.
-
-    Returns None when not inside an engine block call that will be recomputed
-    (``memory_mode="autograd"``, inference under ``torch.no_grad``, or outside the
-    engine), so callers simply compute normally.
-    """
-    states = getattr(_thread_local, "states", None)
-    if not states:
-        return None
-    return states[-1].scratch_for(owner)
-
-
-def is_recomputing() -> bool:
-    """True while the engine re-runs a block in the backward pass."""
-    states = getattr(_thread_local, "states", None)
-    return bool(states) and states[-1].recomputing
 
 
 # --------------------------------------------------------------------------------------
@@ -153,7 +84,7 @@ class _CallRecord:
     def __init__(self, device: torch.device) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.state = _BlockCallState()
+        self.state = BlockCallState()
 
 
 @contextlib.contextmanager
@@ -197,7 +128,7 @@ def _replaying(
                 contexts.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             contexts.enter_context(torch.enable_grad())
             contexts.enter_context(_scratch_buffers(modules))
-            contexts.enter_context(_activated(record.state, recomputing=True))
+            contexts.enter_context(activated(record.state, recomputing=True))
             yield
     finally:
         # Put the global generators back where the caller's code left them.
@@ -508,7 +439,7 @@ class _ChainRun:
                 stack = step.forward(stack, self.block_kwargs, _invoke_plain)
                 continue
             record = self.records[k] = _CallRecord(self.device)
-            with _activated(record.state, recomputing=False):
+            with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, _invoke_plain)
         return stack
 
@@ -582,13 +513,13 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
     """Invoke a block under torch.utils.checkpoint with saved_state and buffer restoring."""
 
     def invoke(fn: Callable[..., object], *args: object) -> object:
-        state = _BlockCallState()
+        state = BlockCallState()
 
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
             state.calls += 1
             buffers = _scratch_buffers(modules) if recomputing else contextlib.nullcontext()
-            with buffers, _activated(state, recomputing):
+            with buffers, activated(state, recomputing):
                 return fn(*items)
 
         return checkpoint(call_with_state, *args, use_reentrant=False)

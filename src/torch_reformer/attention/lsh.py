@@ -49,7 +49,7 @@ from torch_reformer.attention.hashing import (
     hash_vectors,
     total_buckets,
 )
-from torch_reformer.reversible import saved_state
+from torch_reformer.block_state import saved_state
 
 
 def _attend_in_layout(
