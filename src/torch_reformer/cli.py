@@ -388,18 +388,12 @@ def _run_convert(args) -> int:
 
 
 def _add_bench(subcommands) -> None:
-    parser = subcommands.add_parser(
+    # Listed for `reformer --help` only: main() hands `reformer bench ...` to the benchmark's own
+    # parser before this one runs (argparse cannot forward options such as `--quick`).
+    subcommands.add_parser(
         "bench", add_help=False, help="memory, speed and quality benchmarks against the peers",
         description="Run `reformer bench --help` for the benchmark options.",
     )
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=_run_bench)
-
-
-def _run_bench(args) -> int:  # reached only through build_parser().parse_args: main() forwards `bench` itself
-    from .bench import main as bench_main
-
-    return bench_main(args.bench_args)
 
 
 # ------------------------------------------------------------------------------------------------- main
