@@ -21,10 +21,12 @@ from .model import (
     ReformerOutput,
 )
 from .reversible import (
+    MEMORY_MODES,
     ReversibleSequential,
     additive_coupling_forward,
     additive_coupling_inverse,
     is_recomputing,
+    reversible_forward,
     saved_state,
 )
 from .serialization import CheckpointError
@@ -33,6 +35,7 @@ from .training import Trainer, TrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "MEMORY_MODES",
     "AxialPositionalEmbedding",
     "CheckpointError",
     "DuplicationTask",
@@ -56,5 +59,6 @@ __all__ = [
     "combinators",
     "generate",
     "is_recomputing",
+    "reversible_forward",
     "saved_state",
 ]
