@@ -217,6 +217,8 @@ def run_spec(spec: dict, timeout_s: float, memory_cap_bytes: int | None, env: di
     if result is None:
         result = _classify_failure(child.returncode, stderr)
     result["wall_seconds"] = round(time.monotonic() - started, 3)
+    if hasattr(os, "getloadavg"):
+        result["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute load when it ended: contention marker
     if verdict is not None and max_rss:
         result["watched_rss_bytes"] = max_rss
     return result

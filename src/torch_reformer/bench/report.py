@@ -181,8 +181,6 @@ def status_text(point: dict) -> str:
     result = point.get("result")
     if result is None:
         return "pending"
-    if result["status"] == "not run":
-        return f"not run ({result.get('detail', '')})"
     return result["status"]
 
 
@@ -235,12 +233,16 @@ def _cells_table(experiment: dict) -> list[str]:
 
 
 def _failures(experiment: dict) -> list[str]:
+    """One line per configuration that failed, and per series the first one left out and why."""
     lines = []
     for series in experiment["series"]:
         for point in series["points"]:
             result = point.get("result") or {}
-            if result.get("status") in ("error", "not available", "OOM", "timeout") and result.get("detail"):
-                lines.append(f"- {series['label']}, {format_x(point['x'])}: {result['status']}: {result['detail']}")
+            status, detail = result.get("status"), result.get("detail")
+            if status in ("error", "not available", "OOM", "timeout", "not run") and detail:
+                lines.append(f"- {series['label']}, {format_x(point['x'])}: {status}: {detail}")
+            if status == "not run":
+                break  # the larger points were left out for the same reason
     return lines
 
 
