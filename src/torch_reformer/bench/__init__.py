@@ -32,7 +32,7 @@ FULL = Profile(
     inference_lengths=[1024, 4096, 16384, 65536, 262144],
     blog_lengths=[4096, 16384, 65536],
     blog_layers=[4, 8, 12], blog_layer_shape=(8, 512),
-    longest_lengths=[65536, 131072, 262144, 524288, 1048576, 2097152], longest_layers=6,
+    longest_lengths=[131072, 262144, 524288, 1048576, 2097152], longest_layers=6,
     speed_lengths=[1024, 4096, 16384, 65536],
     attention_lengths=[1024, 4096, 16384, 65536],
     generation_contexts=[1024, 4096], generation_new_tokens=32,

@@ -185,8 +185,11 @@ def status_text(point: dict) -> str:
 
 
 def format_cell(point: dict, metric: str) -> str:
+    """The metric's number, the status of a configuration that did not run, or "-" if it was not recorded."""
     value = metric_value(point, metric)
-    return status_text(point) if value is None else _number(value)
+    if value is not None:
+        return _number(value)
+    return "-" if (point.get("result") or {}).get("status") == "ok" else status_text(point)
 
 
 # ------------------------------------------------------------------------------------------ tables

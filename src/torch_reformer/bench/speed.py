@@ -22,10 +22,13 @@ from .harness import Experiment, Meter, NotAvailable, Point, Profile, Series, Vi
 from .memory import MODEL_NOTE, lineup, model_config
 from .peers import precision
 
+LOAD_VIEW = View("load_average", "1-minute load average when the configuration ended (2 cores: above about 2, "
+                                "other work shared the CPU and slowed the step)")
 SPEED_VIEWS = [
     View("seconds", "seconds per training step"),
     View("tokens_per_second", "tokens per second"),
     View("peak_mib", "peak memory (MiB)"),
+    LOAD_VIEW,
 ]
 SPEED_KEYS = ("ours-reversible", "ours-full-reversible", "ours-full-checkpoint", "hf", "reformer_pytorch")
 
@@ -75,7 +78,7 @@ def generation_speed(profile: Profile) -> Experiment:
         series.append(Series(label=label, key="cache" if use_cache else "no-cache", impl="ours", points=points))
     return Experiment(
         key="generation_speed", title=f"Greedy generation of {new_tokens} tokens after a prompt (batch 1)",
-        x_name="prompt length", series=series, views=[View("new_tokens_per_second", "new tokens per second")],
+        x_name="prompt length", series=series, views=[View("new_tokens_per_second", "new tokens per second"), LOAD_VIEW],
         notes=[MODEL_NOTE.split(";")[0] + "; axial positions sized to prompt + new tokens.",
                "Time of one generate() call after a 1-token warm-up call."],
         plot_metric=None, timeout_s=profile.timeout_s,
@@ -103,7 +106,7 @@ def attention_speed(profile: Profile) -> Experiment:
         key="attention_speed", title="The attention layer alone vs length (batch 1, hidden 256 = 4 heads x 64, causal)",
         x_name="sequence length", series=series,
         views=[View("seconds", "seconds for forward + backward"), View("forward_seconds", "seconds for the forward pass"),
-               View("activation_mib", "memory added by forward + backward (MiB)")],
+               View("activation_mib", "memory added by forward + backward (MiB)"), LOAD_VIEW],
         notes=["Layers and forward + backward measurement from the attention benchmark "
                "(torch_reformer.bench.attention: build_layer, measure): chunk 64, one chunk back, automatic bucket "
                "count, step = layer(x).sum().backward(), median after a warm-up (one cold step above 16K). The "
