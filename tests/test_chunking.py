@@ -1,4 +1,4 @@
-"""Sorting, the window layout, the chunked softmax core and the decoding cache, against plain definitions."""
+"""Sorting, the chunk layout, the sliced chunk-attention core and the decoding cache, against plain definitions."""
 
 import math
 
@@ -8,16 +8,13 @@ import torch
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
     AttentionCache,
-    from_windows,
+    chunk_layout,
+    chunked_attention,
     mask_values,
     merge_rounds,
     normalize_keys,
     pad_sequence,
     sort_by_bucket,
-    to_windows,
-    window_attention,
-    window_key_ranks,
-    window_layout,
 )
 
 
@@ -35,131 +32,125 @@ def test_sort_is_stable_by_bucket_then_position():
         assert sorted_positions[tuple(index)].tolist() == expected
 
 
-@pytest.mark.parametrize("before, after", [(1, 0), (0, 0), (2, 1), (3, 2)])
-def test_window_layout_places_each_chunk_after_its_wrapped_neighbours(before, after):
-    batch, heads, rounds, length, chunk = 2, 3, 2, 8, 4
+@pytest.mark.parametrize("before, after", [(1, 0), (0, 0), (2, 1)])
+def test_chunk_layout_indexes_rows_in_sorted_order(before, after):
+    batch, heads, rounds, length = 2, 3, 2, 8
     _, sorted_positions = random_sorted_positions(batch, heads, rounds, length)
-    layout = window_layout(sorted_positions, chunk, before, after)
-    num_chunks = rounds * length // chunk
-    slots = sorted_positions.reshape(batch * heads, num_chunks, chunk)
-    positions = layout.positions.view(batch * heads, num_chunks + before + after, chunk)
-    for layout_chunk in range(num_chunks + before + after):
-        source = (layout_chunk - before) % num_chunks
-        assert torch.equal(positions[:, layout_chunk], slots[:, source])
+    layout = chunk_layout(sorted_positions, 4, before, after)
+    assert layout.chunks_per_group == rounds * length // 4 and layout.shape == (batch, length, heads, rounds)
+    rows = torch.randn(batch, length, heads, 5)
+    gathered = rows.reshape(-1, 5)[layout.slot_rows].view(batch, heads, rounds, length, 5)
+    for b in range(batch):
+        for h in range(heads):
+            for r in range(rounds):
+                assert torch.equal(gathered[b, h, r], rows[b, sorted_positions[b, h, r], h])
+    assert torch.equal(layout.positions.view(batch, heads, rounds, length), sorted_positions)
+    with pytest.raises(ValueError, match="must divide"):
+        chunk_layout(sorted_positions, 3, before, after)
 
 
-def test_rows_go_to_windows_and_back():
-    batch, heads, rounds, length, width = 2, 3, 3, 8, 5
-    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length)
-    layout = window_layout(sorted_positions, 4, 1, 1)
-    rows = torch.randn(batch, length, heads, width, dtype=torch.float64)  # (B, L, H, E)
-    slots = to_windows(rows, layout)
-    gathered = rows.permute(0, 2, 1, 3).reshape(batch * heads, length, width)
-    positions = layout.positions.view(batch * heads, -1)
-    assert torch.equal(slots.view(batch * heads, -1, width), torch.stack([g[p] for g, p in zip(gathered, positions)]))
-    # Reading back merges the rounds: every round holds the same row, and the weights sum to 1.
-    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64)
-    assert torch.allclose(from_windows(slots, layout, logsumexp), rows)
-    with pytest.raises(ValueError, match="log-sum-exp"):
-        from_windows(slots, layout)
-
-
-def test_reading_back_weights_each_round_by_softmax_of_its_logsumexp():
-    batch, heads, rounds, length, width = 1, 2, 3, 8, 4
-    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=4)
-    layout = window_layout(sorted_positions, 4, 1, 0)
-    slots = torch.randn(layout.positions.shape[0], 4, width, dtype=torch.float64)
-    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64)
-    expected = torch.zeros(batch, length, heads, width, dtype=torch.float64)
-    num_chunks, groups = rounds * length // 4, batch * heads
-    for group in range(groups):
-        for r in range(rounds):
-            for position in range(length):
-                slot = (sorted_positions[0, group, r] == position).nonzero().item() + r * length + 4  # + 1 copy chunk
-                index = group * (num_chunks + 1) * 4 + slot
-                row_lse = []
-                for other in range(rounds):
-                    other_slot = (sorted_positions[0, group, other] == position).nonzero().item() + other * length + 4
-                    row_lse.append(logsumexp.view(-1)[group * (num_chunks + 1) * 4 + other_slot])
-                weight = torch.softmax(torch.stack(row_lse), 0)[r]
-                expected[0, position, group] += weight * slots.view(-1, width)[index]
-    assert torch.allclose(from_windows(slots, layout, logsumexp), expected)
-
-
-def test_gradients_of_the_permutations_are_their_definitions():
-    batch, heads, rounds, length, width = 1, 2, 2, 8, 3
-    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=1)
-    layout = window_layout(sorted_positions, 4, 2, 1)
-    rows = torch.randn(batch, length, heads, width, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: to_windows(x, layout), (rows,))
-    slots = torch.randn(to_windows(rows, layout).shape, dtype=torch.float64, requires_grad=True)
-    logsumexp = torch.randn(slots.shape[:2], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, lse: from_windows(x, layout, lse), (slots, logsumexp))
-
-
-def dense_window_reference(queries, keys, values, positions, key_ranks, before, after, causal, self_mask):
-    """Per chunk: scores against the concatenated neighbour chunks, masked by replacement, softmax."""
+def dense_reference(queries, keys, values, sorted_positions, chunk, before, after, *, causal, key_mask=None,
+                    key_scale=1.0):
+    """Loops over groups, rounds and chunks: scores against the concatenated wrapped neighbour
+    chunks, masked by replacement, softmax; rounds merged by ``merge_rounds``. (B, H, L, D)."""
+    shared = keys is None
     mask_value, self_mask_value = mask_values(queries.dtype)
-    total = queries.shape[0]
-    outs, lses = [], []
-    for chunk in range(before, total - after):
-        window = list(range(chunk - before, chunk + after + 1))
-        key_block, value_block = keys[window].flatten(0, 1), values[window].flatten(0, 1)
-        key_positions, query_positions = positions[window].flatten(), positions[chunk]
-        ranks = key_positions if key_ranks is None else key_ranks[window].flatten()
-        scores = queries[chunk] @ key_block.T
-        hidden = ranks[None, :] > (query_positions[:, None] if causal else key_positions[None, :])
-        scores = scores.masked_fill(hidden, mask_value)
-        if self_mask:
-            scores = scores.masked_fill(query_positions[:, None] == key_positions[None, :], self_mask_value)
-        outs.append(torch.softmax(scores, -1) @ value_block)
-        lses.append(torch.logsumexp(scores, -1))
-    return torch.stack(outs), torch.stack(lses)
+    batch, heads, rounds, length = sorted_positions.shape
+    per_group = rounds * length // chunk
+    out = torch.zeros_like(values)
+    for b in range(batch):
+        for h in range(heads):
+            order = sorted_positions[b, h].reshape(-1)  # (R*L,), rounds end to end
+            round_outs = torch.zeros(length, rounds, values.shape[-1], dtype=values.dtype)
+            round_lses = torch.zeros(length, rounds, dtype=values.dtype)
+            for t in range(per_group):
+                window = [(t + o) % per_group for o in range(-before, after + 1)]
+                key_pos = torch.cat([order[w * chunk:(w + 1) * chunk] for w in window])
+                query_pos = order[t * chunk:(t + 1) * chunk]
+                key_vectors = normalize_keys(queries[b, h, key_pos]) if shared else keys[b, h, key_pos]
+                scores = key_scale * queries[b, h, query_pos] @ key_vectors.T
+                ranks = key_pos.clone()
+                if key_mask is not None:
+                    ranks[~key_mask[b, key_pos]] = length
+                hidden = ranks[None, :] > (query_pos[:, None] if causal else key_pos[None, :])
+                scores = scores.masked_fill(hidden, mask_value)
+                if shared:
+                    scores = scores.masked_fill(query_pos[:, None] == key_pos[None, :], self_mask_value)
+                r = t * chunk // length
+                round_outs[query_pos, r] = torch.softmax(scores, -1) @ values[b, h, key_pos]
+                round_lses[query_pos, r] = torch.logsumexp(scores, -1)
+            out[b, h] = merge_rounds(round_outs, round_lses)
+    return out
 
 
-@pytest.mark.parametrize("causal, self_mask, padded", [(False, True, False), (True, True, True), (True, False, True)])
-def test_window_attention_equals_per_chunk_softmax(causal, self_mask, padded):
+CASES = [  # (rounds, chunk, before, after, causal, shared, padded)
+    (1, 4, 1, 0, True, False, False),
+    (1, 4, 1, 1, False, False, True),
+    (2, 4, 1, 0, True, True, True),
+    (3, 4, 2, 1, False, True, False),
+    (2, 12, 0, 0, False, True, True),  # one chunk per round: the exact path of short sequences
+    (1, 4, 3, 0, True, True, False),  # more neighbours than chunks: a chunk appears twice in its window
+]
+
+
+@pytest.mark.parametrize("rounds, chunk, before, after, causal, shared, padded", CASES)
+@pytest.mark.parametrize("chunks_per_slice", [1, 3, None])
+def test_chunked_attention_equals_the_dense_per_chunk_reference(
+    rounds, chunk, before, after, causal, shared, padded, chunks_per_slice
+):
     torch.manual_seed(0)
-    batch, heads, length, chunk, before, after = 1, 2, 12, 4, 1, 1
-    _, sorted_positions = random_sorted_positions(batch, heads, 2, length)
-    layout = window_layout(sorted_positions, chunk, before, after)
-    key_mask = torch.ones(batch, length, dtype=torch.bool)
-    key_mask[:, -3:] = not padded
-    ranks = window_key_ranks(layout, key_mask if padded else None)
-    shape = (layout.positions.shape[0], chunk, 5)
-    queries, values = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    keys = None if self_mask else torch.randn(shape, dtype=torch.float64)
-    out, lse = window_attention(
-        queries, keys, values, layout.positions, ranks, before=before, after=after, causal=causal, self_mask=self_mask
-    )
-    reference_keys = normalize_keys(queries) if keys is None else keys
-    expected_out, expected_lse = dense_window_reference(
-        queries, reference_keys, values, layout.positions, ranks, before, after, causal, self_mask
-    )
-    # The core computes every chunk of the flat layout that has all its neighbours, wrap copies included.
-    inner = slice(before, layout.positions.shape[0] - after)
-    assert torch.allclose(out[inner], expected_out, atol=1e-12)
-    assert torch.allclose(lse[inner], expected_lse, atol=1e-9)
+    batch, heads, length, width = 2, 2, 12, 5
+    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length)
+    layout = chunk_layout(sorted_positions, chunk, before, after)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, length, dtype=torch.bool)
+        key_mask[0, -3:] = False
+    queries, keys, values = (torch.randn(batch, heads, length, width, dtype=torch.float64) for _ in range(3))
+    keys = None if shared else keys
+    out = chunked_attention(queries, keys, values, layout, key_mask, causal=causal, self_mask=shared,
+                            key_scale=0.5 if not shared else 1.0, chunks_per_slice=chunks_per_slice)
+    expected = dense_reference(queries, keys, values, sorted_positions, chunk, before, after, causal=causal,
+                               key_mask=key_mask, key_scale=0.5 if not shared else 1.0)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-12)
 
 
-def test_window_attention_gradcheck_with_dropout_off_and_masks():
+@pytest.mark.parametrize("rounds, chunk, before, after, causal, shared, padded", CASES[:4])
+def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, before, after, causal, shared, padded):
     torch.manual_seed(1)
-    _, sorted_positions = random_sorted_positions(1, 1, 2, 8, seed=2)
-    layout = window_layout(sorted_positions, 4, 1, 0)
-    key_mask = torch.tensor([[True] * 6 + [False] * 2])
-    ranks = window_key_ranks(layout, key_mask)
-    shape = (layout.positions.shape[0], 4, 3)
-    tensors = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    batch, heads, length, width = 1, 2, 8, 3
+    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=2)
+    layout = chunk_layout(sorted_positions, chunk, before, after)
+    key_mask = torch.tensor([[True] * 6 + [False] * 2]) if padded else None
+    tensors = [torch.randn(batch, heads, length, width, dtype=torch.float64, requires_grad=True) for _ in range(3)]
 
-    def run(queries, keys, values, shared):
-        out, lse = window_attention(
-            queries, None if shared else keys, values, layout.positions, ranks,
-            before=1, after=0, causal=True, self_mask=shared,
-        )
-        return out[1:], lse[1:]  # chunk 0 is a wrap copy: its rows are not outputs
+    def run(queries, keys, values):  # two chunks per slice: gradients cross slice boundaries
+        return chunked_attention(queries, None if shared else keys, values, layout, key_mask, causal=causal,
+                                 self_mask=shared, key_scale=0.7, chunks_per_slice=2)
 
-    assert torch.autograd.gradcheck(lambda q, k, v: run(q, k, v, True), tensors)
-    assert torch.autograd.gradcheck(lambda q, k, v: run(q, k, v, False), tensors)
+    assert torch.autograd.gradcheck(run, tensors)
+
+
+def test_dropout_masks_are_rebuilt_exactly_in_backward():
+    batch, heads, rounds, length, width = 1, 2, 2, 16, 4
+    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=3)
+    layout = chunk_layout(sorted_positions, 4, 1, 0)
+    tensors = [torch.randn(batch, heads, length, width, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def run(queries, values, seed=0):
+        torch.manual_seed(seed)  # the call draws its mask seed from the global RNG
+        return chunked_attention(queries, None, values, layout, causal=True, self_mask=True, dropout=0.4,
+                                 training=True, chunks_per_slice=3)
+
+    # gradcheck compares backward with finite differences of forward: they agree only if
+    # backward uses forward's masks.
+    assert torch.autograd.gradcheck(run, tensors)
+    plain = chunked_attention(*tensors[:1], None, tensors[1], layout, causal=True, self_mask=True)
+    assert not torch.allclose(run(*tensors), plain)  # the masks act
+    assert torch.equal(run(*tensors), run(*tensors)) and not torch.equal(run(*tensors, seed=1), run(*tensors))
+    eval_out = chunked_attention(*tensors[:1], None, tensors[1], layout, causal=True, self_mask=True, dropout=0.4)
+    assert torch.equal(eval_out, plain)  # no dropout outside training
 
 
 def test_mask_constants_are_finite_ordered_and_in_one_place():
@@ -207,3 +198,20 @@ def test_cache_appends_reorders_and_refuses_overflow():
     with pytest.raises(ValueError, match="max_length"):
         cache.append(torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2), torch.ones(2, 2, dtype=torch.bool),
                      torch.zeros(2, 1, 2, 2, dtype=torch.long))
+
+
+def test_changing_the_output_in_place_before_backward_is_an_error():
+    layout = chunk_layout(torch.arange(8).expand(1, 1, 1, 8), 4, 1, 0)
+    queries = torch.randn(1, 1, 8, 3, requires_grad=True)
+    out = chunked_attention(queries, None, queries, layout, causal=True, self_mask=True)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients():
+    layout = chunk_layout(random_sorted_positions(1, 2, 2, 8)[1], 4, 1, 0)
+    queries = torch.randn(1, 2, 8, 3, dtype=torch.float64, requires_grad=True)
+    out = chunked_attention(queries, None, queries, layout, causal=True, self_mask=True)
+    first = torch.autograd.grad(out.square().sum(), queries, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(out.square().sum(), queries)[0], first)

@@ -100,8 +100,8 @@ class AttentionBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        normed = self.layer_norm(hidden_states)
-        return self.dropout(self.self_attention(normed, attention_mask=attention_mask))
+        # The layer norm runs inside the attention's projections, which recompute it in backward.
+        return self.dropout(self.self_attention(hidden_states, attention_mask=attention_mask, input_norm=self.layer_norm))
 
 
 class FeedForwardBlock(ChunkedFeedForward):

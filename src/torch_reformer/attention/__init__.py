@@ -6,12 +6,12 @@ below them work on per-head tensors (batch, heads, length, head_size).
 
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
+    chunk_layout,
+    chunked_attention,
     mask_values,
     merge_rounds,
     normalize_keys,
     sort_by_bucket,
-    window_attention,
-    window_layout,
 )
 from torch_reformer.attention.full import FullSelfAttention, full_attention
 from torch_reformer.attention.hashing import (
@@ -34,6 +34,8 @@ __all__ = [
     "assign_padding_bucket",
     "auto_num_buckets",
     "bucket_factors",
+    "chunk_layout",
+    "chunked_attention",
     "draw_rotations",
     "full_attention",
     "hash_vectors",
@@ -46,6 +48,4 @@ __all__ = [
     "shared_qk_attention",
     "sort_by_bucket",
     "total_buckets",
-    "window_attention",
-    "window_layout",
 ]

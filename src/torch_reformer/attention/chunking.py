@@ -1,36 +1,36 @@
-"""Sorting, chunking, look-adjacent windows and the per-chunk softmax shared by LSH and local attention.
+"""Sorting, chunking and the sliced chunk-attention core shared by LSH and local attention.
 
 Legend: B batch, H heads, G = B * H groups, L length, R hash rounds, C chunk length,
-N = R * L / C chunks per group, N' = N + before + after, T' = G * N' (all chunks in the
-window layout), J = before + 1 + after neighbour blocks, D head dim, E feature width.
+N = R * L / C chunks per group, J = before + 1 + after neighbour chunks, S chunks per slice,
+D head dim. "Rows": the B * L * H vectors of a (B, L, H * D) projection seen as (B*L*H, D).
 
 LSH attention sorts each round's positions by bucket, lays the R sorted rounds end to end
 (R * L slots per group), cuts them into chunks of C and lets every chunk attend to itself and
-its neighbours. Local attention is the same with the identity order. Neighbours wrap around:
-the first chunk looks back at the last one (for LSH, the first chunk of round r looks back at
-the end of round r - 1), as in Trax and Hugging Face.
+its neighbours. Local attention is the same with the identity order and one round. Neighbours
+wrap around: the first chunk looks back at the last one (for LSH, the first chunk of round r
+looks back at the end of round r - 1), as in Trax and Hugging Face.
 
-The window layout. Each group's N chunks are stored with copies of the wrapped neighbours
-around them: ``before`` chunks copied from the end in front, ``after`` chunks copied from the
-start behind, N' chunks per group, all groups end to end: (T', C, E). In this layout the
-neighbour at offset o of any real chunk is simply the chunk o places further, so the scores
-against neighbour o are ONE batched matmul between two contiguous slices of the same tensor:
-no (…, W, D) window copies of keys and values, and no Python loop over chunks, rounds or
-heads. Chunks in between (the copies, seen as queries) produce outputs nobody reads.
+Memory. The core never builds the sorted sequence, the scores of all chunks, or one output per
+round. It walks the query chunks in slices of a few hundred, gathers each slice's queries and
+its neighbours' keys and values straight from the rows, and writes the slice's outputs back to
+rows, merging the rounds on the fly by their log-sum-exp (a running maximum and sum per row,
+as FlashAttention merges key blocks). Backward recomputes each slice's scores from the saved
+inputs and the per-slot log-sum-exp and scatters the gradients into rows. Between forward and
+backward it keeps only its inputs, the output rows and one float per slot: O(L * H * (D + R))
+for an LSH layer with R rounds, where holding the sorted copies and the scores would take
+O(L * H * R * (D + J * C)). Attention dropout draws its mask per slice from a generator seeded
+once per call (the seed comes from the global RNG), so backward rebuilds the masks of forward.
 
 Masks replace scores by finite constants (never -inf, so a row whose keys are all masked stays
 finite). ``MASK_VALUES`` holds them in one place:
 - ``mask``: keys a query may not see (padding, or after the query in causal models);
 - ``self_mask``: shared-QK attention to the query's own position; it sits far above ``mask``
   so a token with no other valid key attends to itself.
-
-Every permutation is an autograd Function whose backward is again a row gather by the
-inverse permutation (no scatter over the sequence).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,16 @@ MASK_VALUES = {
     torch.bfloat16: (-1e9, -1e5),
     torch.float16: (-1e4, -1e3),
 }
+
+# exp is clamped from below at this value: a weight e^-87 ~ 1.6e-38 is nothing next to the row
+# maximum's weight 1, and exp's vectorised kernels fall to a path ~10x slower for inputs whose
+# result would underflow, which every masked score (-1e9 - max) is.
+EXP_FLOOR = -87.0
+
+# Score elements per slice (S * C * J * C). Backward holds about four tensors of this size at
+# once (8 MiB in float32): small next to the rows of a long sequence, large enough that the
+# per-slice Python work is noise (at 16K tokens, 2^18 to 2^21 all ran within 5 % of each other).
+SLICE_SCORES = 1 << 19
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -61,165 +71,54 @@ def sort_by_bucket(bucket_ids: Tensor) -> Tensor:
     return torch.sort(bucket_ids, dim=-1, stable=True).indices
 
 
-class WindowLayout(NamedTuple):
-    """Index tables that move rows between sequence order and the window layout.
+class ChunkLayout(NamedTuple):
+    """The sorted, chunked sequence as index tables into the rows.
 
-    Sequence-order tensors are (B, L, H, E) ("rows", the natural layout of a projection
-    (B, L, H * E)); every row has one slot per round.
-    ``positions`` (T', C): original position of every slot (wrap copies included).
-    ``gather_rows`` (T'*C,): row of the (B*L*H, E) input that fills each slot.
-    ``undo_rows`` (B*L*H*R,): slot holding each (batch, position, head, round).
-    ``slot_rows`` (T'*C,): (batch, position, head, round) index of each slot (used by backward).
-    ``copy_slots`` (G*(before+after)*C,): the slots that hold wrap copies.
+    Slots are numbered group by group (group = (batch, head)), the R sorted rounds of a group
+    end to end: slot ``(g * R + r) * L + i`` is the i-th position of round r of group g, and
+    chunk t holds slots ``t * C`` to ``t * C + C - 1``.
+    ``slot_rows`` (G*R*L,): row of the (B*L*H, D) inputs that fills each slot.
+    ``positions`` (G*R*L,): original position of each slot.
     """
 
-    positions: Tensor
-    gather_rows: Tensor
-    undo_rows: Tensor
     slot_rows: Tensor
-    copy_slots: Tensor
+    positions: Tensor
     shape: tuple[int, int, int, int]  # (B, L, H, R)
     chunk_length: int
     before: int
     after: int
 
+    @property
+    def chunks_per_group(self) -> int:
+        return self.shape[3] * self.shape[1] // self.chunk_length
 
-def window_layout(sorted_positions: Tensor, chunk_length: int, before: int, after: int) -> WindowLayout:
-    """Window layout for ``sorted_positions`` (B, H, R, L); R * L must be a multiple of C."""
+
+def chunk_layout(sorted_positions: Tensor, chunk_length: int, before: int, after: int) -> ChunkLayout:
+    """Layout of ``sorted_positions`` (B, H, R, L) cut into chunks of ``chunk_length``, which must divide L."""
     batch, heads, rounds, length = sorted_positions.shape
-    groups, device = batch * heads, sorted_positions.device
-    num_chunks = rounds * length // chunk_length
-    layout_chunks = num_chunks + before + after
+    if length % chunk_length:
+        raise ValueError(f"chunk_length={chunk_length} must divide the sequence length {length}")
     with torch.no_grad():
-        source_chunk = torch.arange(-before, num_chunks + after, device=device) % num_chunks  # (N',)
-        batch_index = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-        head_index = torch.arange(heads, device=device).view(1, heads, 1, 1)
-        round_index = torch.arange(rounds, device=device).view(1, 1, rounds, 1)
-
-        def to_layout(per_slot: Tensor) -> Tensor:  # (B, H, R, L) in sorted order -> (G, N', C)
-            return per_slot.reshape(groups, num_chunks, chunk_length).index_select(1, source_chunk)
-
-        positions = to_layout(sorted_positions)
-        gather_rows = to_layout((batch_index * length + sorted_positions) * heads + head_index)
-        slot_rows = to_layout(((batch_index * length + sorted_positions) * heads + head_index) * rounds + round_index)
-
-        slot_in_round = torch.empty_like(sorted_positions).scatter_(
-            -1, sorted_positions, torch.arange(length, device=device).expand_as(sorted_positions)
-        )  # (B, H, R, L)
-        group_start = (batch_index * heads + head_index) * layout_chunks * chunk_length
-        undo_rows = group_start + before * chunk_length + round_index * length + slot_in_round  # (B, H, R, L)
-
-        is_copy = torch.ones(layout_chunks, dtype=torch.bool, device=device)
-        is_copy[before : before + num_chunks] = False
-        copy_chunks = torch.arange(groups, device=device)[:, None] * layout_chunks + is_copy.nonzero().view(1, -1)
-        copy_slots = (copy_chunks.view(-1, 1) * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
-    return WindowLayout(
-        positions=positions.reshape(groups * layout_chunks, chunk_length),
-        gather_rows=gather_rows.reshape(-1),
-        undo_rows=undo_rows.permute(0, 3, 1, 2).reshape(-1),
-        slot_rows=slot_rows.reshape(-1),
-        copy_slots=copy_slots,
-        shape=(batch, length, heads, rounds),
-        chunk_length=chunk_length, before=before, after=after,
+        batch_index = torch.arange(batch, device=sorted_positions.device).view(batch, 1, 1, 1)
+        head_index = torch.arange(heads, device=sorted_positions.device).view(1, heads, 1, 1)
+        slot_rows = (batch_index * length + sorted_positions) * heads + head_index
+    return ChunkLayout(
+        slot_rows=slot_rows.reshape(-1), positions=sorted_positions.reshape(-1),
+        shape=(batch, length, heads, rounds), chunk_length=chunk_length, before=before, after=after,
     )
 
 
-class _ToWindows(torch.autograd.Function):
-    """(B, L, H, E) rows -> (T', C, E) window layout; backward sums every slot's gradient into its row."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, layout: WindowLayout) -> Tensor:
-        ctx.layout = layout
-        width = rows.shape[-1]
-        return rows.reshape(-1, width).index_select(0, layout.gather_rows).view(-1, layout.chunk_length, width)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        layout = ctx.layout
-        batch, length, heads, rounds = layout.shape
-        grad_slots = grad.reshape(-1, grad.shape[-1])
-        # Sum of the R slots holding each row: a gather and sum in one kernel, no (…, R, E) temporary.
-        grad_rows = nn.functional.embedding_bag(layout.undo_rows.view(-1, rounds), grad_slots, mode="sum")
-        if layout.copy_slots.numel():
-            # Wrap copies are few (G * (before + after) chunks). index_put_ rather than index_add_,
-            # whose CPU kernel walks the whole destination.
-            copy_rows = layout.slot_rows.index_select(0, layout.copy_slots).div_(rounds, rounding_mode="floor")
-            grad_rows.index_put_((copy_rows,), grad_slots.index_select(0, layout.copy_slots), accumulate=True)
-        return grad_rows.view(batch, length, heads, -1), None
-
-
-class _FromWindows(torch.autograd.Function):
-    """(T', C, E) window layout -> (B, L, H, E) rows, rounds merged by softmax of their log-sum-exp.
-
-    Forward is one weighted gather-and-sum (``embedding_bag``); backward gathers the row gradient
-    back to every slot and scales it by the slot's round weight.
-    """
-
-    @staticmethod
-    def forward(ctx, slots: Tensor, logsumexp: Tensor | None, layout: WindowLayout) -> Tensor:
-        batch, length, heads, rounds = layout.shape
-        width = slots.shape[-1]
-        slots = slots.reshape(-1, width)
-        bags = layout.undo_rows.view(-1, rounds)  # (B*L*H, R): the slot of every round of every row
-        weights = None
-        if rounds > 1:
-            weights = torch.softmax(logsumexp.reshape(-1)[bags], dim=-1)  # (B*L*H, R)
-            rows = nn.functional.embedding_bag(bags, slots, mode="sum", per_sample_weights=weights)
-        else:
-            rows = slots.index_select(0, layout.undo_rows)
-        ctx.layout = layout
-        ctx.save_for_backward(slots, weights)
-        return rows.view(batch, length, heads, width)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        layout = ctx.layout
-        slots, weights = ctx.saved_tensors
-        rounds = layout.shape[3]
-        width = grad.shape[-1]
-        slot_rows = layout.slot_rows if rounds == 1 else layout.slot_rows.div(rounds, rounding_mode="floor")
-        grad_slots = grad.reshape(-1, width).index_select(0, slot_rows)  # (T'*C, E)
-        grad_logsumexp = None
-        if rounds > 1:
-            # d out / d w_r = slot_r; weights are a softmax of the rounds' log-sum-exp.
-            grad_weights = torch.einsum("se,se->s", grad_slots, slots)  # per slot
-            grad_weights = grad_weights[layout.undo_rows].view(-1, rounds)  # (B*L*H, R)
-            grad_lse_rows = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
-            grad_logsumexp = grad_lse_rows.view(-1)[layout.slot_rows].view(-1, layout.chunk_length)
-            grad_slots.mul_(weights.view(-1)[layout.slot_rows].unsqueeze(-1))
-        grad_slots[layout.copy_slots] = 0  # wrap copies are never read as outputs
-        if grad_logsumexp is not None:
-            grad_logsumexp.view(-1)[layout.copy_slots] = 0
-        return grad_slots.view(-1, layout.chunk_length, width), grad_logsumexp, None
-
-
-def to_windows(rows: Tensor, layout: WindowLayout) -> Tensor:
-    """Rows (B, L, H, E) placed in the window layout, (T', C, E)."""
-    return _ToWindows.apply(rows, layout)
-
-
-def from_windows(slots: Tensor, layout: WindowLayout, logsumexp: Tensor | None = None) -> Tensor:
-    """Window-layout slots (T', C, E) read back in original order, (B, L, H, E).
-
-    With several rounds, each row is the softmax(``logsumexp``)-weighted sum of its rounds'
-    slots (``logsumexp`` (T', C) as returned by ``window_attention``); see ``merge_rounds``.
-    """
-    if layout.shape[3] > 1 and logsumexp is None:
-        raise ValueError("from_windows needs the log-sum-exp of every slot to merge several rounds")
-    return _FromWindows.apply(slots, logsumexp, layout)
-
-
-def window_key_ranks(layout: WindowLayout, key_mask: Tensor | None) -> Tensor | None:
-    """Per slot: its position if the token is real, L (beyond every position) if padding; (T', C).
+def slot_key_ranks(layout: ChunkLayout, key_mask: Tensor | None) -> Tensor | None:
+    """Per slot: its position if the token is real, L (beyond every position) if padding; (G*R*L,).
 
     ``key_mask`` is (B, L), True for real tokens. None without padding.
     """
     if key_mask is None:
         return None
-    batch, length, heads, _ = layout.shape
-    positions = layout.positions.view(batch, -1)  # (B, H*N'*C): groups of one batch row are adjacent
+    batch, length = layout.shape[:2]
+    positions = layout.positions.view(batch, -1)  # the groups of one batch row are adjacent
     real = torch.gather(key_mask, 1, positions)
-    return torch.where(real, positions, length).view_as(layout.positions)
+    return torch.where(real, positions, length).view(-1)
 
 
 def _inverse_rms(qk: Tensor, epsilon: float) -> Tensor:
@@ -240,174 +139,253 @@ def _normalize_keys_backward(qk: Tensor, grad_keys: Tensor, epsilon: float = 1e-
     return grad_keys.sub_(qk * projection).mul_(inverse_rms.div_(qk.shape[-1] ** 0.5))
 
 
-class WindowSpec(NamedTuple):
-    """Static settings of ``window_attention``."""
+class AttentionSpec(NamedTuple):
+    """Static settings of ``chunked_attention``."""
 
-    before: int
-    after: int
     causal: bool
     self_mask: bool
+    key_scale: float
     dropout: float
+    chunks_per_slice: int
 
 
-def _fill_block_masks(scores: Tensor, positions: Tensor, key_ranks: Tensor | None, offset: int, spec: WindowSpec):
-    """Mask the scores (T'', C, C) of neighbour block ``offset`` in place."""
+class _Slice(NamedTuple):
+    """Index tables of S query chunks (one round) and their J neighbour chunks."""
+
+    query_rows: Tensor  # (S*C,)
+    query_slots: Tensor  # (S*C,)
+    key_rows: Tensor  # (S*J*C,)
+    query_positions: Tensor  # (S, C)
+    key_positions: Tensor  # (S, J*C)
+    key_ranks: Tensor | None  # (S, J*C)
+
+
+def _slices(layout: ChunkLayout, key_ranks: Tensor | None, chunks_per_slice: int) -> Iterator[_Slice]:
+    """The query chunks in slices, round after round, so a slice never holds two slots of one row."""
+    batch, length, heads, rounds = layout.shape
+    chunk, per_group = layout.chunk_length, layout.chunks_per_group
+    per_round = length // chunk
+    device = layout.slot_rows.device
+    group_start = torch.arange(batch * heads, device=device)[:, None] * per_group  # (G, 1)
+    offsets = torch.arange(-layout.before, layout.after + 1, device=device)  # (J,)
+    in_chunk = torch.arange(chunk, device=device)
+    for round_index in range(rounds):
+        chunks = (group_start + round_index * per_round + torch.arange(per_round, device=device)).view(-1)
+        for query_chunks in chunks.split(chunks_per_slice):
+            start = query_chunks - query_chunks % per_group  # (S,) first chunk of each chunk's group
+            neighbours = start[:, None] + (query_chunks[:, None] - start[:, None] + offsets) % per_group  # (S, J)
+            query_slots = (query_chunks[:, None] * chunk + in_chunk).view(-1)
+            key_slots = (neighbours[..., None] * chunk + in_chunk).view(-1)
+            slices = query_chunks.shape[0]
+            yield _Slice(
+                query_rows=layout.slot_rows[query_slots], query_slots=query_slots,
+                key_rows=layout.slot_rows[key_slots],
+                query_positions=layout.positions[query_slots].view(slices, chunk),
+                key_positions=layout.positions[key_slots].view(slices, -1),
+                key_ranks=None if key_ranks is None else key_ranks[key_slots].view(slices, -1),
+            )
+
+
+def _slice_scores(queries: Tensor, keys: Tensor, part: _Slice, spec: AttentionSpec):
+    """Masked scores (S, C, J*C) of a slice, with its queries, raw and used keys."""
+    width = queries.shape[-1]
+    chunk = part.query_positions.shape[1]
+    slice_queries = queries.index_select(0, part.query_rows).view(-1, chunk, width)  # (S, C, D)
+    raw_keys = keys.index_select(0, part.key_rows).view(slice_queries.shape[0], -1, width)  # (S, J*C, D)
+    slice_keys = normalize_keys(raw_keys) if spec.self_mask else raw_keys
+    scores = torch.bmm(slice_queries, slice_keys.transpose(1, 2))  # (S, C, J*C)
+    if spec.key_scale != 1.0:
+        scores.mul_(spec.key_scale)
     mask_value, self_mask_value = mask_values(scores.dtype)
-    total = positions.shape[0]
-    query_positions = positions[spec.before : total - spec.after]  # (T'', C)
-    key_positions = positions[spec.before + offset : total - spec.after + offset]  # (T'', C)
-    key_ranks = None if key_ranks is None else key_ranks[spec.before + offset : total - spec.after + offset]
+    query_positions, key_positions, ranks = part.query_positions, part.key_positions, part.key_ranks
     if spec.causal:
-        ranks = key_positions if key_ranks is None else key_ranks
+        ranks = key_positions if ranks is None else ranks
         scores.masked_fill_(ranks[:, None, :] > query_positions[:, :, None], mask_value)
-    elif key_ranks is not None:
-        scores.masked_fill_((key_ranks > key_positions)[:, None, :], mask_value)
+    elif ranks is not None:
+        scores.masked_fill_((ranks > key_positions)[:, None, :], mask_value)
     if spec.self_mask:
         scores.masked_fill_(query_positions[:, :, None] == key_positions[:, None, :], self_mask_value)
+    return scores, slice_queries, raw_keys, slice_keys
 
 
-# exp is clamped from below at this value: a weight e^-87 ~ 1.6e-38 is nothing next to the row
-# maximum's weight 1, and exp's vectorised kernels fall to a path ~10x slower for inputs whose
-# result would underflow, which every masked score (-1e9 - max) is.
-EXP_FLOOR = -87.0
+def _exp_shifted_(scores: Tensor) -> Tensor:
+    """scores <- exp(max(scores - row max, EXP_FLOOR)) in place; returns the row maximum (S, C)."""
+    row_max = scores.amax(dim=-1)
+    scores.sub_(row_max[..., None]).clamp_(min=EXP_FLOOR).exp_()
+    return row_max
 
 
-def _softmax_over_blocks_(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """In-place softmax over the (J, C) keys of every query row of (J, T'', C, C).
-
-    Returns the row maximum and the log-sum-exp, each (T'', C).
-    """
-    row_max = scores[0].amax(dim=-1)
-    for block in scores[1:]:
-        torch.maximum(row_max, block.amax(dim=-1), out=row_max)
-    scores.sub_(row_max[None, :, :, None]).clamp_(min=EXP_FLOOR).exp_()
-    row_sum = scores.sum(dim=(0, 3))
-    scores.div_(row_sum[None, :, :, None])
-    return row_max, row_max + row_sum.log_()
+def _dropout_keep(shape, seed: int, index: int, spec: AttentionSpec, like: Tensor) -> Tensor:
+    """The keep mask of slice ``index``, scaled by 1 / (1 - p); the same on every call with ``seed``."""
+    generator = torch.Generator(device=like.device).manual_seed(seed + index)
+    keep = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype) >= spec.dropout
+    return keep.to(like.dtype).div_(1 - spec.dropout)
 
 
-def _accumulate_products(out: Tensor, blocks: Tensor, right: Tensor, spec: WindowSpec) -> None:
-    """out[mid] = Σ_o blocks[o] @ right[mid + o] over the queried range mid; other rows get zeros."""
-    total = right.shape[0]
-    target = out[spec.before : total - spec.after]
-    for index, offset in enumerate(range(-spec.before, spec.after + 1)):
-        operand = right[spec.before + offset : total - spec.after + offset]
-        if index == 0:
-            torch.bmm(blocks[index], operand, out=target)
-        else:
-            target.baddbmm_(blocks[index], operand)
-    out[: spec.before] = 0
-    out[total - spec.after :] = 0
+def _is_degenerate(row_max: Tensor, spec: AttentionSpec) -> Tensor:
+    """Rows that see no key: their maximum is a mask constant; they are constants without gradient."""
+    mask_value, self_mask_value = mask_values(row_max.dtype)
+    return row_max <= (self_mask_value if spec.self_mask else mask_value)
 
 
-def _transposed_products(blocks: Tensor, left: Tensor, spec: WindowSpec) -> Tensor:
-    """out[mid + o] = Σ_o blocks[o]^T @ left[mid] (gradients of keys and values), (T', C, D).
+def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
+    """Forward of ``_ChunkedAttention`` on rows: returns the output rows (rows, D), the log-sum-exp
+    of every slot (G*R*L,) and, with several rounds, each row's running maximum and sum of the
+    rounds' exp(log-sum-exp) (rows,) (None with one round)."""
+    rows, width = values.shape
+    keys = queries if keys is None else keys
+    rounds = layout.shape[3]
+    out = values.new_zeros(rows, width)
+    slot_logsumexp = queries.new_empty(layout.slot_rows.shape[0])
+    row_max = row_sum = None
+    if rounds > 1:
+        row_max = queries.new_full((rows,), float("-inf"))
+        row_sum = queries.new_zeros(rows)
+    for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
+        scores, _, _, _ = _slice_scores(queries, keys, part, spec)
+        slice_max = _exp_shifted_(scores)
+        slice_sum = scores.sum(dim=-1)
+        scores.div_(slice_sum[..., None])
+        logsumexp = slice_sum.log_().add_(slice_max).view(-1)  # (S*C,)
+        slot_logsumexp[part.query_slots] = logsumexp
+        if seed is not None:
+            scores.mul_(_dropout_keep(scores.shape, seed, index, spec, scores))
+        slice_values = values.index_select(0, part.key_rows).view(scores.shape[0], -1, width)
+        slice_out = torch.bmm(scores, slice_values).view(-1, width)  # (S*C, D)
+        if rounds == 1:
+            out.index_copy_(0, part.query_rows, slice_out)
+            continue
+        # Rows are unique within a slice (one round), so gather-update-scatter is exact.
+        old_max = row_max.index_select(0, part.query_rows)
+        new_max = torch.maximum(old_max, logsumexp)
+        old_weight, new_weight = (old_max - new_max).exp_(), (logsumexp - new_max).exp_()
+        merged = out.index_select(0, part.query_rows).mul_(old_weight[:, None]).add_(slice_out * new_weight[:, None])
+        out.index_copy_(0, part.query_rows, merged)
+        merged_sum = row_sum.index_select(0, part.query_rows).mul_(old_weight).add_(new_weight)
+        row_sum.index_copy_(0, part.query_rows, merged_sum)
+        row_max.index_copy_(0, part.query_rows, new_max)
+    if rounds > 1:
+        out.div_(row_sum[:, None])
+    return out, slot_logsumexp, row_max, row_sum
 
-    The first offset's range [0, T' - before - after) is written directly and only the rows it
-    misses are zeroed, instead of zero-filling the whole result.
-    """
-    total = left.shape[0]
-    queried = left[spec.before : total - spec.after]
-    out = torch.empty_like(left)
-    for index, offset in enumerate(range(-spec.before, spec.after + 1)):
-        target = out[spec.before + offset : total - spec.after + offset]
-        if index == 0:
-            torch.bmm(blocks[index].transpose(1, 2), queried, out=target)
-            out[total - spec.after - spec.before :] = 0
-        else:
-            target.baddbmm_(blocks[index].transpose(1, 2), queried)
-    return out
 
-
-class _WindowAttention(torch.autograd.Function):
-    """Softmax attention of every chunk over its J neighbour blocks, in the window layout."""
-
-    @staticmethod
-    def forward(ctx, queries, keys, values, positions, key_ranks, spec: WindowSpec, training: bool):
-        shared = keys is None
-        keys = normalize_keys(queries) if shared else keys
-        total, chunk, _ = queries.shape
-        inner = total - spec.before - spec.after
-        blocks = spec.before + 1 + spec.after
-        scores = queries.new_empty(blocks, inner, chunk, chunk)  # (J, T'', C, C)
-        for index, offset in enumerate(range(-spec.before, spec.after + 1)):
-            key_block = keys[spec.before + offset : total - spec.after + offset]
-            torch.bmm(queries[spec.before : total - spec.after], key_block.transpose(1, 2), out=scores[index])
-            _fill_block_masks(scores[index], positions, key_ranks, offset, spec)
-        row_max, inner_logsumexp = _softmax_over_blocks_(scores)
-        logsumexp = queries.new_zeros(total, chunk)
-        logsumexp[spec.before : total - spec.after] = inner_logsumexp
-        # Rows that see no key (their maximum is a mask constant) are constants: no gradient.
-        mask_value, self_mask_value = mask_values(scores.dtype)
-        degenerate = row_max <= (self_mask_value if spec.self_mask else mask_value)  # (T'', C)
-        probs, keep = scores, None
-        if training and spec.dropout > 0:
-            keep = torch.rand_like(scores) >= spec.dropout
-            probs = scores * keep / (1 - spec.dropout)
-        out = queries.new_empty(queries.shape)
-        _accumulate_products(out, probs, values, spec)
-        ctx.spec, ctx.shared = spec, shared
-        ctx.save_for_backward(queries, keys, values, scores, keep, out, degenerate)
-        return out, logsumexp
+class _ChunkedAttention(torch.autograd.Function):
+    """Softmax attention of every chunk over its neighbours, slice by slice, rows in and rows out."""
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logsumexp):
-        queries, keys, values, probs, keep, out, degenerate = ctx.saved_tensors
-        spec = ctx.spec
-        total = queries.shape[0]
-        mid = slice(spec.before, total - spec.after)
+    def forward(ctx, queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
+        out, slot_logsumexp, row_max, row_sum = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
+        ctx.layout, ctx.spec, ctx.seed, ctx.shared = layout, spec, seed, keys is None
+        ctx.save_for_backward(queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks)
+        # The output is needed only at the start of backward (for dO · O). A detached alias, unlike
+        # save_for_backward, lets backward drop it before the slice loop (a second backward through
+        # the same graph recomputes it); it shares the version counter, so an in-place change is
+        # still caught.
+        ctx.out, ctx.out_version = out.detach(), out._version
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks = ctx.saved_tensors
+        layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
+        out, ctx.out = ctx.out, None
+        if out is None:  # backward already ran once on this graph (retain_graph=True)
+            out = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)[0]
+        elif out._version != ctx.out_version:
+            raise RuntimeError("the output of chunked attention was modified in place before backward; "
+                               "clone it before changing it")
+        width = values.shape[1]
+        keys_in = queries if ctx.shared else keys
         grad_out = grad_out.contiguous()
-        # Σ_k p_k dP_k = dO · O (FlashAttention's identity), also with dropout.
-        shift = (grad_out[mid] * out[mid]).sum(dim=-1)  # (T'', C)
-        if grad_logsumexp is not None:
-            shift -= grad_logsumexp[mid]
-        grad_probs = torch.empty_like(probs)  # (J, T'', C, C)
-        for index, offset in enumerate(range(-spec.before, spec.after + 1)):
-            torch.bmm(grad_out[mid], values[spec.before + offset : total - spec.after + offset].transpose(1, 2),
-                      out=grad_probs[index])
-        dropped = probs
-        if keep is not None:
-            grad_probs.mul_(keep).div_(1 - spec.dropout)
-            dropped = probs * keep / (1 - spec.dropout)
-        grad_values = _transposed_products(dropped, grad_out, spec)
-        grad_scores = grad_probs.sub_(shift[None, :, :, None]).mul_(probs)
-        # Masked scores are constants. In a row that sees some key their probabilities are at most
-        # e^-87 (EXP_FLOOR), so their gradient is negligible; a row that sees no key gets none.
-        grad_scores.masked_fill_(degenerate[None, :, :, None], 0)
-        grad_queries = torch.empty_like(queries)
-        _accumulate_products(grad_queries, grad_scores, keys, spec)
-        grad_keys = _transposed_products(grad_scores, queries, spec)
-        if ctx.shared:
-            return grad_queries.add_(_normalize_keys_backward(queries, grad_keys)), None, grad_values, None, None, None, None
+        # Σ_k p_k dP_k = dO · O (FlashAttention's identity). With several rounds a slot's output
+        # gradient is w_r g and its log-sum-exp gets w_r (g · o_r - g · y); both terms together
+        # leave a shift of w_r (g · y) per slot.
+        grad_dot_out = torch.einsum("nd,nd->n", grad_out, out)  # (rows,)
+        del out
+        grad_queries = torch.zeros_like(queries)
+        grad_keys = None if ctx.shared else torch.zeros_like(keys)
+        grad_values = torch.zeros_like(values)
+        for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
+            scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
+            slices, chunk = part.query_positions.shape
+            logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(slices, chunk)
+            slice_max = _exp_shifted_(scores)
+            probs = scores.div_((logsumexp - slice_max).exp_()[..., None])  # (S, C, J*C)
+            slice_grad = grad_out.index_select(0, part.query_rows).view(slices, chunk, width)
+            shift = grad_dot_out.index_select(0, part.query_rows).view(slices, chunk)
+            if row_max is not None:
+                # w_r = exp(lse_r - max) / sum, as forward normalised it: exp(lse_r - row lse) would
+                # round the row lse of a masked row (about -1e5, spacing 0.008 in float32) and the
+                # weights would not sum to 1.
+                round_weight = (logsumexp - row_max.index_select(0, part.query_rows).view(slices, chunk)).exp_()
+                round_weight.div_(row_sum.index_select(0, part.query_rows).view(slices, chunk))
+                slice_grad = slice_grad * round_weight[..., None]
+                shift = shift * round_weight
+            slice_values = values.index_select(0, part.key_rows).view(slices, -1, width)
+            grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
+            dropped = probs
+            if seed is not None:
+                keep = _dropout_keep(probs.shape, seed, index, spec, probs)
+                grad_probs.mul_(keep)
+                dropped = probs * keep
+            grad_values.index_put_((part.key_rows,), torch.bmm(dropped.transpose(1, 2), slice_grad).view(-1, width),
+                                   accumulate=True)
+            del dropped
+            grad_scores = grad_probs.sub_(shift[..., None]).mul_(probs)
+            grad_scores.masked_fill_(_is_degenerate(slice_max, spec)[..., None], 0)
+            if spec.key_scale != 1.0:
+                grad_scores.mul_(spec.key_scale)
+            grad_queries.index_put_((part.query_rows,), torch.bmm(grad_scores, slice_keys).view(-1, width),
+                                    accumulate=True)
+            grad_slice_keys = torch.bmm(grad_scores.transpose(1, 2), slice_queries)  # (S, J*C, D)
+            if ctx.shared:
+                grad_queries.index_put_((part.key_rows,), _normalize_keys_backward(raw_keys, grad_slice_keys).view(-1, width),
+                                        accumulate=True)
+            else:
+                grad_keys.index_put_((part.key_rows,), grad_slice_keys.view(-1, width), accumulate=True)
         return grad_queries, grad_keys, grad_values, None, None, None, None
 
 
-def window_attention(
+def chunked_attention(
     queries: Tensor,
     keys: Tensor | None,
     values: Tensor,
-    positions: Tensor,
-    key_ranks: Tensor | None,
+    layout: ChunkLayout,
+    key_mask: Tensor | None = None,
     *,
-    before: int,
-    after: int,
     causal: bool,
     self_mask: bool,
+    key_scale: float = 1.0,
     dropout: float = 0.0,
     training: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Chunked softmax attention in the window layout.
+    chunks_per_slice: int | None = None,
+) -> Tensor:
+    """Chunked softmax attention in the order of ``layout``, (B, H, L, D) -> (B, H, L, D).
 
-    queries, values (T', C, D); keys (T', C, D), or None for shared-QK attention (keys are then
-    ``normalize_keys(queries)``); positions and key_ranks (T', C) from ``WindowLayout`` and
-    ``window_key_ranks``. Returns outputs (T', C, D) and the log-sum-exp of each query's scores
-    (T', C); the rows of wrap copies mean nothing (``from_windows`` never reads them).
+    ``keys`` None means shared-QK attention: keys are ``normalize_keys(queries)`` and
+    ``self_mask`` should be True. Scores are ``key_scale * q · k``. ``key_mask`` (B, L) is True
+    for real tokens. With several rounds each position's output is the softmax-of-log-sum-exp
+    weighted sum of its rounds' outputs (Reformer paper, appendix A; ``merge_rounds``).
+    ``chunks_per_slice`` sets how many query chunks are computed at once (default: about
+    ``SLICE_SCORES`` scores); it changes memory and speed, not the result (dropout masks aside).
     """
-    spec = WindowSpec(before, after, causal, self_mask, float(dropout))
-    return _WindowAttention.apply(
-        queries.contiguous(), None if keys is None else keys.contiguous(), values.contiguous(),
-        positions, key_ranks, spec, training,
+    batch, length, heads, _ = layout.shape
+    if chunks_per_slice is None:
+        window = (layout.before + 1 + layout.after) * layout.chunk_length
+        chunks_per_slice = max(1, SLICE_SCORES // (layout.chunk_length * window))
+    spec = AttentionSpec(bool(causal), bool(self_mask), float(key_scale), float(dropout), int(chunks_per_slice))
+    seed = None
+    if training and dropout > 0:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+
+    def rows(per_head: Tensor) -> Tensor:  # (B, H, L, D) -> (B*L*H, D), free for split_heads views
+        return per_head.transpose(1, 2).reshape(batch * length * heads, per_head.shape[-1])
+
+    out = _ChunkedAttention.apply(
+        rows(queries), None if keys is None else rows(keys), rows(values), layout,
+        slot_key_ranks(layout, key_mask), spec, seed,
     )
+    return out.view(batch, length, heads, -1).transpose(1, 2)
 
 
 def merge_rounds(outputs: Tensor, logsumexp: Tensor) -> Tensor:

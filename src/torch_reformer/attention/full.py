@@ -24,6 +24,7 @@ from torch_reformer.attention.chunking import (
     merge_heads,
     split_heads,
 )
+from torch_reformer.attention.projection import project
 
 
 def visibility_mask(key_mask: Tensor | None, length: int, causal: bool) -> Tensor | None:
@@ -93,16 +94,24 @@ class FullSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_size={self.head_size}, causal={self.causal}"
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, input_norm: nn.LayerNorm | None = None
+    ) -> Tensor:
+        """Attention over (B, L, hidden) inputs.
+
+        ``input_norm`` (a LayerNorm) is applied to ``hidden_states`` first, inside the projections, so
+        its output is recomputed in backward instead of kept (``projection.project``).
+        """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         out = full_attention(
-            *self._project(hidden_states),
+            *self._project(hidden_states, input_norm),
             causal=self.causal, key_mask=key_mask, dropout=self.dropout, training=self.training,
         )
         return self.output(merge_heads(out))
 
-    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(split_heads(layer(hidden_states), self.num_heads) for layer in (self.query, self.key, self.value))
+    def _project(self, hidden_states: Tensor, input_norm: nn.LayerNorm | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        projected = project(hidden_states, (self.query, self.key, self.value), input_norm)
+        return tuple(split_heads(x, self.num_heads) for x in projected)
 
     def init_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> AttentionCache:
         """An empty decoding cache (past keys and values) for ``max_length`` positions."""

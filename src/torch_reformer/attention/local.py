@@ -9,7 +9,7 @@ neighbouring chunks. Neighbours wrap around, as in Trax and Hugging Face: the fi
 looks back at the last one (in causal models those keys are later positions and are masked).
 Causal and padding masks use the finite constants of ``chunking.MASK_VALUES``; there is no
 self mask. A sequence that fits in one chunk gets plain attention over all positions.
-Memory is O(L * W): the scores never exceed (G, N, C, W).
+Memory kept for backward is O(L * H * D) (see ``chunking``): no (L, W) score tensor exists.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from torch_reformer.attention.chunking import (
     check_decode_inputs,
     check_chunking,
     check_layer_sizes,
-    from_windows,
+    chunk_layout,
+    chunked_attention,
     mask_values,
     merge_heads,
     pad_sequence,
     split_heads,
-    to_windows,
-    window_attention,
-    window_key_ranks,
-    window_layout,
 )
+from torch_reformer.attention.projection import project
 
 
 def local_attention(
@@ -62,16 +60,11 @@ def local_attention(
     elif length % chunk_length:
         raise ValueError(f"local_attention needs a length that is a multiple of chunk_length={chunk_length}, got {length}")
     identity = torch.arange(length, device=queries.device).expand(batch, heads, 1, length)  # (B, H, 1, L)
-    layout = window_layout(identity, chunk_length, num_chunks_before, num_chunks_after)
-    out, _ = window_attention(
-        to_windows(queries.transpose(1, 2), layout),  # (T', C, D)
-        to_windows((keys / math.sqrt(head_size)).transpose(1, 2), layout),
-        to_windows(values.transpose(1, 2), layout),
-        layout.positions, window_key_ranks(layout, key_mask),
-        before=layout.before, after=layout.after, causal=causal, self_mask=False,
-        dropout=dropout, training=training,
+    layout = chunk_layout(identity, chunk_length, num_chunks_before, num_chunks_after)
+    return chunked_attention(
+        queries, keys, values, layout, key_mask, causal=causal, self_mask=False,
+        key_scale=1 / math.sqrt(head_size), dropout=dropout, training=training,
     )
-    return from_windows(out, layout).transpose(1, 2)  # (B, H, L, D)
 
 
 def local_decode_attention(
@@ -148,15 +141,23 @@ class LocalSelfAttention(nn.Module):
         """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple."""
         return length if length <= self.chunk_length else -(-length // self.chunk_length) * self.chunk_length
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, input_norm: nn.LayerNorm | None = None
+    ) -> Tensor:
+        """Attention over (B, L, hidden) inputs.
+
+        ``input_norm`` (a LayerNorm) is applied to ``hidden_states`` first, inside the projections, so
+        its output is recomputed in backward instead of kept (``projection.project``).
+        """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         length = hidden_states.shape[1]
         hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
-        out = self._attend(*self._project(hidden_states), key_mask)
+        out = self._attend(*self._project(hidden_states, input_norm), key_mask)
         return self.output(merge_heads(out[:, :, :length]))
 
-    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(split_heads(layer(hidden_states), self.num_heads) for layer in (self.query, self.key, self.value))
+    def _project(self, hidden_states: Tensor, input_norm: nn.LayerNorm | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        projected = project(hidden_states, (self.query, self.key, self.value), input_norm)
+        return tuple(split_heads(x, self.num_heads) for x in projected)
 
     def _attend(self, queries: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor | None) -> Tensor:
         return local_attention(

@@ -9,8 +9,9 @@ into buckets, sorted by bucket, the R sorted rounds are laid end to end and cut 
 and each chunk attends to its window (itself plus neighbours, wrapping). A query never
 attends to its own position unless nothing else is visible, causal models hide keys whose
 original position is later, padded keys are hidden. Outputs go back to original order and
-the rounds are merged by their log-sum-exp. Memory and time are O(R * L * W * D): no L x L
-tensor exists, except in the exact path for sequences that fit in one chunk (at most C x C).
+the rounds are merged by their log-sum-exp. Time is O(R * L * W * D); the memory kept for
+backward is O(L * H * (D + R)) (see ``chunking``): no L x L tensor exists, except in the exact
+path for sequences that fit in one chunk (at most C x C).
 
 The numbers match Hugging Face's ``LSHSelfAttention`` for the same weights and rotations.
 """
@@ -22,13 +23,14 @@ from torch import Tensor, nn
 
 from torch_reformer.attention.chunking import (
     AttentionCache,
-    WindowLayout,
+    ChunkLayout,
     check_attention_inputs,
     check_causal_for_decoding,
     check_decode_inputs,
     check_chunking,
     check_layer_sizes,
-    from_windows,
+    chunk_layout,
+    chunked_attention,
     mask_values,
     merge_heads,
     merge_rounds,
@@ -36,10 +38,6 @@ from torch_reformer.attention.chunking import (
     pad_sequence,
     sort_by_bucket,
     split_heads,
-    to_windows,
-    window_attention,
-    window_key_ranks,
-    window_layout,
 )
 from torch_reformer.attention.hashing import (
     assign_padding_bucket,
@@ -49,23 +47,18 @@ from torch_reformer.attention.hashing import (
     hash_vectors,
     total_buckets,
 )
+from torch_reformer.attention.projection import project
 from torch_reformer.block_state import saved_state
 
 
 def _attend_in_layout(
-    qk: Tensor, values: Tensor, layout: WindowLayout, key_mask: Tensor | None, causal: bool, dropout: float,
+    qk: Tensor, values: Tensor, layout: ChunkLayout, key_mask: Tensor | None, causal: bool, dropout: float,
     training: bool,
 ) -> Tensor:
     """Shared-QK attention of (B, H, L, D) inputs arranged by ``layout``; merges rounds."""
-    # (B, L, H, D) rows: a free view of projections split by ``split_heads``.
-    queries = to_windows(qk.transpose(1, 2), layout)  # (T', C, D)
-    window_values = to_windows(values.transpose(1, 2), layout)  # (T', C, D)
-    out, logsumexp = window_attention(
-        queries, None, window_values, layout.positions, window_key_ranks(layout, key_mask),
-        before=layout.before, after=layout.after, causal=causal, self_mask=True,
-        dropout=dropout, training=training,
-    )  # (T', C, D), (T', C)
-    return from_windows(out, layout, logsumexp).transpose(1, 2)  # (B, H, L, D)
+    return chunked_attention(
+        qk, None, values, layout, key_mask, causal=causal, self_mask=True, dropout=dropout, training=training
+    )
 
 
 def shared_qk_attention(
@@ -84,7 +77,7 @@ def shared_qk_attention(
     """
     batch, heads, length, _ = qk.shape
     identity = torch.arange(length, device=qk.device).expand(batch, heads, 1, length)  # (B, H, 1, L)
-    layout = window_layout(identity, length, 0, 0)
+    layout = chunk_layout(identity, length, 0, 0)
     return _attend_in_layout(qk, values, layout, key_mask, causal, dropout, training)
 
 
@@ -110,7 +103,7 @@ def lsh_attention(
     if length % chunk_length:
         raise ValueError(f"lsh_attention needs a length that is a multiple of chunk_length={chunk_length}, got {length}")
     sorted_positions = sort_by_bucket(bucket_ids)  # (B, H, R, L)
-    layout = window_layout(sorted_positions, chunk_length, num_chunks_before, num_chunks_after)
+    layout = chunk_layout(sorted_positions, chunk_length, num_chunks_before, num_chunks_after)
     return _attend_in_layout(qk, values, layout, key_mask, causal, dropout, training)
 
 
@@ -245,21 +238,29 @@ class LSHSelfAttention(nn.Module):
             seed=self.hash_seed, device=device, dtype=dtype,
         )
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, rotations=None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, rotations: Tensor | None = None,
+        input_norm: nn.LayerNorm | None = None,
+    ) -> Tensor:
+        """Attention over (B, L, hidden) inputs; ``rotations`` (H, D, R, F) override the layer's hashing.
+
+        ``input_norm`` (a LayerNorm) is applied to ``hidden_states`` first, inside the projections, so
+        its output is recomputed in backward instead of kept (``projection.project``).
+        """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         _check_hashing(self.num_hashes, self.num_buckets)
         length = hidden_states.shape[1]
         hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
-        qk, values = self._project(hidden_states)  # (B, H, L_padded, D) each
+        qk, values = self._project(hidden_states, input_norm)  # (B, H, L_padded, D) each
         bucket_ids = None
         if qk.shape[2] > self.chunk_length:
             bucket_ids = self._bucket_ids(qk, key_mask, self._rotations(rotations), self.bucket_spec(qk.shape[2]))
         out = self._attend(qk, values, key_mask, bucket_ids)
         return self.output(merge_heads(out[:, :, :length]))
 
-    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-        qk = split_heads(self.query_key(hidden_states), self.num_heads)  # (B, H, L, D)
-        return qk, split_heads(self.value(hidden_states), self.num_heads)
+    def _project(self, hidden_states: Tensor, input_norm: nn.LayerNorm | None = None) -> tuple[Tensor, Tensor]:
+        qk, values = project(hidden_states, (self.query_key, self.value), input_norm)
+        return split_heads(qk, self.num_heads), split_heads(values, self.num_heads)  # (B, H, L, D) each
 
     def _attend(self, qk: Tensor, values: Tensor, key_mask: Tensor | None, bucket_ids: Tensor | None) -> Tensor:
         """The exact path without bucket ids (one chunk), else hashed chunked attention; (B, H, L, D)."""
