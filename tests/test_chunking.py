@@ -215,3 +215,11 @@ def test_a_second_backward_through_the_same_graph_gives_the_same_gradients():
     out = chunked_attention(queries, None, queries, layout, causal=True, self_mask=True)
     first = torch.autograd.grad(out.square().sum(), queries, retain_graph=True)[0]
     assert torch.equal(torch.autograd.grad(out.square().sum(), queries)[0], first)
+
+
+def test_shared_keys_without_the_self_mask_have_exact_gradients():
+    layout = chunk_layout(random_sorted_positions(1, 2, 2, 8, seed=5)[1], 4, 1, 0)
+    tensors = [torch.randn(1, 2, 8, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(
+        lambda q, v: chunked_attention(q, None, v, layout, causal=True, self_mask=False, chunks_per_slice=1), tensors
+    )

@@ -142,6 +142,7 @@ def _normalize_keys_backward(qk: Tensor, grad_keys: Tensor, epsilon: float = 1e-
 class AttentionSpec(NamedTuple):
     """Static settings of ``chunked_attention``."""
 
+    shared_qk: bool  # keys are normalize_keys(queries)
     causal: bool
     self_mask: bool
     key_scale: float
@@ -176,13 +177,13 @@ def _slices(layout: ChunkLayout, key_ranks: Tensor | None, chunks_per_slice: int
             neighbours = start[:, None] + (query_chunks[:, None] - start[:, None] + offsets) % per_group  # (S, J)
             query_slots = (query_chunks[:, None] * chunk + in_chunk).view(-1)
             key_slots = (neighbours[..., None] * chunk + in_chunk).view(-1)
-            slices = query_chunks.shape[0]
+            count = query_chunks.shape[0]
             yield _Slice(
                 query_rows=layout.slot_rows[query_slots], query_slots=query_slots,
                 key_rows=layout.slot_rows[key_slots],
-                query_positions=layout.positions[query_slots].view(slices, chunk),
-                key_positions=layout.positions[key_slots].view(slices, -1),
-                key_ranks=None if key_ranks is None else key_ranks[key_slots].view(slices, -1),
+                query_positions=layout.positions[query_slots].view(count, chunk),
+                key_positions=layout.positions[key_slots].view(count, -1),
+                key_ranks=None if key_ranks is None else key_ranks[key_slots].view(count, -1),
             )
 
 
@@ -192,7 +193,7 @@ def _slice_scores(queries: Tensor, keys: Tensor, part: _Slice, spec: AttentionSp
     chunk = part.query_positions.shape[1]
     slice_queries = queries.index_select(0, part.query_rows).view(-1, chunk, width)  # (S, C, D)
     raw_keys = keys.index_select(0, part.key_rows).view(slice_queries.shape[0], -1, width)  # (S, J*C, D)
-    slice_keys = normalize_keys(raw_keys) if spec.self_mask else raw_keys
+    slice_keys = normalize_keys(raw_keys) if spec.shared_qk else raw_keys
     scores = torch.bmm(slice_queries, slice_keys.transpose(1, 2))  # (S, C, J*C)
     if spec.key_scale != 1.0:
         scores.mul_(spec.key_scale)
@@ -275,7 +276,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
         out, slot_logsumexp, row_max, row_sum = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
-        ctx.layout, ctx.spec, ctx.seed, ctx.shared = layout, spec, seed, keys is None
+        ctx.layout, ctx.spec, ctx.seed = layout, spec, seed
         ctx.save_for_backward(queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks)
         # The output is needed only at the start of backward (for dO · O). A detached alias, unlike
         # save_for_backward, lets backward drop it before the slice loop (a second backward through
@@ -295,7 +296,7 @@ class _ChunkedAttention(torch.autograd.Function):
             raise RuntimeError("the output of chunked attention was modified in place before backward; "
                                "clone it before changing it")
         width = values.shape[1]
-        keys_in = queries if ctx.shared else keys
+        keys_in = queries if spec.shared_qk else keys
         grad_out = grad_out.contiguous()
         # Σ_k p_k dP_k = dO · O (FlashAttention's identity). With several rounds a slot's output
         # gradient is w_r g and its log-sum-exp gets w_r (g · o_r - g · y); both terms together
@@ -303,7 +304,7 @@ class _ChunkedAttention(torch.autograd.Function):
         grad_dot_out = torch.einsum("nd,nd->n", grad_out, out)  # (rows,)
         del out
         grad_queries = torch.zeros_like(queries)
-        grad_keys = None if ctx.shared else torch.zeros_like(keys)
+        grad_keys = None if spec.shared_qk else torch.zeros_like(keys)
         grad_values = torch.zeros_like(values)
         for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
             scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
@@ -338,7 +339,7 @@ class _ChunkedAttention(torch.autograd.Function):
             grad_queries.index_put_((part.query_rows,), torch.bmm(grad_scores, slice_keys).view(-1, width),
                                     accumulate=True)
             grad_slice_keys = torch.bmm(grad_scores.transpose(1, 2), slice_queries)  # (S, J*C, D)
-            if ctx.shared:
+            if spec.shared_qk:
                 grad_queries.index_put_((part.key_rows,), _normalize_keys_backward(raw_keys, grad_slice_keys).view(-1, width),
                                         accumulate=True)
             else:
@@ -373,7 +374,8 @@ def chunked_attention(
     if chunks_per_slice is None:
         window = (layout.before + 1 + layout.after) * layout.chunk_length
         chunks_per_slice = max(1, SLICE_SCORES // (layout.chunk_length * window))
-    spec = AttentionSpec(bool(causal), bool(self_mask), float(key_scale), float(dropout), int(chunks_per_slice))
+    spec = AttentionSpec(keys is None, bool(causal), bool(self_mask), float(key_scale), float(dropout),
+                         int(chunks_per_slice))
     seed = None
     if training and dropout > 0:
         seed = int(torch.randint(0, 2**62, (1,)).item())
