@@ -49,10 +49,12 @@ MASK_VALUES = {
 # result would underflow, which every masked score (-1e9 - max) is.
 EXP_FLOOR = -87.0
 
-# Score elements per slice (S * C * J * C). Backward holds about four tensors of this size at
-# once (8 MiB in float32): small next to the rows of a long sequence, large enough that the
-# per-slice Python work is noise (at 16K tokens, 2^18 to 2^21 all ran within 5 % of each other).
-SLICE_SCORES = 1 << 19
+# Score elements per slice (S * C * J * C), by device type. Backward holds about four tensors of
+# this size at once. On CPU, 2^19 (8 MiB in float32) is small next to the rows of a long sequence
+# and large enough that the per-slice Python work is noise (at 16K tokens, 2^18 to 2^21 ran within
+# 5 % of each other). Accelerators get larger slices, so each kernel launch carries more work.
+SLICE_SCORES = {"cpu": 1 << 19}
+SLICE_SCORES_ACCELERATOR = 1 << 23
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -368,12 +370,14 @@ def chunked_attention(
     for real tokens. With several rounds each position's output is the softmax-of-log-sum-exp
     weighted sum of its rounds' outputs (Reformer paper, appendix A; ``merge_rounds``).
     ``chunks_per_slice`` sets how many query chunks are computed at once (default: about
-    ``SLICE_SCORES`` scores); it changes memory and speed, not the result (dropout masks aside).
+    ``SLICE_SCORES`` scores for the device); it changes memory and speed, not the result (dropout
+    masks aside).
     """
     batch, length, heads, _ = layout.shape
     if chunks_per_slice is None:
         window = (layout.before + 1 + layout.after) * layout.chunk_length
-        chunks_per_slice = max(1, SLICE_SCORES // (layout.chunk_length * window))
+        budget = SLICE_SCORES.get(queries.device.type, SLICE_SCORES_ACCELERATOR)
+        chunks_per_slice = max(1, budget // (layout.chunk_length * window))
     spec = AttentionSpec(keys is None, bool(causal), bool(self_mask), float(key_scale), float(dropout),
                          int(chunks_per_slice))
     seed = None
