@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from torch_reformer.attention import hashing
 from torch_reformer.attention.hashing import (
     assign_padding_bucket,
     auto_num_buckets,
@@ -35,8 +36,11 @@ def naive_buckets(vectors, rotations, num_buckets):
     return out
 
 
+@pytest.mark.parametrize("block_elements", [None, 100])
 @pytest.mark.parametrize("num_buckets", [2, 8, [2, 4], [4, 2, 6]])
-def test_bucket_ids_match_the_definition(num_buckets):
+def test_bucket_ids_match_the_definition(num_buckets, block_elements, monkeypatch):
+    if block_elements is not None:  # hash a few positions at a time, as a long sequence is hashed
+        monkeypatch.setattr(hashing, "HASH_BLOCK_ELEMENTS", block_elements)
     torch.manual_seed(0)
     vectors = torch.randn(2, 3, 11, 5, dtype=torch.float64)
     rotations = draw_rotations(3, 5, 4, num_buckets, seed=3, dtype=torch.float64)

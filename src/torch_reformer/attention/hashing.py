@@ -99,6 +99,10 @@ def draw_rotations(
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+# At most this many projections (B * H * R * positions * F floats) exist at once while hashing.
+HASH_BLOCK_ELEMENTS = 1 << 24
+
+
 def _argmax_of_both_signs(rotated: Tensor) -> Tensor:
     """argmax over [x ; -x] along the last axis without building the concatenation.
 
@@ -125,15 +129,23 @@ def hash_vectors(vectors: Tensor, rotations: Tensor, num_buckets: BucketSpec) ->
             f"rotations have shape {tuple(rotations.shape)}, expected (heads, head_size, num_hashes, "
             f"sum(num_buckets)/2) = {expected} for num_buckets={num_buckets!r}"
         )
+    batch, _, length, _ = vectors.shape
+    # The projections of a long sequence are (B, H, R, L, F): at a million tokens and F = 192 they
+    # would take 6 GiB, so positions are hashed in blocks of at most HASH_BLOCK_ELEMENTS projections.
+    block = max(1, HASH_BLOCK_ELEMENTS // (batch * num_heads * rotations.shape[2] * rotations.shape[3]))
+    bucket_ids = vectors.new_empty((batch, num_heads, rotations.shape[2], length), dtype=torch.long)
     with torch.no_grad():
-        rotated = torch.einsum("bhld,hdrf->bhrlf", vectors.detach().to(rotations.dtype), rotations)  # (B, H, R, L, F)
-        bucket_ids = None
-        column, radix = 0, 1
-        for factor in factors:
-            digit = _argmax_of_both_signs(rotated[..., column : column + factor // 2])  # (B, H, R, L)
-            bucket_ids = digit if bucket_ids is None else bucket_ids + radix * digit
-            column += factor // 2
-            radix *= factor
+        for start in range(0, length, block):
+            part = vectors[:, :, start : start + block].detach().to(rotations.dtype)  # (B, H, l, D)
+            rotated = torch.einsum("bhld,hdrf->bhrlf", part, rotations)  # (B, H, R, l, F)
+            ids = None
+            column, radix = 0, 1
+            for factor in factors:
+                digit = _argmax_of_both_signs(rotated[..., column : column + factor // 2])  # (B, H, R, l)
+                ids = digit if ids is None else ids + radix * digit
+                column += factor // 2
+                radix *= factor
+            bucket_ids[..., start : start + block] = ids
     return bucket_ids
 
 
