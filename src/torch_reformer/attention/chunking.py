@@ -272,6 +272,47 @@ def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: 
     return out, slot_logsumexp, row_max, row_sum
 
 
+def _round_weights(logsumexp: Tensor, row_max: Tensor, row_sum: Tensor, query_rows: Tensor) -> Tensor:
+    """Each slot's weight in its row's merge of rounds, (S, C): exp(lse_r - max) / sum, as forward
+    normalised it. exp(lse_r - row lse) would round the row lse of a masked row (about -1e5, spacing
+    0.008 in float32) and the weights would not sum to 1."""
+    shape = logsumexp.shape
+    weight = (logsumexp - row_max.index_select(0, query_rows).view(shape)).exp_()
+    return weight.div_(row_sum.index_select(0, query_rows).view(shape))
+
+
+def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, logsumexp, slice_grad, shift, keep):
+    """Gradients of one slice from its recomputed probabilities.
+
+    ``slice_grad`` (S, C, D) is the gradient of the slots' outputs, ``shift`` (S, C) the
+    per-slot term subtracted from dP, ``keep`` the slice's scaled dropout mask or None.
+    Returns the rows' gradient contributions: queries (S*C, D), keys and values (S*J*C, D)
+    (keys already through the normalisation for shared keys).
+    """
+    width = values.shape[1]
+    keys_in = queries if spec.shared_qk else keys
+    scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
+    slice_max = _exp_shifted_(scores)
+    probs = scores.div_((logsumexp - slice_max).exp_()[..., None])  # (S, C, J*C)
+    slice_values = values.index_select(0, part.key_rows).view(probs.shape[0], -1, width)
+    grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
+    dropped = probs
+    if keep is not None:
+        grad_probs.mul_(keep)
+        dropped = probs * keep
+    grad_values = torch.bmm(dropped.transpose(1, 2), slice_grad).view(-1, width)
+    del dropped
+    grad_scores = grad_probs.sub_(shift[..., None]).mul_(probs)
+    grad_scores.masked_fill_(_is_degenerate(slice_max, spec)[..., None], 0)
+    if spec.key_scale != 1.0:
+        grad_scores.mul_(spec.key_scale)
+    grad_queries = torch.bmm(grad_scores, slice_keys).view(-1, width)
+    grad_keys = torch.bmm(grad_scores.transpose(1, 2), slice_queries)  # (S, J*C, D)
+    if spec.shared_qk:
+        grad_keys = _normalize_keys_backward(raw_keys, grad_keys)
+    return grad_queries, grad_keys.view(-1, width), grad_values
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Softmax attention of every chunk over its neighbours, slice by slice, rows in and rows out."""
 
@@ -298,7 +339,6 @@ class _ChunkedAttention(torch.autograd.Function):
             raise RuntimeError("the output of chunked attention was modified in place before backward; "
                                "clone it before changing it")
         width = values.shape[1]
-        keys_in = queries if spec.shared_qk else keys
         grad_out = grad_out.contiguous()
         # Σ_k p_k dP_k = dO · O (FlashAttention's identity). With several rounds a slot's output
         # gradient is w_r g and its log-sum-exp gets w_r (g · o_r - g · y); both terms together
@@ -309,43 +349,21 @@ class _ChunkedAttention(torch.autograd.Function):
         grad_keys = None if spec.shared_qk else torch.zeros_like(keys)
         grad_values = torch.zeros_like(values)
         for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
-            scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
-            slices, chunk = part.query_positions.shape
-            logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(slices, chunk)
-            slice_max = _exp_shifted_(scores)
-            probs = scores.div_((logsumexp - slice_max).exp_()[..., None])  # (S, C, J*C)
-            slice_grad = grad_out.index_select(0, part.query_rows).view(slices, chunk, width)
-            shift = grad_dot_out.index_select(0, part.query_rows).view(slices, chunk)
+            count, chunk = part.query_positions.shape
+            logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(count, chunk)
+            slice_grad = grad_out.index_select(0, part.query_rows).view(count, chunk, width)
+            shift = grad_dot_out.index_select(0, part.query_rows).view(count, chunk)
             if row_max is not None:
-                # w_r = exp(lse_r - max) / sum, as forward normalised it: exp(lse_r - row lse) would
-                # round the row lse of a masked row (about -1e5, spacing 0.008 in float32) and the
-                # weights would not sum to 1.
-                round_weight = (logsumexp - row_max.index_select(0, part.query_rows).view(slices, chunk)).exp_()
-                round_weight.div_(row_sum.index_select(0, part.query_rows).view(slices, chunk))
+                round_weight = _round_weights(logsumexp, row_max, row_sum, part.query_rows)
                 slice_grad = slice_grad * round_weight[..., None]
                 shift = shift * round_weight
-            slice_values = values.index_select(0, part.key_rows).view(slices, -1, width)
-            grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
-            dropped = probs
-            if seed is not None:
-                keep = _dropout_keep(probs.shape, seed, index, spec, probs)
-                grad_probs.mul_(keep)
-                dropped = probs * keep
-            grad_values.index_put_((part.key_rows,), torch.bmm(dropped.transpose(1, 2), slice_grad).view(-1, width),
-                                   accumulate=True)
-            del dropped
-            grad_scores = grad_probs.sub_(shift[..., None]).mul_(probs)
-            grad_scores.masked_fill_(_is_degenerate(slice_max, spec)[..., None], 0)
-            if spec.key_scale != 1.0:
-                grad_scores.mul_(spec.key_scale)
-            grad_queries.index_put_((part.query_rows,), torch.bmm(grad_scores, slice_keys).view(-1, width),
-                                    accumulate=True)
-            grad_slice_keys = torch.bmm(grad_scores.transpose(1, 2), slice_queries)  # (S, J*C, D)
-            if spec.shared_qk:
-                grad_queries.index_put_((part.key_rows,), _normalize_keys_backward(raw_keys, grad_slice_keys).view(-1, width),
-                                        accumulate=True)
-            else:
-                grad_keys.index_put_((part.key_rows,), grad_slice_keys.view(-1, width), accumulate=True)
+            keep = None if seed is None else _dropout_keep((count, chunk, part.key_rows.shape[0] // count), seed,
+                                                           index, spec, queries)
+            grad_q, grad_k, grad_v = _slice_backward(queries, keys, values, part, spec, logsumexp, slice_grad,
+                                                     shift, keep)
+            grad_values.index_put_((part.key_rows,), grad_v, accumulate=True)
+            grad_queries.index_put_((part.query_rows,), grad_q, accumulate=True)
+            (grad_queries if spec.shared_qk else grad_keys).index_put_((part.key_rows,), grad_k, accumulate=True)
         return grad_queries, grad_keys, grad_values, None, None, None, None
 
 
