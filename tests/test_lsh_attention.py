@@ -171,6 +171,32 @@ def test_half_precision_forward_stays_within_twice_the_naive_error(dtype):
     assert (ours.double() - exact).abs().max() <= 2 * naive_error
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_stay_within_twice_the_naive_error(dtype):
+    qk, values = make_inputs(1, 2, 64, 16, seed=8)
+    key_mask = padding_mask(1, 64, True)
+    ids = bucket_ids_for(qk, 2, 8, key_mask)
+    counts = visible_counts(ids, 8, 1, 0)
+    probe = torch.randn(1, 2, 64, 16, dtype=torch.float64)
+
+    def gradients(run, dtype):
+        low_qk = qk.detach().to(dtype).requires_grad_()
+        low_values = values.detach().to(dtype).requires_grad_()
+        out = run(low_qk, low_values)
+        return [g.double() for g in torch.autograd.grad((out * probe.to(dtype)).sum(), (low_qk, low_values))]
+
+    def naive(q, v):
+        return reference_attention(q, v, counts, True, key_mask)
+
+    def ours(q, v):
+        return lsh_attention(q, v, ids, chunk_length=8, causal=True, key_mask=key_mask)
+
+    exact = gradients(naive, torch.float64)
+    for ours_grad, naive_grad, exact_grad in zip(gradients(ours, dtype), gradients(naive, dtype), exact):
+        assert torch.isfinite(ours_grad).all()
+        assert (ours_grad - exact_grad).abs().max() <= 2 * (naive_grad - exact_grad).abs().max()
+
+
 def test_one_chunk_is_full_shared_qk_attention_with_the_self_mask():
     qk, values = make_inputs(2, 2, 12, 5, seed=7)
     key_mask = padding_mask(2, 12, True)
