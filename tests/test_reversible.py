@@ -475,3 +475,28 @@ def test_outputs_changed_in_place_before_backward_are_refused():
         y1.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         (y1 + y2).sum().backward()
+
+
+def test_the_block_output_is_released_before_the_block_backward_runs():
+    """The engine backpropagates into a rebuilt block without holding the block's output (a
+    sequence-long tensor): only what the block's own graph saved stays alive."""
+
+    class Recorded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.last_output = None
+            self.alive_in_backward = []
+
+        def forward(self, x):
+            out = self.linear(x)
+            self.last_output = weakref.ref(out)
+            return out
+
+    block = Recorded()
+    block.linear.weight.register_hook(lambda grad: block.alive_in_backward.append(block.last_output() is not None))
+    model = ReversibleSequential(block, nn.Linear(4, 4))
+    x = torch.randn(2, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert block.alive_in_backward and not any(block.alive_in_backward)
+    assert torch.isfinite(block.linear.weight.grad).all() and block.linear.weight.grad.abs().sum() > 0

@@ -177,6 +177,34 @@ def _gradients(
     return result
 
 
+class _GradientRoot(torch.autograd.Function):
+    """A scalar whose backward hands ``grad`` to ``output``.
+
+    Backpropagating from this root instead of from ``output`` lets the engine drop its own
+    reference to ``output`` (a sequence-long tensor) before the backward of the block runs: the
+    node keeps the graph edge, not the values, and any node that needs the values saved them.
+    """
+
+    @staticmethod
+    def forward(ctx, output: Tensor, grad: Tensor) -> Tensor:
+        ctx.grad = grad
+        return output.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_root: Tensor):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None
+
+
+def _gradient_root(output: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(root, its gradient) standing for (``output``, ``grad``) in ``_gradients``."""
+    if grad is None or not output.requires_grad:
+        return output, grad
+    with torch.enable_grad():  # the engine's backward runs with grad mode off
+        root = _GradientRoot.apply(output, grad)
+    return root, torch.ones((), dtype=output.dtype, device=output.device)
+
+
 class _BackwardWalk:
     """The stack (values and gradients) while the backward pass walks the steps in reverse.
 
@@ -312,17 +340,19 @@ class CouplingStep:
                 rebuilt = self.coupling_inverse(output, fn_out)
         wrt = [*context_items, *params]
         if fast:
-            found = _gradients([fn_out], [grad_output], wrt)
+            root, grad_root = _gradient_root(fn_out, grad_output)
+            del fn_out  # its values are not needed any more; a node that saved them keeps its own reference
+            found = _gradients([root], [grad_root], wrt)
             if grad_output is not None and any(g is not None and _shares_memory(g, grad_output) for g in found):
                 walk.owned_grads[target] = False  # autograd handed grad_output itself back
         else:
             rebuilt_leaf = _grad_leaf(rebuilt)
             with replay():
                 recoupled = self.coupling_forward(rebuilt_leaf, fn_out)
+            del fn_out
             found = _gradients([recoupled], [grad_output], [rebuilt_leaf, *wrt])
             walk.grads[target] = found.pop(0)
             walk.owned_grads[target] = False
-        del fn_out
         walk.values[target] = rebuilt
         walk.owned_values[target] = fast
         for position, grad in zip(self.contexts, found[: len(self.contexts)]):
