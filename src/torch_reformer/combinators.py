@@ -30,13 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from torch_reformer.reversible import (
-    MEMORY_MODES,
-    CouplingStep,
-    InvertibleStep,
-    PermutationStep,
-    run_reversible_steps,
-)
+from torch_reformer.reversible import MEMORY_MODES, run_reversible_steps
+from torch_reformer.reversible_steps import CouplingStep, InvertibleStep, PermutationStep
 
 
 def _as_stack(inputs: object) -> tuple:

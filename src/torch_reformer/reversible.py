@@ -12,7 +12,7 @@ autograd on, back-propagates through that one block and drops its graph, so trai
 memory is about one block's activations whatever the depth.
 
 The engine is general: it runs a list of *steps* over a stack of tensors (stack item 0
-is the top). Three kinds of step cover every front door:
+is the top). Three kinds of step (``reversible_steps.py``) cover every front door:
 
 - ``CouplingStep``: ``stack[target] <- coupling_forward(stack[target], block(*stack[contexts]))``
   (a RevNet half step; ``ReversibleSequential`` and ``ReversibleHalfResidual``);
@@ -39,7 +39,7 @@ tensor of the same shape, split in two equal halves along ``split_dim``.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,20 +47,19 @@ from torch.utils.checkpoint import checkpoint
 
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, saved_state  # noqa: F401 - part of the engine's API
+from .reversible_steps import (
+    Coupling,
+    CouplingStep,
+    Invoke,
+    ReversibleStep,
+    BackwardWalk,
+    invoke_plain,
+    additive_coupling_forward,
+    additive_coupling_inverse,
+)
 
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 
-Coupling = Callable[[Tensor, Tensor], Tensor]
-
-
-def additive_coupling_forward(other_stream: Tensor, fn_out: Tensor) -> Tensor:
-    """RevNet coupling: ``y = x + f``."""
-    return other_stream + fn_out
-
-
-def additive_coupling_inverse(output: Tensor, fn_out: Tensor) -> Tensor:
-    """Inverse of the RevNet coupling: ``x = y - f``."""
-    return output - fn_out
 
 
 # --------------------------------------------------------------------------------------
@@ -138,290 +137,6 @@ def _replaying(
 
 
 # --------------------------------------------------------------------------------------
-# Steps
-# --------------------------------------------------------------------------------------
-
-
-Invoke = Callable[..., object]
-
-
-def _invoke_plain(fn: Callable[..., object], *args: object) -> object:
-    return fn(*args)
-
-
-def _grad_leaf(value: object) -> object:
-    """A fresh autograd leaf sharing ``value``'s memory (floating tensors only)."""
-    if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
-        return value.detach().requires_grad_()
-    return value
-
-
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _gradients(
-    outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor | None], inputs: Sequence[object]
-) -> list[Tensor | None]:
-    """d(outputs)/d(inputs) against grad_outputs; None for inputs that need no gradient."""
-    pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None and out.requires_grad]
-    wanted = [i for i, value in enumerate(inputs) if isinstance(value, Tensor) and value.requires_grad]
-    result: list[Tensor | None] = [None] * len(inputs)
-    if not pairs or not wanted:
-        return result
-    found = torch.autograd.grad(
-        [out for out, _ in pairs], [inputs[i] for i in wanted], [grad for _, grad in pairs], allow_unused=True
-    )
-    for i, grad in zip(wanted, found):
-        result[i] = grad
-    return result
-
-
-class _GradientRoot(torch.autograd.Function):
-    """A scalar whose backward hands ``grad`` to ``output``.
-
-    Backpropagating from this root instead of from ``output`` lets the engine drop its own
-    reference to ``output`` (a sequence-long tensor) before the backward of the block runs: the
-    node keeps the graph edge, not the values, and any node that needs the values saved them.
-    """
-
-    @staticmethod
-    def forward(ctx, output: Tensor, grad: Tensor) -> Tensor:
-        ctx.grad = grad
-        return output.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _grad_root: Tensor):
-        grad, ctx.grad = ctx.grad, None
-        return grad, None
-
-
-def _gradient_root(output: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(root, its gradient) standing for (``output``, ``grad``) in ``_gradients``."""
-    if grad is None or not output.requires_grad:
-        return output, grad
-    with torch.enable_grad():  # the engine's backward runs with grad mode off
-        root = _GradientRoot.apply(output, grad)
-    return root, torch.ones((), dtype=output.dtype, device=output.device)
-
-
-class _BackwardWalk:
-    """The stack (values and gradients) while the backward pass walks the steps in reverse.
-
-    ``owned_*`` marks tensors the walk allocated itself and nobody else references, so
-    they may be updated in place instead of copied.
-    """
-
-    def __init__(self, values: list[Tensor], grads: list[Tensor | None]) -> None:
-        self.values = values
-        self.grads = grads
-        self.owned_values = [False] * len(values)
-        self.owned_grads = [False] * len(values)
-
-    def add_grad(self, position: int, grad: Tensor | None) -> None:
-        if grad is None:
-            return
-        current = self.grads[position]
-        if current is None:
-            self.grads[position] = grad
-            self.owned_grads[position] = False
-        elif self.owned_grads[position] and current.shape == grad.shape and current.dtype == grad.dtype:
-            current.add_(grad)
-        else:
-            self.grads[position] = current + grad
-            self.owned_grads[position] = True
-
-
-def _broadcasts_to(value: Tensor, stream: Tensor) -> bool:
-    try:
-        return torch.broadcast_shapes(value.shape, stream.shape) == stream.shape
-    except RuntimeError:
-        return False
-
-
-def _call_module(block: nn.Module, items: Sequence[object], block_kwargs: dict) -> object:
-    return block(*items, **block_kwargs) if block_kwargs else block(*items)
-
-
-class ReversibleStep(Protocol):
-    """What the engine needs from a step; ``CouplingStep``, ``PermutationStep`` and
-    ``InvertibleStep`` implement it.
-
-    - ``modules``: the modules whose parameters, buffers and RNG use the step owns;
-    - ``n_items``: how many top stack items it reads or writes;
-    - ``replays_randomness``: whether it calls a block (so RNG and autocast are recorded);
-    - ``forward(stack, block_kwargs, invoke)``: the new stack; blocks are run through
-      ``invoke(fn, *tensors)`` (plain, or under checkpoint);
-    - ``backward(walk, replay, block_kwargs, params)``: rebuild the step's inputs in
-      ``walk.values``, put their gradients in ``walk.grads`` and return the gradients of
-      ``params``; every block call goes inside ``with replay():``.
-    """
-
-    modules: tuple[nn.Module, ...]
-    n_items: int
-    replays_randomness: bool
-
-    def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list: ...
-
-    def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list: ...
-
-
-class CouplingStep:
-    """``stack[target] <- coupling_forward(stack[target], block(*stack[contexts], **block_kwargs))``.
-
-    ``call_block(block, context_items, block_kwargs)`` runs the block (default: a plain
-    module call) and must return one tensor.
-    """
-
-    def __init__(
-        self,
-        block: nn.Module,
-        target: int,
-        contexts: Sequence[int],
-        coupling_forward: Coupling = additive_coupling_forward,
-        coupling_inverse: Coupling = additive_coupling_inverse,
-        call_block: Callable[[nn.Module, Sequence[object], dict], object] = _call_module,
-    ) -> None:
-        if target in contexts:
-            raise ValueError(f"a coupling step cannot read the item it updates (target {target} in {contexts})")
-        self.block = block
-        self.target = target
-        self.contexts = tuple(contexts)
-        self.coupling_forward = coupling_forward
-        self.coupling_inverse = coupling_inverse
-        self.call_block = call_block
-        self.modules = (block,)
-        self.n_items = max(target, *self.contexts) + 1
-        self.replays_randomness = True
-        self.additive = (
-            coupling_forward is additive_coupling_forward and coupling_inverse is additive_coupling_inverse
-        )
-
-    def block_output(self, context_items: Sequence[object], block_kwargs: dict) -> Tensor:
-        out = self.call_block(self.block, context_items, block_kwargs)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"reversible block {type(self.block).__name__} returned {type(out).__name__}; "
-                "a block must return one tensor shaped like the stream it updates"
-            )
-        return out
-
-    def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
-        context_items = [stack[i] for i in self.contexts]
-        fn_out = invoke(lambda *items: self.block_output(items, block_kwargs), *context_items)
-        stream = stack[self.target]
-        if isinstance(stream, Tensor) and not _broadcasts_to(fn_out, stream):
-            self._stream_changed(stream, f"the block's output of shape {tuple(fn_out.shape)}")
-        updated = self.coupling_forward(stream, fn_out)
-        if isinstance(stream, Tensor) and (updated.shape != stream.shape or updated.dtype != stream.dtype):
-            self._stream_changed(stream, f"shape {tuple(updated.shape)} and dtype {updated.dtype}")
-        stack[self.target] = updated
-        return stack
-
-    def _stream_changed(self, stream: Tensor, result: str) -> None:
-        raise ValueError(
-            f"block {type(self.block).__name__} updates a stream of shape {tuple(stream.shape)} and dtype "
-            f"{stream.dtype} with {result}; a reversible step must keep its stream's shape and dtype: "
-            "make the block's output match the stream"
-        )
-
-    def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
-        target = self.target
-        output, grad_output = walk.values[target], walk.grads[target]
-        context_items = [_grad_leaf(walk.values[i]) for i in self.contexts]
-        with replay():
-            fn_out = self.block_output(context_items, block_kwargs)
-        # Additive coupling without broadcasting: dx = dy, and the block's gradient is dy.
-        fast = self.additive and fn_out.shape == output.shape
-        with torch.no_grad():
-            if fast and walk.owned_values[target]:
-                rebuilt = output.sub_(fn_out)  # reuse the buffer this walk allocated
-            else:
-                rebuilt = self.coupling_inverse(output, fn_out)
-        wrt = [*context_items, *params]
-        if fast:
-            root, grad_root = _gradient_root(fn_out, grad_output)
-            del fn_out  # its values are not needed any more; a node that saved them keeps its own reference
-            found = _gradients([root], [grad_root], wrt)
-            if grad_output is not None and any(g is not None and _shares_memory(g, grad_output) for g in found):
-                walk.owned_grads[target] = False  # autograd handed grad_output itself back
-        else:
-            rebuilt_leaf = _grad_leaf(rebuilt)
-            with replay():
-                recoupled = self.coupling_forward(rebuilt_leaf, fn_out)
-            del fn_out
-            found = _gradients([recoupled], [grad_output], [rebuilt_leaf, *wrt])
-            walk.grads[target] = found.pop(0)
-            walk.owned_grads[target] = False
-        walk.values[target] = rebuilt
-        walk.owned_values[target] = fast
-        for position, grad in zip(self.contexts, found[: len(self.contexts)]):
-            walk.add_grad(position, grad)
-        return found[len(self.contexts) :]
-
-
-class PermutationStep:
-    """Reorders the top items: new ``stack[i] = stack[order[i]]`` for ``i < len(order)``."""
-
-    def __init__(self, order: Sequence[int]) -> None:
-        if sorted(order) != list(range(len(order))):
-            raise ValueError(f"a permutation step needs a permutation of 0..{len(order) - 1}, got {list(order)}")
-        self.order = tuple(order)
-        self.inverse_order = tuple(sorted(range(len(order)), key=lambda i: order[i]))
-        self.modules = ()
-        self.n_items = len(order)
-        self.replays_randomness = False
-
-    def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
-        return [stack[i] for i in self.order] + stack[self.n_items :]
-
-    def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
-        for name in ("values", "grads", "owned_values", "owned_grads"):
-            items = getattr(walk, name)
-            items[: self.n_items] = [items[i] for i in self.inverse_order]
-        return []
-
-
-class InvertibleStep:
-    """The general path: ``top = apply(*top)`` with an exact ``reverse(*top)``.
-
-    ``apply`` and ``reverse`` take and return ``n_items`` values. ``module`` holds the
-    parameters and buffers they use.
-    """
-
-    def __init__(self, module: nn.Module, n_items: int, apply: Callable, reverse: Callable) -> None:
-        self.modules = (module,)
-        self.n_items = n_items
-        self.apply = apply
-        self.reverse = reverse
-        self.replays_randomness = True
-
-    def _outputs(self, items: Sequence[object]) -> tuple:
-        out = tuple(self.apply(*items))
-        if len(out) != self.n_items:
-            raise ValueError(f"{type(self.modules[0]).__name__} returned {len(out)} items, expected {self.n_items}")
-        return out
-
-    def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
-        outputs = invoke(lambda *items: self._outputs(items), *stack[: self.n_items])
-        return list(outputs) + stack[self.n_items :]
-
-    def backward(self, walk: _BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
-        n = self.n_items
-        with replay(), torch.no_grad():
-            inputs = [_grad_leaf(value) for value in self.reverse(*walk.values[:n])]
-        with replay():
-            outputs = self._outputs(inputs)
-        found = _gradients(outputs, walk.grads[:n], [*inputs, *params])
-        del outputs
-        walk.values[:n] = [value.detach() if isinstance(value, Tensor) else value for value in inputs]
-        walk.grads[:n] = found[:n]
-        walk.owned_values[:n] = [False] * n
-        walk.owned_grads[:n] = [False] * n
-        return found[n:]
-
-
-# --------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------
 
@@ -466,11 +181,11 @@ class _ChainRun:
     def forward(self, stack: list) -> list:
         for k, step in enumerate(self.steps):
             if not step.replays_randomness:
-                stack = step.forward(stack, self.block_kwargs, _invoke_plain)
+                stack = step.forward(stack, self.block_kwargs, invoke_plain)
                 continue
             record = self.records[k] = _CallRecord(self.device)
             with activated(record.state, recomputing=False):
-                stack = step.forward(stack, self.block_kwargs, _invoke_plain)
+                stack = step.forward(stack, self.block_kwargs, invoke_plain)
         return stack
 
     def keep_outputs(self, outputs: list[Tensor]) -> None:
@@ -493,7 +208,7 @@ class _ChainRun:
         return outputs
 
     def backward(self, grads: list[Tensor | None]) -> tuple[list, list]:
-        walk = _BackwardWalk(self._take_outputs(), list(grads))
+        walk = BackwardWalk(self._take_outputs(), list(grads))
         param_grads: list[Tensor | None] = [None] * len(self.params)
         for k in reversed(range(len(self.steps))):
             step, record = self.steps[k], self.records[k]
@@ -559,7 +274,7 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
 
 def _run_plain(steps: Sequence[ReversibleStep], stack: list, block_kwargs: dict, checkpointed: bool) -> list:
     for step in steps:
-        invoke = _checkpointing_invoke(step.modules) if checkpointed and step.modules else _invoke_plain
+        invoke = _checkpointing_invoke(step.modules) if checkpointed and step.modules else invoke_plain
         stack = step.forward(stack, block_kwargs, invoke)
     return stack
 
