@@ -180,6 +180,9 @@ def test_summary_ratios_match_hand_computed_values():
     assert "12-layer peak 520 MiB vs 2-layer 500 MiB = 1.04x" in issue
     assert "Seconds per step at 16K: ours 4, transformers 10 = 0.40x" in issue
     assert "trains on: 262,144 tokens; 1M failed: OOM" in issue
+    assert "step 16 s vs 100 s = 6.25x faster (target >= 5x), peak 1,000 MiB vs 1,200 MiB = 0.83x" in issue
+    assert "12-layer / 2-layer peak: ours 1.04x (500 -> 520 MiB), transformers 2.00x (1,000 -> 2,000 MiB)" in \
+        summary.depth_headline(results, "hf", "transformers")
     assert "Command: `reformer bench memory speed`" in summary.summary_markdown(results)
 
 

@@ -3,7 +3,8 @@
 ``main(argv)`` parses the command line, runs the chosen suites one configuration per fresh process
 (``harness``), and writes markdown tables, PNG plots, ``summary.md`` and the raw ``results.json``
 under ``--out`` (default ``benchmarks/results/<date>-<machine>``). Results already in that folder
-are kept and merged, so suites may be run at different times into the same folder.
+are kept and merged, so suites may be run at different times, or side by side, into the same folder
+(each result is merged into ``results.json`` under a lock on the folder).
 
 Suites: ``memory`` (``bench.memory``), ``speed`` (``bench.speed``), ``quality`` (``bench.quality``).
 ``--quick`` runs a small subset in a few minutes; the full run takes hours on a 2-core CPU (the
@@ -37,7 +38,7 @@ FULL = Profile(
     attention_lengths=[1024, 4096, 16384, 65536],
     generation_contexts=[1024, 4096], generation_new_tokens=32,
     duplication=dict(length=256, vocab=64, steps=300, batch=16, lr=3e-3, hidden=256, heads=4, chunk=32, eval_size=256),
-    bpc=dict(seq_len=512, steps=500, batch=8, lr=2e-3, hidden=128, layers=2, heads=4, chunk=64,
+    bpc=dict(seq_len=512, steps=800, batch=8, lr=3e-3, hidden=128, layers=2, heads=4, chunk=64,
              corpus_bytes=4_000_000, eval_size=64),
     timeout_s=900.0, long_timeout_s=2400.0,
 )
@@ -147,7 +148,7 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
                     memory_cap_bytes: int | None, log=print) -> None:
     """Run ``suite``'s planned experiments, storing each result in ``results`` and on disk as it arrives."""
     from .peers import is_installed
-    from .report import environment, experiment_record, write_json, write_reports
+    from .report import environment, experiment_record, read_results, store_experiment, write_reports
 
     child_env = {}
     if suite == "memory" and profile.mmap_threshold:
@@ -159,7 +160,9 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
         experiment.series = [series for series in experiment.series if profile.wants_series(series.key)]
         if not experiment.series:
             continue
-        stored = experiment_record(experiment, env, record["experiments"].get(experiment.key), planned_keys)
+        on_disk = read_results(out_dir / RESULTS_FILE)["suites"].get(suite, {}).get("experiments", {})
+        previous = on_disk.get(experiment.key) or record["experiments"].get(experiment.key)
+        stored = experiment_record(experiment, env, previous, planned_keys)
         record["experiments"][experiment.key] = stored
         records = {series_record["key"]: series_record for series_record in stored["series"]}
         for series in experiment.series:
@@ -170,17 +173,17 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
             def on_result(point, result, series=series, series_record=series_record):
                 index = series.points.index(point)
                 series_record["points"][index]["result"] = result
-                write_json(out_dir / RESULTS_FILE, results)
+                store_experiment(out_dir / RESULTS_FILE, suite, stored)
                 log(f"[{suite}] {experiment.key} | {series.label} | {point.x}: {_describe(result)}", flush=True)
 
             run_series(series, lambda spec: run_spec({**spec, "threads": profile.threads}, experiment.timeout_s,
                                                      memory_cap_bytes, child_env), on_result, experiment.timeout_s)
-        write_reports(out_dir, results)
+        write_reports(out_dir, store_experiment(out_dir / RESULTS_FILE, suite, stored))
 
 
 def main(argv: list[str] | None = None, prog: str = "reformer bench") -> int:
     """Run the benchmark suites named in ``argv``; 0 on success (failed configurations are results, not errors)."""
-    from .report import load_results, write_json, write_reports
+    from .report import read_results, write_reports
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
@@ -192,11 +195,10 @@ def main(argv: list[str] | None = None, prog: str = "reformer bench") -> int:
     if args.device == "cuda":
         cap = None  # GPU memory is the limit there, and CUDA reports its own out-of-memory errors
     command = f"{prog} {shlex.join(argv)}"
-    results = load_results(out_dir / RESULTS_FILE)
+    results = read_results(out_dir / RESULTS_FILE)
     for suite in dict.fromkeys(args.suites):
         run_experiments(suite, profile, results, out_dir, command, cap)
-    write_json(out_dir / RESULTS_FILE, results)
-    for path in write_reports(out_dir, results):
+    for path in write_reports(out_dir, read_results(out_dir / RESULTS_FILE)):
         print(f"wrote {path}")
     return 0
 

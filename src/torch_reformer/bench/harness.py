@@ -42,6 +42,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
+from pathlib import Path
 
 RESULT_MARKER = "BENCH_RESULT "
 FAILED_STATUSES = ("OOM", "timeout")  # statuses that stop a series from growing
@@ -341,6 +342,20 @@ def timed_steps(meter: Meter, step: Callable[[], object], warmup: int, steps: in
     }
 
 
+def source_revision() -> str | None:
+    """The git commit of the measured code, ``+dirty`` when the package's own files differ from it (results
+    written next to the code do not count), or None outside a git checkout."""
+    package_dir = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package_dir,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=package_dir,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}{'+dirty' if changed else ''}" or None
+
+
 def _error_status(error: BaseException) -> dict:
     text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     if isinstance(error, PeerNotInstalled):
@@ -363,6 +378,7 @@ def child_main(spec_json: str) -> int:
         module_name, function_name = TASKS[spec["task"]].split(":")
         task = getattr(import_module(f"torch_reformer.bench.{module_name}"), function_name)
         result = {"status": "ok", **task(spec)}
+        result["revision"] = source_revision()  # the code this child ran, which may differ from the parent's
     except BaseException as error:  # noqa: BLE001 - every failure must become a result row
         if isinstance(error, KeyboardInterrupt):
             raise

@@ -23,10 +23,16 @@ import json
 import os
 import platform
 import socket
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from .harness import Experiment
+from .harness import Experiment, source_revision
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs into one folder must then not overlap
+    fcntl = None
 
 MIB = 2**20
 PLOT_EXTRA_NOTE = "Plots skipped: matplotlib is not installed (pip install torch-reformer[plot])."
@@ -57,19 +63,6 @@ def _total_memory_bytes() -> int | None:
     return None
 
 
-def _source_revision() -> str | None:
-    """The git commit of the measured code (``+dirty`` when the tree has local changes), if known."""
-    import subprocess
-
-    package_dir = Path(__file__).resolve().parents[1]
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=package_dir,
-                                   capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
-
-
 def environment(device: str, dtype: str, command: str, threads: int | None = None,
                 child_env: dict | None = None) -> dict:
     """What produced a set of results: machine, processor(s), dtype, torch version, threads, date, command."""
@@ -87,7 +80,7 @@ def environment(device: str, dtype: str, command: str, threads: int | None = Non
         "threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "revision": _source_revision(),
+        "revision": source_revision(),
         "child_env": dict(child_env or {}),
         "command": command,
     }
@@ -373,6 +366,40 @@ def load_results(path: Path) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     return {"format": 1, "suites": {}}
+
+
+@contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on the folder of ``path``, so that two runs into one folder take turns
+    (the folder, not the file: the file is replaced on every write, and no lock file is left behind)."""
+    if fcntl is None:
+        yield
+        return
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
+
+
+def store_experiment(path: Path, suite: str, record: dict) -> dict:
+    """Put one experiment's ``record`` into the results document at ``path`` and return the whole document.
+
+    The document is read again under a lock before it is written, so suites run at the same time into
+    the same folder (say ``quality`` beside ``memory``) keep each other's results."""
+    with _locked(path):
+        results = load_results(path)
+        experiments = results["suites"].setdefault(suite, {"experiments": {}})["experiments"]
+        experiments[record["key"]] = record
+        write_json(path, results)
+    return results
+
+
+def read_results(path: Path) -> dict:
+    """The results document at ``path``, read under the same lock as ``store_experiment`` writes it."""
+    with _locked(path):
+        return load_results(path)
 
 
 def write_reports(out_dir: Path, results: dict) -> list[Path]:

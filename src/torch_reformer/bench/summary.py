@@ -85,12 +85,22 @@ def depth_slope(results: dict, series_key: str) -> tuple[float | None, float | N
     return (peak_high - peak_low) / (high - low), peak_high / peak_low, (low, high)
 
 
+def depth_peaks(results: dict, series_key: str, low: int = 2, high: int = 12) -> tuple[float | None, float | None]:
+    """Training peaks (MiB) of ``series_key`` at ``low`` and ``high`` layers (None where not measured)."""
+    experiment = _experiment(results, "memory", "train_memory_vs_depth")
+    return value(experiment, series_key, low, "peak_mib"), value(experiment, series_key, high, "peak_mib")
+
+
 def depth_headline(results: dict, peer: str, name: str) -> str:
     ours_slope, ours_ratio, ours_depths = depth_slope(results, "ours-reversible")
     peer_slope, peer_ratio, peer_depths = depth_slope(results, peer)
     if ours_slope is None or peer_slope is None:
         return f"- Memory slope with depth vs {name}: {NOT_MEASURED}"
-    return (f"- Memory slope with depth: ours {_fmt(ours_slope, ' MiB')}/layer (peak x{ours_ratio:.2f} from "
+    ours_2, ours_12 = depth_peaks(results, "ours-reversible")
+    peer_2, peer_12 = depth_peaks(results, peer)
+    twelve = (f"12-layer / 2-layer peak: ours {_ratio(ours_12, ours_2)} ({_fmt(ours_2)} -> {_fmt(ours_12, ' MiB')}), "
+              f"{name} {_ratio(peer_12, peer_2)} ({_fmt(peer_2)} -> {_fmt(peer_12, ' MiB')}); ")
+    return (f"- Memory with depth: {twelve}slope ours {_fmt(ours_slope, ' MiB')}/layer (peak x{ours_ratio:.2f} from "
             f"{ours_depths[0]} to {ours_depths[1]} layers), {name} {_fmt(peer_slope, ' MiB')}/layer (x{peer_ratio:.2f} "
             f"from {peer_depths[0]} to {peer_depths[1]}).")
 
@@ -200,7 +210,7 @@ def issue_four(results: dict) -> list[str]:
     memory = _experiment(results, "memory", "train_memory_vs_length")
     speed = _experiment(results, "speed", "train_speed_vs_length")
     lines = []
-    for key, name in (("ours-reversible", "ours"), ("hf", "transformers")):
+    for key, name in (("ours-reversible", "ours"), ("hf", "transformers"), ("reformer_pytorch", "reformer_pytorch")):
         p2, p12 = value(depth, key, 2, "peak_mib"), value(depth, key, 12, "peak_mib")
         lines.append(f"- {name}: 12-layer peak {_fmt(p12, ' MiB')} vs 2-layer {_fmt(p2, ' MiB')} = {_ratio(p12, p2)} "
                      "(target for ours: <= 1.10x)")
@@ -217,7 +227,23 @@ def issue_four(results: dict) -> list[str]:
     reason = f"; {format_x(failed['x'])} failed: {failed['result']['status']}" if failed else ""
     lines.append(f"- Longest power-of-two length the 6-layer model trains on: "
                  f"{f'{ours_longest:,}' if ours_longest else 'n/a'} tokens{reason} (target 1,048,576)")
+    lines.append(full_attention_target(memory, speed, 65536))
     return lines
+
+
+def full_attention_target(memory: dict | None, speed: dict | None, x: int) -> str:
+    """Local/LSH vs the faster of the two full-attention (SDPA) memory modes at ``x`` tokens, in time and memory."""
+    timed = [(value(speed, f"ours-full-{mode}", x, "seconds"), mode) for mode in ("reversible", "checkpoint")]
+    timed = [(seconds, mode) for seconds, mode in timed if seconds is not None]
+    ours_time = value(speed, "ours-reversible", x, "seconds")
+    if not timed or ours_time is None:
+        return f"- Local/LSH vs full (SDPA) training at {format_x(x)}: {NOT_MEASURED} (target >= 5x faster, no more memory)"
+    full_time, mode = min(timed)
+    full_peak, ours_peak = value(memory, f"ours-full-{mode}", x, "peak_mib"), value(memory, "ours-reversible", x, "peak_mib")
+    return (f"- Local/LSH vs full (SDPA, {mode}, the faster full mode) training at {format_x(x)}: step "
+            f"{_fmt(ours_time, ' s')} vs {_fmt(full_time, ' s')} = {_ratio(full_time, ours_time)} faster (target >= 5x), "
+            f"peak {_fmt(ours_peak, ' MiB')} vs {_fmt(full_peak, ' MiB')} = {_ratio(ours_peak, full_peak)} "
+            "(target <= 1.00x)")
 
 
 def summary_markdown(results: dict) -> str:
