@@ -54,6 +54,7 @@ def test_tiny_run_measures_positive_numbers_and_full_attention_grows(tiny_run):
             assert result["peak_bytes"] >= result["baseline_bytes"] > 0
             assert result["seconds"] > 0 and result["tokens_per_second"] > 0
             assert result["tokens"] == point["x"]
+            assert "revision" in result  # the code this configuration ran (None outside a git checkout)
     full = summary._series(experiment, FULL_SERIES)["points"]
     assert full[1]["result"]["activation_bytes"] > full[0]["result"]["activation_bytes"]
     assert full[1]["result"]["peak_bytes"] > full[0]["result"]["peak_bytes"]
@@ -155,6 +156,7 @@ def test_summary_ratios_match_hand_computed_values():
             "ours-reversible": [_point(k64, k64, 2000), _point(4 * k64, 4 * k64, 8000),
                                 _point(16 * k64, 16 * k64, None, status="OOM")],
             "hf": [_point(k64, k64, 4000), _point(2 * k64, 2 * k64, None, status="OOM")],
+            "reformer_pytorch": [_point(k64, k64, None, status="OOM"), _point(2 * k64, 2 * k64, None, status="not run")],
         }, env),
     }
     speed = {"train_speed_vs_length": _experiment("train_speed_vs_length", {
@@ -172,6 +174,8 @@ def test_summary_ratios_match_hand_computed_values():
     assert summary.longest(results, "ours-reversible") == (4 * k64, "limit, 6-layer search")
     assert "ours 262,144 tokens (limit, 6-layer search), transformers 65,536 (limit, 6-layer search): ratio 4" in \
         summary.longest_headline(results, "hf", "transformers")
+    assert "ours 262,144 tokens (limit, 6-layer search), reformer_pytorch none of the lengths tried, 6-layer " \
+        "search: 64K OOM: ratio > 4." in summary.longest_headline(results, "reformer_pytorch", "reformer_pytorch")
     timing = _experiment_of(results, "speed", "train_speed_vs_length")
     assert summary.crossover(timing, "ours-reversible", "ours-full-reversible", "seconds") == "between 4K and 16K tokens"
     sizes = _experiment_of(results, "memory", "train_memory_vs_length")
@@ -252,3 +256,16 @@ def test_rerunning_some_series_keeps_the_others_with_their_environment():
     record = report.experiment_record(experiment, new_env, previous, planned_keys=["a", "b"])
     assert [(s["key"], s["environment"]["command"]) for s in record["series"]] == [("a", "old"), ("b", "new")]
     assert record["series"][1]["points"] == [{"x": 1, "spec": {}, "result": None}]
+
+
+def test_configurations_on_other_code_revisions_are_listed():
+    env = {"revision": "aaa"}
+    same = {"key": "e", "environment": env, "series": [
+        {"key": "s", "environment": env, "points": [{"x": 1, "result": {"status": "ok", "revision": "aaa"}}]}]}
+    assert report.revision_lines(same) == []
+    mixed = {"key": "e", "environment": env, "series": [
+        {"key": "s", "environment": env, "points": [{"x": 1, "result": {"status": "ok", "revision": "aaa"}},
+                                                    {"x": 2, "result": {"status": "ok", "revision": "bbb"}},
+                                                    {"x": 4, "result": {"status": "OOM"}}]}]}
+    assert report.revision_lines(mixed)[0].startswith("Code revisions the configurations ran (number of "
+                                                      "configurations): aaa (1), bbb (1);")

@@ -242,8 +242,25 @@ def _failures(experiment: dict) -> list[str]:
     return lines
 
 
+def revision_lines(experiment: dict) -> list[str]:
+    """Which code revisions the configurations ran (each child records its own), when that is not simply the
+    revision in the environment line above: the library may change between the start of a run and its end."""
+    counts: dict[str, int] = {}
+    for series in experiment["series"]:
+        for point in series["points"]:
+            revision = (point.get("result") or {}).get("revision")
+            if revision:
+                counts[revision] = counts.get(revision, 0) + 1
+    stated = {(series.get("environment") or experiment["environment"]).get("revision") for series in experiment["series"]}
+    if not counts or (len(counts) == 1 and set(counts) == stated):
+        return []
+    listed = ", ".join(f"{revision} ({count})" for revision, count in counts.items())
+    return [f"Code revisions the configurations ran (number of configurations): {listed}; per configuration in "
+            "results.json.", ""]
+
+
 def experiment_markdown(experiment: dict, plot_file: str | None) -> str:
-    lines = [f"## {experiment['title']}", "", *measured_by_lines(experiment), ""]
+    lines = [f"## {experiment['title']}", "", *measured_by_lines(experiment), "", *revision_lines(experiment)]
     lines += [note for note in experiment["notes"]] + [""]
     for view in experiment["views"]:
         lines += [f"{view['caption'][:1].upper()}{view['caption'][1:]}, by {experiment['x_name']}:", ""]

@@ -9,7 +9,7 @@ reason, never a guess.
 
 from __future__ import annotations
 
-from .report import environment_lines, format_x, metric_value
+from .report import environment_lines, format_x, metric_value, status_text
 
 PEERS = (("hf", "transformers"), ("reformer_pytorch", "reformer_pytorch"))
 NOT_MEASURED = "n/a (not measured in this run)"
@@ -113,29 +113,51 @@ def step_time(results: dict, peer: str, name: str) -> str:
         return f"- Training step time vs {name}: {NOT_MEASURED}"
     ours, theirs = (value(experiment, k, x, "seconds") for k in ("ours-reversible", peer))
     return (f"- Training step at {format_x(x)} tokens: ours {_fmt(ours, ' s')}, {name} {_fmt(theirs, ' s')}: ours "
-            f"takes {_ratio(ours, theirs)} {name}'s time.")
+            f"takes {_ratio(ours, theirs)} the time of {name}.")
 
 
-def longest(results: dict, series_key: str) -> tuple[int | None, str]:
+LONGEST_SOURCES = (("longest_trainable", "6-layer search"), ("train_memory_vs_length", "2-layer series"))
+
+
+def _ran(experiment: dict | None, series_key: str) -> bool:
+    """Whether any configuration of the series was run (or failed) in this experiment."""
+    series = _series(experiment, series_key)
+    return series is not None and any(
+        (p.get("result") or {}).get("status") not in (None, "not installed") for p in series["points"])
+
+
+def longest(results: dict, series_key: str, source: str | None = None) -> tuple[int | None, str]:
     """Longest length that trained and how it is known: "limit" when a longer one failed (OOM/timeout)
-    or was not run because of a failure, "at least" when every length tried ran. The dedicated search
-    (``longest_trainable``) is preferred over the 2-layer length series."""
-    for key in ("longest_trainable", "train_memory_vs_length"):
+    or was not run because of a failure or the time limit, "at least" when every length tried ran.
+    ``source`` picks the experiment; by default the dedicated search (``longest_trainable``) is
+    preferred over the 2-layer length series. (None, why) when the series ran but no length fitted."""
+    for key, where in LONGEST_SOURCES:
         experiment = _experiment(results, "memory", key)
+        if (source is not None and key != source) or not _ran(experiment, series_key):
+            continue
+        points = _series(experiment, series_key)["points"]
         xs = measured_xs(experiment, series_key, "peak_mib")
-        if xs:
-            statuses = [(p.get("result") or {}).get("status") for p in _series(experiment, series_key)["points"]]
-            limited = any(status in ("OOM", "timeout", "not run") for status in statuses)
-            where = "6-layer search" if key == "longest_trainable" else "2-layer series"
-            return max(xs), f"{'limit' if limited else 'at least'}, {where}"
+        if not xs:
+            return None, f"none of the lengths tried, {where}: {format_x(points[0]['x'])} {status_text(points[0])}"
+        limited = any((p.get("result") or {}).get("status") in ("OOM", "timeout", "not run") for p in points)
+        return max(xs), f"{'limit' if limited else 'at least'}, {where}"
     return None, ""
 
 
 def longest_headline(results: dict, peer: str, name: str) -> str:
-    ours, ours_source = longest(results, "ours-reversible")
-    theirs, their_source = longest(results, peer)
-    if ours is None or theirs is None:
+    """Ours against ``peer`` in the same experiment: the 6-layer search where both ran there."""
+    source = next((key for key, _ in LONGEST_SOURCES
+                   if all(_ran(_experiment(results, "memory", key), k) for k in ("ours-reversible", peer))), None)
+    if source is None:
         return f"- Longest trainable length vs {name}: {NOT_MEASURED}"
+    ours, ours_source = longest(results, "ours-reversible", source)
+    theirs, their_source = longest(results, peer, source)
+    if ours is None:
+        return f"- Longest trainable length: ours {ours_source}; {name} {_fmt(theirs)} ({their_source})."
+    if theirs is None:
+        first = _series(_experiment(results, "memory", source), peer)["points"][0]["x"]
+        return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {their_source}: "
+                f"ratio > {ours / first:g}.")
     return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {theirs:,} ({their_source}): "
             f"ratio {ours / theirs:g}.")
 
@@ -212,8 +234,11 @@ def issue_four(results: dict) -> list[str]:
     lines = []
     for key, name in (("ours-reversible", "ours"), ("hf", "transformers"), ("reformer_pytorch", "reformer_pytorch")):
         p2, p12 = value(depth, key, 2, "peak_mib"), value(depth, key, 12, "peak_mib")
-        lines.append(f"- {name}: 12-layer peak {_fmt(p12, ' MiB')} vs 2-layer {_fmt(p2, ' MiB')} = {_ratio(p12, p2)} "
-                     "(target for ours: <= 1.10x)")
+        w2, w12 = value(depth, key, 2, "parameter_bytes"), value(depth, key, 12, "parameter_bytes")
+        weights = (f"; parameters + gradients of the 10 added layers: {_fmt(2 * (w12 - w2) / 2**20, ' MiB')} of the "
+                   f"{_fmt(p12 - p2, ' MiB')} difference" if None not in (p2, p12, w2, w12) else "")
+        lines.append(f"- {name}: 12-layer peak {_fmt(p12, ' MiB')} vs 2-layer {_fmt(p2, ' MiB')} = {_ratio(p12, p2)}"
+                     f"{weights} (target for ours: <= 1.10x)")
     ours, hf = (value(memory, k, 65536, "peak_kib_per_token") for k in ("ours-reversible", "hf"))
     lines.append(f"- Peak per token at 64K, 2 layers: ours {_fmt(ours, ' KiB')}, transformers {_fmt(hf, ' KiB')} = "
                  f"{_ratio(ours, hf)} (target <= 0.33x)")
