@@ -193,6 +193,63 @@ def test_chunked_feed_forward_never_holds_the_whole_intermediate():
     assert seen_lengths == [4] * 6  # three chunks in forward, three recomputed in backward
 
 
+@pytest.mark.parametrize("chunk_size, length", [(4, 10), (0, 10), (16, 10)])
+@pytest.mark.parametrize("needs_input", [True, False])
+def test_one_pass_rebuild_and_backward_equals_forward_then_backward(chunk_size, length, needs_input):
+    """The engine's one-pass hook: ``subtract_from`` loses exactly the block's output and the
+    gradients equal those of a forward + backward under the same RNG state (dropout on)."""
+    torch.manual_seed(0)
+    module = ChunkedFeedForward(8, 24, dropout=0.3, chunk_size=chunk_size).double()
+    module.dense.bias.requires_grad_(False)  # a frozen parameter gets no gradient
+    hidden = torch.randn(2, length, 8, dtype=torch.float64, requires_grad=needs_input)
+    upstream = torch.randn(2, length, 8, dtype=torch.float64)
+    stream = torch.randn(2, length, 8, dtype=torch.float64)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    wanted = [hidden, *module.parameters()]
+
+    torch.manual_seed(11)
+    output = module(hidden)
+    expected = torch.autograd.grad(output, ([hidden] if needs_input else []) + trainable, upstream)
+    torch.manual_seed(11)
+    rebuilt = stream.clone()
+    with torch.no_grad():  # the engine's backward runs with grad mode off
+        found = module.rebuild_and_backward([hidden], upstream, wanted, rebuilt, attention_mask=None)
+
+    torch.testing.assert_close(rebuilt, stream - output, rtol=0, atol=1e-14)
+    assert (output == 0).any()  # dropout acted, so the masks had to repeat
+    assert len(found) == len(wanted)
+    assert (found[0] is not None) == needs_input
+    assert found[next(i for i, item in enumerate(wanted) if item is module.dense.bias)] is None
+    got = [grad for grad in found if grad is not None]
+    assert len(got) == len(expected)
+    for grad, want in zip(got, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reversible_model_uses_the_one_pass_feed_forward_backward():
+    """In the engine's backward each feed-forward chunk runs once (rebuild and gradient together),
+    not twice (a rebuild pass, then a recompute inside the chunked backward)."""
+    from torch_reformer.config import ReformerConfig
+    from torch_reformer.model import ReformerLM
+
+    config = ReformerConfig.from_preset("tiny", is_decoder=True, chunk_size_feed_forward=8, memory_mode="reversible")
+    model = ReformerLM(config)
+    seen_lengths = []
+
+    def recording_relu(inner):
+        seen_lengths.append(inner.shape[-2])
+        return F.relu(inner)
+
+    for layer in model.reformer.layers:
+        layer.feed_forward.activation = recording_relu
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+    loss = model(ids, labels=ids, return_logits=False).loss
+    forward_calls = len(seen_lengths)
+    assert forward_calls == 4 * len(config.attn_layers) and set(seen_lengths) == {8}
+    loss.backward()
+    assert len(seen_lengths) == 2 * forward_calls  # one pass per chunk in backward
+
+
 def test_chunked_dropout_matches_chunkwise_reference_and_replays_in_backward():
     torch.manual_seed(0)
     chunk_size, length = 4, 10

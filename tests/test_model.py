@@ -39,8 +39,9 @@ def _grads_after_step(config, ids, dtype=torch.float64, rng_seed=5):
         dict(hash_seed=None, hidden_dropout_prob=0.1, local_attention_probs_dropout_prob=0.1,
              lsh_attention_probs_dropout_prob=0.1),  # every random draw replayed
         dict(attn_layers=("lsh", "full", "local"), chunk_size_feed_forward=8),
+        dict(hidden_dropout_prob=0.1, chunk_size_feed_forward=6),  # chunks do not divide the length
     ],
-    ids=["seeded", "dropout-and-random-rotations", "mixed-chunked-ff"],
+    ids=["seeded", "dropout-and-random-rotations", "mixed-chunked-ff", "dropout-chunked-ff"],
 )
 def test_memory_modes_give_autograd_gradients_fp64(overrides):
     ids = _ids(tiny())

@@ -13,7 +13,9 @@ Legend: B batch, L sequence length, d model width (``hidden_size``), F feed-forw
   -> dropout (dropout before the activation, as in HF). With ``chunk_size > 0`` the (B, L, F)
   intermediate never exists whole, in forward or backward: ``chunked_recompute`` runs the
   chunks without autograd, keeps only the input, and in backward recomputes and
-  back-propagates one chunk at a time, replaying the forward's dropout masks.
+  back-propagates one chunk at a time, replaying the forward's dropout masks. Inside the
+  reversible engine's backward, ``rebuild_and_backward`` does the rebuild and the gradient in
+  the same pass over the chunks: each chunk runs once in backward instead of twice.
 - ``lm_head_loss``: the LM head (Linear(2H, V) + bias) fused with mean cross-entropy. With
   ``chunk_size > 0`` it never holds (N, V) logits: the gradients with respect to hidden,
   weight and bias are computed chunk by chunk during the forward pass and only scaled in
@@ -233,30 +235,60 @@ class _ChunkedRecompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         hidden, *params = ctx.saved_tensors
-        needs_hidden, needs_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
-        leaves = [param.detach().requires_grad_(need) for param, need in zip(params, needs_params)]
-        trainable = [leaf for leaf in leaves if leaf.requires_grad]
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_trainable: list[Tensor | None] = [None] * len(trainable)
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         forked_devices = [hidden.device] if hidden.device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked_devices, enabled=ctx.rng_state is not None):
             if ctx.rng_state is not None:
                 _restore_rng_state(hidden.device, ctx.rng_state)
-            for start in range(0, hidden.shape[-2], ctx.chunk_size):
-                chunk = slice(start, start + ctx.chunk_size)
-                hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
-                with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-                    output_chunk = ctx.fn(hidden_chunk, *leaves)  # (B, C, d_out)
-                inputs = ([hidden_chunk] if needs_hidden else []) + trainable
-                grads = torch.autograd.grad(output_chunk, inputs, grad_output[..., chunk, :], allow_unused=True)
-                if needs_hidden:
-                    grad_hidden[..., chunk, :] = grads[0]
-                    grads = grads[1:]
-                grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
-        grads_by_trainable = iter(grad_trainable)
-        grad_params = [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                grad_hidden, grad_params = backward_by_chunks(
+                    ctx.fn, hidden, params, grad_output, ctx.chunk_size, ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+                )
         return (None, None, None, grad_hidden, *grad_params)
+
+
+def backward_by_chunks(
+    fn: Callable[..., Tensor],
+    hidden: Tensor,
+    params: Sequence[Tensor],
+    grad_output: Tensor,
+    chunk_size: int,
+    needs_hidden: bool,
+    needs_params: Sequence[bool],
+    subtract_from: Tensor | None = None,
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Gradients of ``fn(hidden, *params)`` against ``grad_output``, one chunk along dim -2 at a time.
+
+    Each chunk is recomputed with autograd (under the caller's RNG and autocast state: chunks run
+    in order, so random draws repeat those of a forward that ran them in the same order),
+    back-propagated and dropped. With ``subtract_from`` (shaped like the output), each chunk's
+    output is also subtracted from it in place: the reversible engine rebuilds the other stream
+    of an additive coupling this way without a second pass or a whole-length output.
+    Returns (gradient of ``hidden`` or None, gradients of ``params``, None where not needed).
+    """
+    chunk_size = chunk_size if chunk_size > 0 else max(hidden.shape[-2], 1)
+    leaves = [param.detach().requires_grad_(need) for param, need in zip(params, needs_params)]
+    trainable = [leaf for leaf in leaves if leaf.requires_grad]
+    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_trainable: list[Tensor | None] = [None] * len(trainable)
+    for start in range(0, hidden.shape[-2], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
+        with torch.enable_grad():
+            output_chunk = fn(hidden_chunk, *leaves)  # (B, C, d_out)
+        if subtract_from is not None:
+            with torch.no_grad():
+                subtract_from[..., chunk, :].sub_(output_chunk)
+        inputs = ([hidden_chunk] if needs_hidden else []) + trainable
+        if not inputs:
+            continue
+        grads = torch.autograd.grad(output_chunk, inputs, grad_output[..., chunk, :], allow_unused=True)
+        if needs_hidden:
+            grad_hidden[..., chunk, :] = 0 if grads[0] is None else grads[0]
+            grads = grads[1:]
+        grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
+    grads_by_trainable = iter(grad_trainable)
+    return grad_hidden, [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
 
 
 def _add_grads(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
@@ -346,7 +378,7 @@ class ChunkedFeedForward(nn.Module):
         self.dense = nn.Linear(hidden_size, feed_forward_size)
         self.output = nn.Linear(feed_forward_size, hidden_size)
 
-    def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
+    def _function_and_params(self) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]]:
         dropout = self.dropout if self.training else 0.0
         fn = partial(feed_forward, activation=self.activation, dropout=dropout, layer_norm_eps=self.layer_norm.eps)
         params = (
@@ -354,7 +386,45 @@ class ChunkedFeedForward(nn.Module):
             self.dense.weight, self.dense.bias,
             self.output.weight, self.output.bias,
         )
-        return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=dropout > 0)
+        return fn, params
+
+    def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
+        fn, params = self._function_and_params()
+        preserve_rng_state = self.training and self.dropout > 0
+        return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=preserve_rng_state)
+
+    def rebuild_and_backward(
+        self,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        wanted: Sequence[object],
+        subtract_from: Tensor,
+        **ignored_kwargs,
+    ) -> list[Tensor | None]:
+        """One pass of the reversible engine's backward through this block (its one-pass hook).
+
+        Re-runs the block on ``inputs`` (one tensor, (B, L, d)) chunk by chunk, subtracts each
+        chunk's output from ``subtract_from`` in place (rebuilding the other stream of the
+        additive coupling) and back-propagates that chunk's ``grad_output`` at once. The
+        generic path runs every chunk twice here (a rebuild without autograd, then a recompute
+        inside the chunked backward); this runs it once, saving a fifth of the block's matmul
+        work in a training step (forward, recompute, two backward products). The caller replays the forward's RNG and autocast state, so dropout masks repeat.
+        Returns the gradients of ``wanted`` (tensors among the input and this block's
+        parameters), None for those that need none.
+        """
+        if len(inputs) != 1:
+            raise TypeError(f"{type(self).__name__} takes one input tensor, got {len(inputs)}")
+        (hidden,) = inputs
+        fn, params = self._function_and_params()
+        wanted_ids = {id(item) for item in wanted if isinstance(item, Tensor) and item.requires_grad}
+        grad_hidden, grad_params = backward_by_chunks(
+            fn, hidden, params, grad_output, self.chunk_size,
+            needs_hidden=id(hidden) in wanted_ids,
+            needs_params=[id(param) in wanted_ids for param in params],
+            subtract_from=subtract_from,
+        )
+        found = {id(hidden): grad_hidden, **{id(param): grad for param, grad in zip(params, grad_params)}}
+        return [found.get(id(item)) if isinstance(item, Tensor) else None for item in wanted]
 
     def extra_repr(self) -> str:
         return f"hidden_act={self.hidden_act!r}, dropout={self.dropout}, chunk_size={self.chunk_size}"

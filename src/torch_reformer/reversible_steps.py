@@ -9,6 +9,13 @@ its inputs from its outputs and returns gradients. Three kinds cover every front
 - ``PermutationStep``: reorders the top items (``ReversibleSwap``);
 - ``InvertibleStep``: any layer with a forward and an exact ``reverse`` (the general path).
 
+A block of a coupling step may offer a one-pass backward, ``block.rebuild_and_backward(inputs,
+grad_output, wanted, subtract_from, **block_kwargs) -> gradients of wanted``: it re-runs itself on
+``inputs``, subtracts its output from ``subtract_from`` in place (rebuilding the stream) and
+back-propagates ``grad_output`` in the same pass. The chunked feed-forward offers one, which saves
+the separate rebuild pass the generic path makes. The step uses it for additive couplings with the
+default block call, under the same RNG and autocast replay as any recomputation.
+
 ``BackwardWalk`` holds the stack's values and gradients while backward walks the steps in
 reverse, and knows which of them it allocated itself (those may be updated in place).
 """
@@ -216,10 +223,38 @@ class CouplingStep:
             "make the block's output match the stream"
         )
 
+    def _one_pass_hook(self, grad_output: Tensor | None) -> Callable | None:
+        """The block's ``rebuild_and_backward`` when this step can use it: an additive coupling,
+        the default block call, and a gradient to propagate."""
+        hook = getattr(self.block, "rebuild_and_backward", None)
+        if hook is None or not self.additive or self.call_block is not _call_module or grad_output is None:
+            return None
+        return hook
+
     def backward(self, walk: BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
         target = self.target
         output, grad_output = walk.values[target], walk.grads[target]
         context_items = [_grad_leaf(walk.values[i]) for i in self.contexts]
+        hook = self._one_pass_hook(grad_output)
+        if hook is not None:
+            # The block rebuilds the stream (y - f, in place) and back-propagates in one pass.
+            rebuilt = output if walk.owned_values[target] else output.clone()
+            with replay():
+                found = hook(context_items, grad_output, [*context_items, *params], rebuilt, **block_kwargs)
+            walk.values[target] = rebuilt
+            walk.owned_values[target] = True
+        else:
+            found = self._rebuild_then_backward(walk, replay, block_kwargs, params, context_items)
+        for position, grad in zip(self.contexts, found[: len(self.contexts)]):
+            walk.add_grad(position, grad)
+        return found[len(self.contexts) :]
+
+    def _rebuild_then_backward(
+        self, walk: BackwardWalk, replay: Callable, block_kwargs: dict, params: list, context_items: list
+    ) -> list:
+        """The generic path: re-run the block with autograd, rebuild the stream, back-propagate."""
+        target = self.target
+        output, grad_output = walk.values[target], walk.grads[target]
         with replay():
             fn_out = self.block_output(context_items, block_kwargs)
         # Additive coupling without broadcasting: dx = dy, and the block's gradient is dy.
@@ -246,9 +281,7 @@ class CouplingStep:
             walk.owned_grads[target] = False
         walk.values[target] = rebuilt
         walk.owned_values[target] = fast
-        for position, grad in zip(self.contexts, found[: len(self.contexts)]):
-            walk.add_grad(position, grad)
-        return found[len(self.contexts) :]
+        return found
 
 
 class PermutationStep:
