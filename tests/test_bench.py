@@ -188,6 +188,13 @@ def test_summary_ratios_match_hand_computed_values():
     assert "12-layer / 2-layer peak: ours 1.04x (500 -> 520 MiB), transformers 2.00x (1,000 -> 2,000 MiB)" in \
         summary.depth_headline(results, "hf", "transformers")
     assert "Command: `reformer bench memory speed`" in summary.summary_markdown(results)
+    assert summary.run_time_lines(results) == ["- " + summary.NOT_MEASURED]  # no configuration recorded its time
+    for index, point in enumerate(speed["train_speed_vs_length"]["series"][0]["points"]):
+        point["result"]["wall_seconds"] = 30.0 * (index + 1)  # 30 + 60 + 90 s
+    memory["train_memory_vs_length"]["series"][0]["points"][0]["result"]["wall_seconds"] = 900.0
+    assert summary.run_time_lines(results)[:2] == ["- memory: 1 configuration, 15 min",
+                                                    "- speed: 3 configurations, 3.0 min"]
+    assert summary.run_time_lines(results)[2].startswith("- all suites: 4 configurations, 18 min")
 
 
 def _experiment_of(results, suite, key):

@@ -271,6 +271,35 @@ def full_attention_target(memory: dict | None, speed: dict | None, x: int) -> st
             "(target <= 1.00x)")
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:,.0f} min" if seconds >= 600 else f"{seconds / 60:.1f} min"
+
+
+def _configurations(count: int) -> str:
+    return f"{count} configuration{'' if count == 1 else 's'}"
+
+
+def run_time_lines(results: dict) -> list[str]:
+    """How long the configurations of each suite ran (each child's whole life, imports included;
+    the parent's own time between children is not counted), and the total."""
+    lines, total, total_count = [], 0.0, 0
+    for suite, record in results["suites"].items():
+        seconds = [
+            point["result"]["wall_seconds"]
+            for experiment in record["experiments"].values()
+            for series in experiment["series"]
+            for point in series["points"]
+            if "wall_seconds" in (point.get("result") or {})
+        ]
+        if seconds:
+            lines.append(f"- {suite}: {_configurations(len(seconds))}, {_minutes(sum(seconds))}")
+            total, total_count = total + sum(seconds), total_count + len(seconds)
+    if not lines:
+        return [f"- {NOT_MEASURED}"]
+    return lines + [f"- all suites: {_configurations(total_count)}, {_minutes(total)} (the configurations' own "
+                    "wall time, summed; a full run takes about this long on the machine above)"]
+
+
 def summary_markdown(results: dict) -> str:
     lines = ["# Benchmark summary", "", "Measured by:", ""]
     seen = []
@@ -288,4 +317,5 @@ def summary_markdown(results: dict) -> str:
     lines += ["## Local/LSH vs full attention (ours)", "", *lsh_vs_full(results), ""]
     lines += ["## Quality", "", *quality_lines(results), ""]
     lines += ["## Issue 4 targets", "", *issue_four(results), ""]
+    lines += ["## Run time", "", *run_time_lines(results), ""]
     return "\n".join(lines)
