@@ -361,9 +361,11 @@ class _ChunkedAttention(torch.autograd.Function):
                                                            index, spec, queries)
             grad_q, grad_k, grad_v = _slice_backward(queries, keys, values, part, spec, logsumexp, slice_grad,
                                                      shift, keep)
-            grad_values.index_put_((part.key_rows,), grad_v, accumulate=True)
-            grad_queries.index_put_((part.query_rows,), grad_q, accumulate=True)
-            (grad_queries if spec.shared_qk else grad_keys).index_put_((part.key_rows,), grad_k, accumulate=True)
+            # index_add_ accumulates repeated rows (a key serves several chunks) like
+            # index_put_(accumulate=True), and is faster on CPU.
+            grad_values.index_add_(0, part.key_rows, grad_v)
+            grad_queries.index_add_(0, part.query_rows, grad_q)
+            (grad_queries if spec.shared_qk else grad_keys).index_add_(0, part.key_rows, grad_k)
         return grad_queries, grad_keys, grad_values, None, None, None, None
 
 
