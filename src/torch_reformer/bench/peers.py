@@ -23,7 +23,7 @@ Workloads (``train_step_task``, ``inference_task``), run in a fresh child proces
 one training step is forward + backward of the causal LM loss on a random batch (no optimizer), one
 inference pass is an eval-mode forward without autograd that returns logits.
 
-``benchmark_config`` is the model of issue 4: vocab 256, hidden 256, 4 heads x 64, feed-forward
+``benchmark_config`` is the benchmark model: vocab 256, hidden 256, 4 heads x 64, feed-forward
 1024, ``attn_layers`` alternating local/LSH, 2 hashes, chunks of 64, dropout 0, axial positions
 (L / 128, 128) x (64, 192) sized to each length (HF trains only at exactly that product), the
 feed-forward and LM head computed in chunks of 4096 positions (of gcd(L, 4096) for other lengths,
@@ -74,7 +74,7 @@ def axial_shape(length: int) -> list[int]:
 
 
 def benchmark_config(length: int, layers: int = 2, attention: str = "mixed", **overrides) -> dict:
-    """The issue-4 benchmark model for sequences of ``length`` as ReformerConfig fields."""
+    """The benchmark model for sequences of ``length`` as ReformerConfig fields."""
     config = dict(
         vocab_size=256, hidden_size=256, num_attention_heads=4, attention_head_size=64, feed_forward_size=1024,
         attn_layers=attention_pattern(attention, layers), num_hashes=2, lsh_attn_chunk_length=64,

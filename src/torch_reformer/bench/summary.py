@@ -3,8 +3,9 @@
 Against each peer (transformers, reformer_pytorch): training memory per token, memory slope with
 depth, step time, longest trainable length. For our own model: where local/LSH attention overtakes
 full (SDPA) attention in time and memory, and the bits-per-character gap of LSH vs full. Then the
-figures issue 4 sets targets for. A figure whose configurations did not run reads "n/a" with the
-reason, never a guess.
+benchmark model's figures against the project's targets (memory with depth and per token, step
+time, longest length, local/LSH vs full). A figure whose configurations did not run reads "n/a"
+with the reason, never a guess.
 """
 
 from __future__ import annotations
@@ -224,10 +225,10 @@ def quality_lines(results: dict) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------ issue 4
+# ------------------------------------------------------------------------------------ targets
 
 
-def issue_four(results: dict) -> list[str]:
+def model_targets(results: dict) -> list[str]:
     depth = _experiment(results, "memory", "train_memory_vs_depth")
     memory = _experiment(results, "memory", "train_memory_vs_length")
     speed = _experiment(results, "speed", "train_speed_vs_length")
@@ -316,6 +317,6 @@ def summary_markdown(results: dict) -> str:
                   step_time(results, peer, name), longest_headline(results, peer, name), ""]
     lines += ["## Local/LSH vs full attention (ours)", "", *lsh_vs_full(results), ""]
     lines += ["## Quality", "", *quality_lines(results), ""]
-    lines += ["## Issue 4 targets", "", *issue_four(results), ""]
+    lines += ["## Targets", "", *model_targets(results), ""]
     lines += ["## Run time", "", *run_time_lines(results), ""]
     return "\n".join(lines)
