@@ -60,6 +60,19 @@ def test_tiny_run_measures_positive_numbers_and_full_attention_grows(tiny_run):
     assert full[1]["result"]["peak_bytes"] > full[0]["result"]["peak_bytes"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_of_a_large_parent_measures_its_own_peak():
+    """Linux hands a parent's resident size at fork to the child's ru_maxrss; the child's peak must
+    be its own (a large test process once made every configuration read the same peak)."""
+    ballast = bytearray(768 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # make every page resident
+    parent = harness._resident_bytes("self")
+    result = run_spec(_tiny_spec(), timeout_s=120, memory_cap_bytes=None)
+    del ballast
+    assert result["status"] == "ok", result
+    assert result["baseline_bytes"] < result["peak_bytes"] < parent
+
+
 def test_tiny_run_writes_tables_plot_json_and_summary(tiny_run):
     out_dir, results, _ = tiny_run
     markdown = (out_dir / "memory.md").read_text()

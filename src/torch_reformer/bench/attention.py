@@ -16,7 +16,7 @@ default allocator settings, as users run. Configurations run interleaved (all la
 length, then the next length) for ``--rounds`` rounds; every figure is a median over rounds.
 Memory: a separate one-step run per configuration with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
 freed large blocks go back to the system and RSS follows live memory; the figure is the peak
-RSS (``resource.getrusage`` maxrss) minus the RSS after building the layer and the input and
+RSS (``harness.max_rss_bytes``) minus the RSS after building the layer and the input and
 materialising every weight's gradient, i.e. what the step itself adds.
 
 Run: ``python -m torch_reformer.bench.attention`` (``--help`` for options). It prints markdown
@@ -31,7 +31,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from torch import nn
 from torch_reformer.attention.full import FullSelfAttention
 from torch_reformer.attention.local import LocalSelfAttention
 from torch_reformer.attention.lsh import LSHSelfAttention
+from torch_reformer.bench.harness import max_rss_bytes
 
 HIDDEN, HEADS, HEAD_SIZE, CHUNK = 256, 4, 64, 64
 LSH_IMPLS = ("lsh", "hf", "reformer_pytorch")
@@ -100,9 +100,6 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
 
 def timing_plan(length: int) -> tuple[int, int]:
     """(warm-up steps, timed steps) at ``length``: fewer where one step takes minutes."""
@@ -127,7 +124,7 @@ def measure(config: dict) -> dict:
     base = torch.randn(1, length, HIDDEN)
     for param in layer.parameters():
         param.grad = torch.zeros_like(param)
-    baseline = max(current_rss(), peak_rss())
+    baseline = max(current_rss(), max_rss_bytes())
     warmup, steps = timing_plan(length)
     warmup, steps = config.get("warmup", warmup), config.get("steps", steps)
     seconds, cpu_seconds = [], []
@@ -144,8 +141,8 @@ def measure(config: dict) -> dict:
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "baseline_mib": baseline / MIB,
-        "peak_mib": peak_rss() / MIB,
-        "activation_mib": (peak_rss() - baseline) / MIB,
+        "peak_mib": max_rss_bytes() / MIB,
+        "activation_mib": (max_rss_bytes() - baseline) / MIB,
     }
 
 

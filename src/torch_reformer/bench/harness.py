@@ -13,7 +13,7 @@ and any other failure becomes one row with its status ("not installed", "not ava
 never an exception in the parent. Nothing leaks from one configuration to the next.
 
 Measurements, made inside the child (``Meter``):
-- memory on CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the timed steps (``peak_bytes``)
+- memory on CPU: the process's peak resident memory (``VmHWM``; see ``max_rss_bytes``) after the timed steps (``peak_bytes``)
   and once before them, after the imports, the model and the inputs exist (``baseline_bytes``);
   ``activation_bytes = peak - baseline`` is what the steps themselves added (activations, gradient
   buffers, temporaries). On CUDA, ``torch.cuda.max_memory_allocated`` and ``memory_allocated``.
@@ -164,16 +164,22 @@ class Profile:
 # ---------------------------------------------------------------------------------------- the parent
 
 
-def _resident_bytes(pid: int) -> int | None:
-    """Resident memory of a live process from /proc (None where /proc is missing or the process is gone)."""
+def _proc_status_bytes(pid: int | str, field: str) -> int | None:
+    """A memory field (``VmRSS``, ``VmHWM``) of a live process from /proc, in bytes (None where /proc is
+    missing or the process is gone)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+def _resident_bytes(pid: int) -> int | None:
+    """Resident memory of a live process."""
+    return _proc_status_bytes(pid, "VmRSS")
 
 
 def _classify_failure(returncode: int, stderr: str) -> dict:
@@ -321,7 +327,17 @@ class Meter:
 
 
 def max_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far.
+
+    On Linux this is ``VmHWM`` of /proc/self/status, the high-water mark of this program's own
+    memory. Not ``ru_maxrss``: Linux carries the parent's resident size at the fork into the
+    child's ``ru_maxrss`` across exec, so a child of a large parent (a test process holding
+    models) would read the parent's size as its own peak. Elsewhere ``ru_maxrss`` (KiB on
+    Linux, bytes on macOS).
+    """
+    high_water = _proc_status_bytes("self", "VmHWM")
+    if high_water is not None:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if platform.system() == "Darwin" else peak * 1024)
 

@@ -7,7 +7,7 @@ streams. For each memory mode ("reversible", "checkpoint", "autograd" of
 installed) and each depth, one fresh subprocess builds the model and times training
 steps (forward, a squared-mean loss, backward).
 
-Memory: peak RSS (``resource.getrusage`` maxrss) minus a baseline taken after building the
+Memory: peak RSS (``harness.max_rss_bytes``) minus a baseline taken after building the
 model and the input and materialising every parameter's gradient, so the difference is
 activation memory: parameters, gradients and the input are in the baseline. Each step
 starts with ``zero_grad(set_to_none=True)``, as optimizers do by default.
@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import time
 import torch
 from torch import nn
 
+from torch_reformer.bench.harness import max_rss_bytes
 from torch_reformer.reversible import ReversibleSequential
 
 MODES = ("reversible", "checkpoint", "autograd", "revlib")
@@ -70,9 +70,6 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
 
 def measure(config: dict) -> dict:
     """One configuration, in this process: baseline and peak RSS, seconds per step."""
@@ -81,7 +78,7 @@ def measure(config: dict) -> dict:
     base = torch.randn(1, config["length"], config["width"])
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
-    baseline = max(current_rss(), peak_rss())
+    baseline = max(current_rss(), max_rss_bytes())
     seconds = []
     for step in range(config["warmup"] + config["steps"]):
         model.zero_grad(set_to_none=True)
@@ -94,8 +91,8 @@ def measure(config: dict) -> dict:
         del x
     return {
         "baseline_mib": baseline / MIB,
-        "peak_mib": peak_rss() / MIB,
-        "activation_mib": (peak_rss() - baseline) / MIB,
+        "peak_mib": max_rss_bytes() / MIB,
+        "activation_mib": (max_rss_bytes() - baseline) / MIB,
         "seconds": seconds,
     }
 
