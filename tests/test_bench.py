@@ -246,6 +246,21 @@ def test_peer_config_mappings():
     assert rp["ff_mult"] == 4 and rp["ff_chunks"] == 1 and rp["causal"] and not rp["use_full_attn"]
 
 
+def test_memory_plan_covers_training_and_inference_vs_length_and_depth():
+    from torch_reformer.bench import FULL, memory
+
+    experiments = {experiment.key: experiment for experiment in memory.plan(FULL)}
+    assert {"train_memory_vs_length", "train_memory_vs_depth", "inference_memory_vs_depth",
+            "inference_global_vs_lsh", "longest_trainable"} <= set(experiments)
+    depth = experiments["inference_memory_vs_depth"]
+    assert [series.key for series in depth.series] == ["ours", "hf", "reformer_pytorch"]
+    for series in depth.series:
+        assert [point.x for point in series.points] == FULL.depths
+        for point in series.points:
+            assert point.spec["task"] == "inference" and point.spec["length"] == FULL.depth_length
+            assert len(point.spec["config"]["attn_layers"]) == point.x
+
+
 def test_command_line_rejects_unknown_suites():
     parser = build_parser("reformer bench")
     assert parser.parse_args(["memory", "speed", "--quick"]).suites == ["memory", "speed"]

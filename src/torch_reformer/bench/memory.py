@@ -110,6 +110,24 @@ def train_vs_depth(profile: Profile) -> Experiment:
     )
 
 
+def inference_vs_depth(profile: Profile) -> Experiment:
+    length = profile.depth_length
+    rows = [("ours", "ours", "ours"), ("hf", IMPL_NAMES["hf"], "hf"),
+            ("reformer_pytorch", IMPL_NAMES["reformer_pytorch"], "reformer_pytorch")]
+    series = [
+        _series(profile, key, label, impl, profile.depths,
+                lambda n, impl=impl: spec(profile, "inference", impl, length, _train_config(profile, length, n, {})))
+        for key, label, impl in rows if impl in profile.impls
+    ]
+    return Experiment(
+        key="inference_memory_vs_depth", title=f"Inference (no autograd, batch 1) vs depth at {length:,} tokens",
+        x_name="layers", series=series, views=MEMORY_VIEWS[:2],
+        notes=[MODEL_NOTE, "The model of the training-depth table, in eval mode under torch.no_grad (logits "
+               "returned)."],
+        plot_metric="peak_mib", log_x=False, log_y=False, timeout_s=profile.timeout_s,
+    )
+
+
 def longest_trainable(profile: Profile) -> Experiment:
     layers = profile.longest_layers
     rows = [row for row in lineup(profile) if row[0] in ("ours-reversible", "hf", "reformer_pytorch")]
@@ -242,7 +260,7 @@ def layers_in_training(profile: Profile) -> Experiment:
 def plan(profile: Profile) -> list[Experiment]:
     """The memory suite's experiments for ``profile`` (only those it wants)."""
     builders = [
-        train_vs_length, train_vs_depth, longest_trainable, inference_global_vs_lsh,
+        train_vs_length, train_vs_depth, inference_vs_depth, longest_trainable, inference_global_vs_lsh,
         lambda p: feed_forward_chunking(p, "inference"), lambda p: feed_forward_chunking(p, "train_step"),
         axial_vs_learned, layers_in_training,
     ]
