@@ -407,10 +407,10 @@ class ChunkedFeedForward(nn.Module):
         chunk's output from ``subtract_from`` in place (rebuilding the other stream of the
         additive coupling) and back-propagates that chunk's ``grad_output`` at once. The
         generic path runs every chunk twice here (a rebuild without autograd, then a recompute
-        inside the chunked backward); this runs it once, saving a fifth of the block's matmul
-        work in a training step (forward, recompute, two backward products). The caller replays the forward's RNG and autocast state, so dropout masks repeat.
-        Returns the gradients of ``wanted`` (tensors among the input and this block's
-        parameters), None for those that need none.
+        inside the chunked backward); running it once saves a fifth of the block's matmul work
+        in a training step. The caller replays the forward's RNG and autocast state, so dropout
+        masks repeat. Returns the gradients of ``wanted`` (tensors among the input and this
+        block's parameters), None for those that need none.
         """
         if len(inputs) != 1:
             raise TypeError(f"{type(self).__name__} takes one input tensor, got {len(inputs)}")
