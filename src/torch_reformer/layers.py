@@ -242,7 +242,8 @@ class _ChunkedRecompute(torch.autograd.Function):
                 _restore_rng_state(hidden.device, ctx.rng_state)
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
                 grad_hidden, grad_params = backward_by_chunks(
-                    ctx.fn, hidden, params, grad_output, ctx.chunk_size, ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+                    ctx.fn, hidden, params, grad_output, ctx.chunk_size,
+                    needs_hidden=ctx.needs_input_grad[3], needs_params=ctx.needs_input_grad[4:],
                 )
         return (None, None, None, grad_hidden, *grad_params)
 

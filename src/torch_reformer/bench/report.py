@@ -251,7 +251,8 @@ def revision_lines(experiment: dict) -> list[str]:
             revision = (point.get("result") or {}).get("revision")
             if revision:
                 counts[revision] = counts.get(revision, 0) + 1
-    stated = {(series.get("environment") or experiment["environment"]).get("revision") for series in experiment["series"]}
+    stated = {(series.get("environment") or experiment["environment"]).get("revision")
+              for series in experiment["series"]}
     if not counts or (len(counts) == 1 and set(counts) == stated):
         return []
     listed = ", ".join(f"{revision} ({count})" for revision, count in counts.items())
