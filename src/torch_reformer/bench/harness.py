@@ -15,8 +15,8 @@ never an exception in the parent. Nothing leaks from one configuration to the ne
 Measurements, made inside the child (``Meter``):
 - memory on CPU: the process's peak resident memory (``VmHWM``, see ``max_rss_bytes``) after the
   timed steps (``peak_bytes``) and once before them, after the imports, the model and the inputs
-  exist (``baseline_bytes``); ``activation_bytes = peak - baseline`` is what the steps themselves added (activations, gradient
-  buffers, temporaries). On CUDA, ``torch.cuda.max_memory_allocated`` and ``memory_allocated``.
+  exist (``baseline_bytes``); ``activation_bytes = peak - baseline`` is what the steps themselves
+  added (activations, gradient buffers, temporaries). On CUDA, ``torch.cuda.max_memory_allocated`` and ``memory_allocated``.
 - time: wall clock around each step (``time.perf_counter``; CUDA events on a GPU), the median of
   ``steps`` steps after ``warmup`` untimed ones (``seconds``; every sample in ``all_seconds``).
 
