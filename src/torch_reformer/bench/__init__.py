@@ -8,8 +8,9 @@ are kept and merged, so suites may be run at different times, or side by side, i
 
 Suites: ``memory`` (``bench.memory``), ``speed`` (``bench.speed``), ``quality`` (``bench.quality``).
 ``--quick`` runs a small subset in a few minutes; the full run takes hours on a 2-core CPU (the
-longest-trainable-length search and full attention at 64K tokens dominate). This module imports
-neither torch nor any peer: only the child processes do.
+longest-trainable-length search and full attention at 64K tokens dominate). The parent process
+imports no peer and builds no model (torch comes in with the package): only the children do; each
+child measures its own peak (``harness.max_rss_bytes``), whatever the parent's size.
 """
 
 from __future__ import annotations
