@@ -8,7 +8,7 @@ import pytest
 
 from torch_reformer.config import ACTIVATION_NAMES, PRESETS, ReformerConfig
 
-OUR_OWN_FIELDS = {"memory_mode", "position_embedding_type"}
+OUR_OWN_FIELDS = {"memory_mode", "kept_graph_layers", "position_embedding_type"}
 
 
 def _as_plain(value):
@@ -98,6 +98,8 @@ def test_lists_are_stored_as_tuples():
         (dict(classifier_dropout=1.5), ValueError, "classifier_dropout must lie in"),
         (dict(hidden_act="gelu2"), ValueError, r"hidden_act 'gelu2' is not supported: choose one of"),
         (dict(memory_mode="fast"), ValueError, r"memory_mode 'fast' is not known: choose one of"),
+        (dict(kept_graph_layers=-1), ValueError, r"kept_graph_layers must be >= 0.*pass 0"),
+        (dict(kept_graph_layers=1.5), TypeError, "kept_graph_layers must be an int"),
         (dict(position_embedding_type="rotary"), ValueError, "position_embedding_type must be one of"),
         (dict(problem_type="ranking"), ValueError, "problem_type 'ranking' is not known"),
         (dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps must be > 0"),

@@ -58,6 +58,41 @@ def test_memory_modes_give_autograd_gradients_fp64(overrides):
             assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-10, (mode, name)
 
 
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+@pytest.mark.parametrize("kept", [0, 2, 3])
+def test_kept_graph_layers_give_autograd_gradients_fp64(mode, kept):
+    """Keeping the top layers' graphs (0 = rebuild every layer; 3 > the layers = plain autograd)
+    changes no value, with dropout and random rotations drawn in both parts."""
+    overrides = dict(attn_layers=("local", "lsh", "local"), hash_seed=None, hidden_dropout_prob=0.1,
+                     lsh_attention_probs_dropout_prob=0.1, chunk_size_feed_forward=8)
+    ids = _ids(tiny())
+    ref_loss, ref_grads = _grads_after_step(tiny(is_decoder=True, memory_mode="autograd", **overrides), ids)
+    loss, grads = _grads_after_step(tiny(is_decoder=True, memory_mode=mode, kept_graph_layers=kept, **overrides), ids)
+    assert torch.equal(loss, ref_loss)
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().clamp_min(1e-30)
+        assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-10, name
+
+
+def test_only_layers_below_the_kept_ones_are_re_run():
+    config = tiny(is_decoder=True, attn_layers=("local", "local", "local"), kept_graph_layers=1)
+    model = ReformerLM(config)
+    calls = [0] * len(model.reformer.layers)
+
+    def counter(index):
+        def count(module, args):
+            calls[index] += 1
+        return count
+
+    for index, layer in enumerate(model.reformer.layers):
+        layer.attention.register_forward_pre_hook(counter(index))
+    ids = _ids(config)
+    loss = model(ids, labels=ids, return_logits=False).loss
+    assert calls == [1, 1, 1]
+    loss.backward()
+    assert calls == [2, 2, 1]  # the top layer's graph was kept
+
+
 def test_global_rng_advances_as_without_recomputation():
     config = tiny(is_decoder=True, hash_seed=None, hidden_dropout_prob=0.1)
     ids = _ids(config)

@@ -348,6 +348,45 @@ def test_reversible_forward_two_streams():
     torch.testing.assert_close(y2, x2 + g(expected_y1))
 
 
+@pytest.mark.parametrize("mode", SAVING_MODES)
+@pytest.mark.parametrize("tail", [1, 2, 5, 9])
+def test_autograd_tail_keeps_the_last_graphs_and_matches_autograd(mode, tail):
+    """The last ``tail`` blocks keep their graph: they are never re-run, and gradients stay exact
+    (dropout and fresh noise in the chain before them and in the tail itself)."""
+    torch.manual_seed(0)
+    blocks = [Recorder(block) for block in mixed_blocks(6, 5)]
+    for block in blocks:
+        block.double()
+    x1, x2 = (torch.randn(2, 3, 6, dtype=torch.float64) for _ in range(2))
+    weights = torch.linspace(-1, 1, x1.numel(), dtype=torch.float64).reshape(x1.shape)
+
+    def step(memory_mode, autograd_tail):
+        inputs = [x.clone().requires_grad_() for x in (x1, x2)]
+        for block in blocks:
+            block.zero_grad(set_to_none=True)
+            block.seen = {False: [], True: []}
+        torch.manual_seed(1)
+        y1, y2 = reversible_forward(*inputs, blocks, memory_mode=memory_mode, autograd_tail=autograd_tail)
+        (y1 * weights + y2 * weights.flip(-1)).sum().backward()
+        grads = [p.grad for block in blocks for p in block.parameters()]
+        return [y1.detach(), y2.detach(), *(x.grad for x in inputs), *grads]
+
+    expected = step("autograd", 0)
+    got = step(mode, tail)
+    for actual, want in zip(got, expected):
+        assert relative_error(actual, want) <= 1e-10
+    reruns = [len(block.seen[True]) for block in blocks]
+    kept = min(tail, len(blocks))
+    assert reruns == [1] * (len(blocks) - kept) + [0] * kept
+    assert [len(block.seen[False]) for block in blocks] == [1] * len(blocks)
+
+
+@pytest.mark.parametrize("tail", [-1, 1.0, True, "1"])
+def test_bad_autograd_tail_is_explained(tail):
+    with pytest.raises(ValueError, match="autograd_tail must be an int >= 0"):
+        reversible_forward(torch.randn(2, 3), torch.randn(2, 3), [nn.Linear(3, 3)], autograd_tail=tail)
+
+
 def test_second_backward_explains_retain_graph_is_unsupported():
     model = ReversibleSequential(nn.Linear(2, 2), nn.Linear(2, 2))
     loss = model(torch.randn(3, 4)).sum()

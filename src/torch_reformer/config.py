@@ -3,9 +3,10 @@
 Field names and defaults follow Hugging Face's ``ReformerConfig`` (including the generic
 ``chunk_size_feed_forward``, ``num_labels`` and ``problem_type`` it inherits) so a
 ``config.json`` written by ``transformers`` loads here unchanged and users keep the names
-they know. Two fields are our own: ``memory_mode`` (how the layer stack trades memory for
-compute) and ``position_embedding_type`` ("axial", "learned" or "none"; HF only has the
-``axial_pos_embds`` bool, and the two are kept consistent).
+they know. Three fields are our own: ``memory_mode`` (how the layer stack trades memory for
+compute), ``kept_graph_layers`` (how many top layers keep their autograd graph instead of
+being rebuilt in backward) and ``position_embedding_type`` ("axial", "learned" or "none"; HF
+only has the ``axial_pos_embds`` bool, and the two are kept consistent).
 
 Sequence-valued fields (``attn_layers``, ``axial_pos_shape``, ``axial_pos_embds_dim``,
 factorised ``num_buckets``, a list ``eos_token_id``) are stored as tuples, whatever was
@@ -65,7 +66,7 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_INTS = (
     "chunk_size_lm_head", "chunk_size_feed_forward", "local_num_chunks_before",
-    "local_num_chunks_after", "lsh_num_chunks_before", "lsh_num_chunks_after",
+    "local_num_chunks_after", "lsh_num_chunks_before", "lsh_num_chunks_after", "kept_graph_layers",
 )
 _PROBABILITIES = ("hidden_dropout_prob", "local_attention_probs_dropout_prob", "lsh_attention_probs_dropout_prob")
 _BOOLS = ("axial_pos_embds", "is_decoder", "tie_word_embeddings", "use_cache")
@@ -116,6 +117,9 @@ class ReformerConfig:
     problem_type: str | None = None
     # Our own fields.
     memory_mode: str = "reversible"  # "reversible" (O(1) activations in depth) | "checkpoint" | "autograd"
+    # "reversible"/"checkpoint": the last layers that keep their autograd graph rather than being
+    # rebuilt and re-run in backward (one layer's activations each; 0 = least memory)
+    kept_graph_layers: int = 1
     position_embedding_type: str = "axial"  # "axial" | "learned" | "none"; kept consistent with axial_pos_embds
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ Layout (SPEC §7, the same computation and parameters as Hugging Face's Reformer
 
 The layers run through the reversible engine (`reversible.reversible_forward`), so in the default
 ``memory_mode="reversible"`` training stores only the last layer's two streams: activation memory
-does not grow with depth. LSH layers store their bucket ids with the engine in the forward pass and
+does not grow with depth. The top ``kept_graph_layers`` layers (default 1) keep their autograd
+graph instead: backward needs them first, so keeping them costs one layer's activations and saves
+re-running them. LSH layers store their bucket ids with the engine in the forward pass and
 reuse them in the backward recomputation.
 
 Any sequence length is accepted. When a length is not a multiple of the attention chunk lengths
@@ -296,7 +298,7 @@ class ReformerModel(ReformerPreTrainedModel):
         hidden = self.embeddings(input_ids, position_ids)  # (B, L_pad, H)
         x1, x2 = reversible_forward(
             hidden, hidden, self.blocks(), memory_mode=self.config.memory_mode,
-            block_kwargs={"attention_mask": attention_mask},
+            block_kwargs={"attention_mask": attention_mask}, autograd_tail=2 * self.config.kept_graph_layers,
         )
         out = self.dropout(self.layer_norm(torch.cat([x1, x2], dim=-1)))  # (B, L_pad, 2H)
         return out[:, :length] if out.shape[1] != length else out

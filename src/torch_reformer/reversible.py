@@ -28,6 +28,12 @@ the recomputation replays both, so dropout masks and random draws (LSH rotations
 identical, and it puts the global RNG back afterwards. Buffers (BatchNorm running
 statistics) are restored after a recomputation so they are updated once per step.
 
+The last ``autograd_tail`` steps may run with plain autograd after the chain: backward needs
+their activations first, so keeping their graph from the forward pass instead of rebuilding
+and re-running them costs those steps' activations once (constant in depth) and saves one
+forward of each (a Reformer keeps its last layer this way). The chain's outputs, which the tail
+reads, are kept as usual.
+
 Blocks may keep state from their forward call for the recomputation (LSH stores its
 bucket ids) through ``saved_state(owner)``; ``is_recomputing()`` tells a block that it is
 being re-run.
@@ -295,25 +301,46 @@ def _check_reversible_inputs(top: Sequence[object], block_kwargs: dict) -> None:
             )
 
 
+def _check_autograd_tail(autograd_tail: object) -> None:
+    if isinstance(autograd_tail, bool) or not isinstance(autograd_tail, int) or autograd_tail < 0:
+        raise ValueError(
+            f"autograd_tail must be an int >= 0 (how many final steps keep their autograd graph), got {autograd_tail!r}"
+        )
+
+
 def run_reversible_steps(
     steps: Sequence[ReversibleStep],
     stack: Sequence[object],
     *,
     memory_mode: str = "reversible",
     block_kwargs: dict | None = None,
+    autograd_tail: int = 0,
 ) -> list:
     """Run ``steps`` over ``stack`` (top first) and return the new stack.
 
     Items below the deepest item any step touches pass through untouched. Under
-    ``torch.no_grad`` every mode is a plain loop.
+    ``torch.no_grad`` every mode is a plain loop. In the "reversible" and "checkpoint" modes
+    the last ``autograd_tail`` steps run with plain autograd (their graph is kept, not rebuilt).
     """
     _check_memory_mode(memory_mode)
+    _check_autograd_tail(autograd_tail)
     kwargs = dict(block_kwargs or {})
     stack = list(stack)
     if memory_mode == "autograd" or not torch.is_grad_enabled():
         return _run_plain(steps, stack, kwargs, checkpointed=False)
+    split = max(len(steps) - autograd_tail, 0)
+    head, tail = steps[:split], steps[split:]
     if memory_mode == "checkpoint":
-        return _run_plain(steps, stack, kwargs, checkpointed=True)
+        stack = _run_plain(head, stack, kwargs, checkpointed=True)
+    else:
+        stack = _run_chain(head, stack, kwargs)
+    return _run_plain(tail, stack, kwargs, checkpointed=False)
+
+
+def _run_chain(steps: Sequence[ReversibleStep], stack: list, kwargs: dict) -> list:
+    """The reversible chain over ``steps`` (plain autograd where nothing needs a gradient)."""
+    if not steps:
+        return stack
     depth = max([step.n_items for step in steps] + [0])
     if depth > len(stack):
         raise ValueError(f"the reversible steps need {depth} stack items, got {len(stack)}")
@@ -389,6 +416,7 @@ def reversible_forward(
     coupling_inverse: Coupling | Sequence[Coupling] | None = None,
     memory_mode: str = "reversible",
     block_kwargs: dict | None = None,
+    autograd_tail: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Run the two-stream chain: block i is ``f`` for even i and ``g`` for odd i.
 
@@ -399,14 +427,17 @@ def reversible_forward(
     ``(x1, x2)``. ``coupling_forward`` / ``coupling_inverse`` may each be a function or a
     list of functions cycled over the blocks. ``block_kwargs`` (may hold tensors such as
     an attention mask, which get no gradient) are passed to every block call; when empty
-    or None a block is called as ``block(x)``.
+    or None a block is called as ``block(x)``. The last ``autograd_tail`` blocks run with
+    plain autograd (see ``run_reversible_steps``).
     """
     _check_memory_mode(memory_mode)
     for name, stream in (("x1", x1), ("x2", x2)):
         if not isinstance(stream, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(stream).__name__}")
     steps = coupling_steps(blocks, coupling_forward, coupling_inverse)
-    y1, y2 = run_reversible_steps(steps, [x1, x2], memory_mode=memory_mode, block_kwargs=block_kwargs)
+    y1, y2 = run_reversible_steps(
+        steps, [x1, x2], memory_mode=memory_mode, block_kwargs=block_kwargs, autograd_tail=autograd_tail
+    )
     return y1, y2
 
 

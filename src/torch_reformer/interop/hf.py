@@ -70,7 +70,7 @@ OUR_CLASSES = {
 OUR_CLASS_FOR_HF = {hf_name: OUR_CLASSES[ours] for ours, hf_name in HF_CLASS_NAMES.items()}
 
 # Config fields HF does not have.
-_OUR_ONLY_FIELDS = ("memory_mode", "position_embedding_type")
+_OUR_ONLY_FIELDS = ("memory_mode", "kept_graph_layers", "position_embedding_type")
 
 # Trunk-relative renames ours -> HF, tried in order; the first match wins.
 _TRUNK_RENAMES = (
