@@ -59,6 +59,8 @@ def lineup(profile: Profile) -> list[tuple[str, str, str, dict]]:
     mode, ours with full attention, and the peers."""
     rows = [
         ("ours-reversible", "ours, reversible", "ours", {"memory_mode": "reversible"}),
+        ("ours-reversible-rebuild-all", "ours, reversible, every layer rebuilt (kept_graph_layers=0)", "ours",
+         {"memory_mode": "reversible", "kept_graph_layers": 0}),
         ("ours-checkpoint", "ours, checkpoint", "ours", {"memory_mode": "checkpoint"}),
         ("ours-autograd", "ours, autograd", "ours", {"memory_mode": "autograd"}),
         ("ours-full-reversible", "ours, all layers full (SDPA), reversible", "ours",

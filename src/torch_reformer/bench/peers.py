@@ -106,7 +106,7 @@ def hf_config_kwargs(config: dict) -> dict:
     """HF ``ReformerConfig`` keyword arguments for our config fields (same names; ours-only fields dropped)."""
     if "full" in config["attn_layers"]:
         raise NotAvailable('transformers has no "full" attention layer (use local attention with chunk = length)')
-    ours_only = {"memory_mode", "position_embedding_type"}
+    ours_only = {"memory_mode", "kept_graph_layers", "position_embedding_type"}
     kwargs = {key: value for key, value in config.items() if key not in ours_only}
     if "position_embedding_type" in config:
         if config["position_embedding_type"] == "none":

@@ -30,7 +30,10 @@ SPEED_VIEWS = [
     View("peak_mib", "peak memory (MiB)"),
     LOAD_VIEW,
 ]
-SPEED_KEYS = ("ours-reversible", "ours-full-reversible", "ours-full-checkpoint", "hf", "reformer_pytorch")
+SPEED_KEYS = (
+    "ours-reversible", "ours-reversible-rebuild-all", "ours-full-reversible", "ours-full-checkpoint", "hf",
+    "reformer_pytorch",
+)
 
 
 def _timing(length: int) -> dict:
