@@ -381,10 +381,19 @@ def test_autograd_tail_keeps_the_last_graphs_and_matches_autograd(mode, tail):
     assert [len(block.seen[False]) for block in blocks] == [1] * len(blocks)
 
 
+def test_reversible_sequential_passes_its_autograd_tail_on():
+    torch.manual_seed(0)
+    model = ReversibleSequential(*mixed_blocks(4, 4), autograd_tail=2).double()
+    assert "autograd_tail=2" in repr(model)
+    assert_modes_match(model, torch.randn(2, 3, 8, dtype=torch.float64), 1e-10)
+
+
 @pytest.mark.parametrize("tail", [-1, 1.0, True, "1"])
 def test_bad_autograd_tail_is_explained(tail):
     with pytest.raises(ValueError, match="autograd_tail must be an int >= 0"):
         reversible_forward(torch.randn(2, 3), torch.randn(2, 3), [nn.Linear(3, 3)], autograd_tail=tail)
+    with pytest.raises(ValueError, match="autograd_tail must be an int >= 0"):
+        ReversibleSequential(nn.Linear(2, 2), autograd_tail=tail)
 
 
 def test_second_backward_explains_retain_graph_is_unsupported():

@@ -447,7 +447,8 @@ class ReversibleSequential(nn.Module):
     The input is split into two equal halves along ``split_dim``; blocks alternate
     ``f, g, f, g, ...`` (an odd count is allowed) as in ``reversible_forward``; the two
     output streams are concatenated back along ``split_dim``. Keyword arguments of
-    ``forward`` are passed to every block.
+    ``forward`` are passed to every block. The last ``autograd_tail`` blocks keep their
+    autograd graph instead of being rebuilt (see ``run_reversible_steps``).
     """
 
     def __init__(
@@ -457,9 +458,11 @@ class ReversibleSequential(nn.Module):
         coupling_forward: Coupling | Sequence[Coupling] | None = None,
         coupling_inverse: Coupling | Sequence[Coupling] | None = None,
         memory_mode: str = "reversible",
+        autograd_tail: int = 0,
     ) -> None:
         super().__init__()
         _check_memory_mode(memory_mode)
+        _check_autograd_tail(autograd_tail)
         if isinstance(split_dim, bool) or not isinstance(split_dim, int):
             raise TypeError(f"split_dim must be an int, got {type(split_dim).__name__}")
         coupling_steps(blocks, coupling_forward, coupling_inverse)  # validates blocks and couplings
@@ -468,6 +471,7 @@ class ReversibleSequential(nn.Module):
         self.coupling_forward = coupling_forward
         self.coupling_inverse = coupling_inverse
         self.memory_mode = memory_mode
+        self.autograd_tail = autograd_tail
 
     def forward(self, x: Tensor, **block_kwargs: object) -> Tensor:
         if not isinstance(x, Tensor):
@@ -489,8 +493,9 @@ class ReversibleSequential(nn.Module):
             coupling_inverse=self.coupling_inverse,
             memory_mode=self.memory_mode,
             block_kwargs=block_kwargs,
+            autograd_tail=self.autograd_tail,
         )
         return torch.cat((y1, y2), dim=self.split_dim)
 
     def extra_repr(self) -> str:
-        return f"split_dim={self.split_dim}, memory_mode={self.memory_mode!r}"
+        return f"split_dim={self.split_dim}, memory_mode={self.memory_mode!r}, autograd_tail={self.autograd_tail}"
