@@ -13,14 +13,17 @@ from torch_reformer.reversible import ReversibleSequential
 
 WORLD_SIZE = 2
 STEPS = 3
-MODES = ("reversible", "checkpoint")
+# (memory mode, autograd tail); with a tail of 1 the shared block gets gradients from both the
+# reversible chain and plain autograd.
+MODES = (("reversible", 0), ("checkpoint", 0), ("reversible", 1))
 
 
-def make_model(mode: str) -> nn.Module:
+def make_model(mode: str, autograd_tail: int = 0) -> nn.Module:
     torch.manual_seed(0)
     shared = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
     blocks = [shared, nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), shared]
-    return nn.Sequential(nn.Linear(3, 8), ReversibleSequential(*blocks, memory_mode=mode), nn.Linear(8, 2)).double()
+    reversible = ReversibleSequential(*blocks, memory_mode=mode, autograd_tail=autograd_tail)
+    return nn.Sequential(nn.Linear(3, 8), reversible, nn.Linear(8, 2)).double()
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +52,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         local = slice(rank * 4, (rank + 1) * 4)
         results = {}
         for mode in MODES:
-            model = nn.parallel.DistributedDataParallel(make_model(mode))
+            model = nn.parallel.DistributedDataParallel(make_model(*mode))
             results[mode] = train(model, inputs[:, local], targets[:, local])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
