@@ -19,10 +19,11 @@ is the top). Three kinds of step (``reversible_steps.py``) cover every front doo
 - ``PermutationStep``: reorders the top items (``ReversibleSwap``);
 - ``InvertibleStep``: any layer with a forward and an exact ``reverse`` (the general path).
 
-One ``torch.autograd.Function`` (``_ReversibleChain``) runs the whole list. It takes the
-steps' parameters as inputs and returns their gradients, so autograd accumulates them
-normally (DistributedDataParallel then sees each parameter ready exactly once, and
-parameters get gradients even when the stack's input needs none). Before each block
+One ``torch.autograd.Function`` (``_ReversibleChain``) runs the list (all of it unless an
+``autograd_tail`` is given, see below). It takes the steps' parameters as inputs and
+returns their gradients, so autograd accumulates them normally (DistributedDataParallel
+then sees each parameter ready exactly once, and parameters get gradients even when the
+stack's input needs none). Before each block
 call it records the RNG state (CPU, and CUDA for CUDA tensors) and the autocast state;
 the recomputation replays both, so dropout masks and random draws (LSH rotations) are
 identical, and it puts the global RNG back afterwards. Buffers (BatchNorm running
