@@ -198,6 +198,13 @@ def test_summary_ratios_match_hand_computed_values():
     assert "Seconds per step at 16K: ours 4, transformers 10 = 0.40x" in targets
     assert "trains on: 262,144 tokens; 1M failed: OOM" in targets
     assert "step 16 s vs 100 s = 6.25x faster (target >= 5x), peak 1,000 MiB vs 1,200 MiB = 0.83x" in targets
+    assert "timed in turn" not in targets  # no alternating run in the results
+    speed["train_speed_alternating"] = _experiment("train_speed_alternating", {"alternating": [
+        {"x": k16, "spec": {"length": k16}, "result": {"status": "ok", "seconds_ours-reversible": 3.0, "seconds_hf": 7.5}}
+    ]}, env)
+    assert "16K, timed in turn in one process: ours 3, transformers 7.5 = 0.40x (target <= 0.5x)" in \
+        "\n".join(summary.model_targets(results))
+    del speed["train_speed_alternating"]
     assert "12-layer / 2-layer peak: ours 1.04x (500 -> 520 MiB), transformers 2.00x (1,000 -> 2,000 MiB)" in \
         summary.depth_headline(results, "hf", "transformers")
     assert "Command: `reformer bench memory speed`" in summary.summary_markdown(results)
@@ -304,3 +311,54 @@ def test_configurations_on_other_code_revisions_are_listed():
                                                     {"x": 4, "result": {"status": "OOM"}}]}]}
     assert report.revision_lines(mixed)[0].startswith("Code revisions the configurations ran (number of "
                                                       "configurations): aaa (1), bbb (1);")
+
+
+def test_alternating_task_rotates_the_first_model_and_reports_medians(monkeypatch):
+    order = []
+    ticks = iter(range(1, 1000))
+
+    def fake_seconds(self, step):
+        step()
+        order.append(current["key"])
+        return float(next(ticks))
+
+    current = {}
+    original_build = peers.build
+
+    def tracking_build(spec):
+        workload, ids = original_build(spec)
+        loss = workload.loss
+
+        def tagged_loss(batch, key=spec["impl"] + str(spec["config"]["feed_forward_size"])):
+            current["key"] = key
+            return loss(batch)
+
+        workload.loss = tagged_loss
+        return workload, ids
+
+    monkeypatch.setattr(harness.Meter, "seconds", fake_seconds)
+    monkeypatch.setattr(peers, "build", tracking_build)
+    models = [dict(key=name, impl="ours", config=peers.benchmark_config(128, **dict(TINY_MODEL, feed_forward_size=size)))
+              for name, size in (("a", 128), ("b", 64))]
+    result = peers.train_step_alternating_task(dict(length=128, batch=1, rounds=3, models=models))
+    assert order == ["ours128", "ours64", "ours64", "ours128", "ours128", "ours64"]  # timed steps only
+    # fake times 1..6 in call order: a got 1, 4, 5 and b got 2, 3, 6
+    assert result["all_seconds"] == {"a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+    assert result["seconds_a"] == 4.0 and result["seconds_b"] == 3.0
+    assert result["ratio_b"] == pytest.approx(4.0 / 3.0)
+
+
+def test_alternating_experiment_runs_ours_and_the_peers_in_one_child(tmp_path):
+    pytest.importorskip("transformers")
+    profile = replace(TINY, experiments={"train_speed_alternating"}, series=None, alternating_lengths=[256],
+                      impls=("ours", "hf"))
+    results = report.load_results(tmp_path / "results.json")
+    run_experiments("speed", profile, results, tmp_path, "reformer bench speed (tiny)", 8 * 2**30, log=lambda *a, **k: None)
+    experiment = results["suites"]["speed"]["experiments"]["train_speed_alternating"]
+    (point,) = experiment["series"][0]["points"]
+    result = point["result"]
+    assert result["status"] == "ok", result
+    assert sorted(result["all_seconds"]) == ["hf", "ours-reversible"]
+    assert all(len(times) == 5 and min(times) > 0 for times in result["all_seconds"].values())
+    assert result["ratio_hf"] == pytest.approx(result["seconds_ours-reversible"] / result["seconds_hf"])
+    assert "Ours / transformers: ratio of the medians" in (tmp_path / "speed.md").read_text()

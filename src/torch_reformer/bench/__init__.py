@@ -35,7 +35,7 @@ FULL = Profile(
     blog_lengths=[4096, 16384, 65536],
     blog_layers=[4, 8, 12], blog_layer_shape=(8, 512),
     longest_lengths=[131072, 262144, 524288, 1048576, 2097152], longest_layers=6,
-    speed_lengths=[1024, 4096, 16384, 65536],
+    speed_lengths=[1024, 4096, 16384, 65536], alternating_lengths=[4096, 16384],
     attention_lengths=[1024, 4096, 16384, 65536],
     generation_contexts=[1024, 4096], generation_new_tokens=32,
     duplication=dict(length=256, vocab=64, steps=300, batch=16, lr=3e-3, hidden=256, heads=4, chunk=32, eval_size=256),

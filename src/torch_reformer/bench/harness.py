@@ -53,6 +53,7 @@ _OOM_SIGNS = ("out of memory", "can't allocate memory", "cannot allocate memory"
 # only, so the parent never imports torch or a peer.
 TASKS = {
     "train_step": "peers:train_step_task",
+    "train_step_alternating": "peers:train_step_alternating_task",
     "inference": "peers:inference_task",
     "generate": "speed:generation_task",
     "attention": "speed:attention_task",
@@ -147,6 +148,7 @@ class Profile:
     model: dict = field(default_factory=dict)
     experiments: set[str] | None = None
     series: set[str] | None = None  # series keys to run (None: all), e.g. {"ours-reversible", "hf"}
+    alternating_lengths: list[int] = field(default_factory=list)  # implementations timed in turn, one process
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch.set_num_threads in every child; None: torch's default

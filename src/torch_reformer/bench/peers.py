@@ -221,16 +221,53 @@ def train_step_task(spec: dict) -> dict:
     """Forward + backward of the LM loss; median step time and peak memory over the spec's steps."""
     workload, ids = build(spec)
     workload.model.train()
+    step = _training_step(workload, ids, spec)
+    measured = timed_steps(Meter(spec.get("device", "cpu")), step, spec.get("warmup", 0), spec.get("steps", 1))
+    tokens = ids.numel()
+    return {**measured, **_sizes(workload), "tokens": tokens, "tokens_per_second": tokens / measured["seconds"]}
 
+
+def train_step_alternating_task(spec: dict) -> dict:
+    """One training step of each of several models in turn, ``rounds`` times, all in this process.
+
+    Configurations timed one after another in their own processes each see whatever else the
+    machine runs at that moment, so their ratio moves from run to run. Here each round times every
+    model back to back (starting with a different one each round), so load that comes and goes
+    falls on all of them alike. ``spec["models"]`` lists ``{"key", "impl", "config"}``; returns
+    per model the median seconds (``seconds_<key>``) and, for every model after the first, the
+    first model's median over its median (``ratio_<key>``, e.g. ours / transformers). Peak memory
+    is not reported: the models share the process.
+    """
+    import statistics
+
+    meter = Meter(spec.get("device", "cpu"))
+    steps = {}
+    for model in spec["models"]:
+        workload, ids = build({**spec, "impl": model["impl"], "config": model["config"]})
+        workload.model.train()
+        steps[model["key"]] = _training_step(workload, ids, spec)
+    keys = list(steps)
+    for key in keys:  # warm-up
+        steps[key]()
+    samples = {key: [] for key in keys}
+    for round_index in range(spec["rounds"]):
+        for key in keys[round_index % len(keys):] + keys[: round_index % len(keys)]:
+            samples[key].append(meter.seconds(steps[key]))
+    medians = {key: statistics.median(times) for key, times in samples.items()}
+    result = {f"seconds_{key}": medians[key] for key in keys}
+    result.update({f"ratio_{key}": medians[keys[0]] / medians[key] for key in keys[1:]})
+    result["all_seconds"] = {key: [round(t, 6) for t in times] for key, times in samples.items()}
+    return result
+
+
+def _training_step(workload: Workload, ids, spec: dict):
     def step():
         workload.model.zero_grad(set_to_none=True)
         with precision(spec):
             loss = workload.loss(ids)
         loss.backward()
 
-    measured = timed_steps(Meter(spec.get("device", "cpu")), step, spec.get("warmup", 0), spec.get("steps", 1))
-    tokens = ids.numel()
-    return {**measured, **_sizes(workload), "tokens": tokens, "tokens_per_second": tokens / measured["seconds"]}
+    return step
 
 
 def inference_task(spec: dict) -> dict:

@@ -5,6 +5,9 @@
   with every layer "full" (SDPA) in reversible and checkpoint modes, transformers and
   reformer_pytorch. Median of a few steps after a warm-up (one cold step at 64K tokens and above,
   where a step takes minutes on a CPU).
+- ``train_speed_alternating``: the same step of ours, transformers and reformer_pytorch timed in
+  turn inside one process, round after round, so the ratios do not move with load that comes
+  and goes between configurations (``peers.train_step_alternating_task``).
 - ``attention_speed``: the attention layer alone, forward + backward vs length, measured by the
   attention benchmark (``torch_reformer.bench.attention``), one fresh process per configuration.
 - ``generation_speed``: new tokens per second of greedy ``model.generate`` after a prompt of 1K
@@ -20,7 +23,7 @@ import inspect
 
 from .harness import Experiment, Meter, NotAvailable, Point, Profile, Series, View
 from .memory import MODEL_NOTE, lineup, model_config
-from .peers import precision
+from .peers import IMPL_NAMES, is_installed, precision
 
 LOAD_VIEW = View("load_average", "1-minute load average when the configuration ended (2 cores: above about 2, "
                                 "other work shared the CPU and slowed the step)")
@@ -63,6 +66,33 @@ def train_speed(profile: Profile) -> Experiment:
         x_name="sequence length", series=series, views=SPEED_VIEWS, notes=[MODEL_NOTE,
             "Median of 3 steps after 1 warm-up step up to 4K tokens, of 2 up to 16K, one cold step above."],
         plot_metric="seconds", timeout_s=profile.long_timeout_s,
+    )
+
+
+ALTERNATING_MODELS = (("ours", "ours-reversible"), ("hf", "hf"), ("reformer_pytorch", "reformer_pytorch"))
+ALTERNATING_ROUNDS = 5
+
+
+def train_speed_alternating(profile: Profile) -> Experiment:
+    """One point per length: every implementation's step, timed in turn in one process."""
+    models = [(impl, key) for impl, key in ALTERNATING_MODELS if impl in profile.impls and is_installed(impl)]
+    names = {"ours": "ours", "hf": IMPL_NAMES["hf"], "reformer_pytorch": IMPL_NAMES["reformer_pytorch"]}
+    points = [
+        Point(L, dict(task="train_step_alternating", length=L, batch=1, device=profile.device, dtype=profile.dtype,
+                      rounds=ALTERNATING_ROUNDS,
+                      models=[dict(key=key, impl=impl, config=model_config(profile, L, 2)) for impl, key in models]))
+        for L in profile.alternating_lengths
+    ]
+    label = " / ".join(names[impl] for impl, _ in models) + ", one step each in turn"
+    views = [View(f"seconds_{key}", f"{names[impl]}: seconds per training step (median of the rounds)")
+             for impl, key in models]
+    views += [View(f"ratio_{key}", f"ours / {names[impl]}: ratio of the medians") for impl, key in models[1:]]
+    return Experiment(
+        key="train_speed_alternating", title="Training step time, 2 layers, implementations timed in turn in one process",
+        x_name="sequence length", series=[Series(label=label, key="alternating", impl="ours", points=points)] if len(models) > 1 else [],
+        views=views + [LOAD_VIEW], notes=[MODEL_NOTE, f"One warm-up step each, then {ALTERNATING_ROUNDS} rounds; each "
+                                          "round times every model once, starting with a different one."],
+        plot_metric=None, timeout_s=profile.long_timeout_s,
     )
 
 
@@ -119,7 +149,8 @@ def attention_speed(profile: Profile) -> Experiment:
 
 
 def plan(profile: Profile) -> list[Experiment]:
-    experiments = [train_speed(profile), attention_speed(profile), generation_speed(profile)]
+    experiments = [train_speed(profile), train_speed_alternating(profile), attention_speed(profile),
+                   generation_speed(profile)]
     return [e for e in experiments if profile.wants(e.key) and e.series and e.series[0].points]
 
 

@@ -246,6 +246,11 @@ def model_targets(results: dict) -> list[str]:
     ours, hf = (value(speed, k, 16384, "seconds") for k in ("ours-reversible", "hf"))
     lines.append(f"- Seconds per step at 16K: ours {_fmt(ours)}, transformers {_fmt(hf)} = {_ratio(ours, hf)} "
                  "(target <= 0.5x)")
+    alternating = _experiment(results, "speed", "train_speed_alternating")
+    ours, hf = (value(alternating, "alternating", 16384, f"seconds_{k}") for k in ("ours-reversible", "hf"))
+    if None not in (ours, hf):
+        lines.append(f"- Seconds per step at 16K, timed in turn in one process: ours {_fmt(ours)}, transformers "
+                     f"{_fmt(hf)} = {_ratio(ours, hf)} (target <= 0.5x)")
     search = _experiment(results, "memory", "longest_trainable")
     ours_longest = max(measured_xs(search, "ours-reversible", "peak_mib"), default=None)
     failed = next((p for p in (_series(search, "ours-reversible") or {}).get("points", [])
