@@ -76,7 +76,7 @@ ALTERNATING_ROUNDS = 5
 def train_speed_alternating(profile: Profile) -> Experiment:
     """One point per length: every implementation's step, timed in turn in one process."""
     models = [(impl, key) for impl, key in ALTERNATING_MODELS if impl in profile.impls and is_installed(impl)]
-    names = {"ours": "ours", "hf": IMPL_NAMES["hf"], "reformer_pytorch": IMPL_NAMES["reformer_pytorch"]}
+    names = {**IMPL_NAMES, "ours": "ours"}
     points = [
         Point(L, dict(task="train_step_alternating", length=L, batch=1, device=profile.device, dtype=profile.dtype,
                       rounds=ALTERNATING_ROUNDS,
@@ -87,12 +87,13 @@ def train_speed_alternating(profile: Profile) -> Experiment:
     views = [View(f"seconds_{key}", f"{names[impl]}: seconds per training step (median of the rounds)")
              for impl, key in models]
     views += [View(f"ratio_{key}", f"ours / {names[impl]}: ratio of the medians") for impl, key in models[1:]]
+    series = [Series(label=label, key="alternating", impl="ours", points=points)] if len(models) > 1 else []
+    notes = [MODEL_NOTE, f"One warm-up step each, then {ALTERNATING_ROUNDS} rounds; each round times every model "
+                         "once, starting with a different one."]
     return Experiment(
         key="train_speed_alternating", title="Training step time, 2 layers, implementations timed in turn in one process",
-        x_name="sequence length", series=[Series(label=label, key="alternating", impl="ours", points=points)] if len(models) > 1 else [],
-        views=views + [LOAD_VIEW], notes=[MODEL_NOTE, f"One warm-up step each, then {ALTERNATING_ROUNDS} rounds; each "
-                                          "round times every model once, starting with a different one."],
-        plot_metric=None, timeout_s=profile.long_timeout_s,
+        x_name="sequence length", series=series, views=views + [LOAD_VIEW], notes=notes, plot_metric=None,
+        timeout_s=profile.long_timeout_s,
     )
 
 
