@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_reformer.attention.chunking import mask_values
+from torch_reformer.attention import banded, local
+from torch_reformer.attention.chunking import chunk_layout, chunked_attention, mask_values
 from torch_reformer.attention.full import FullSelfAttention, full_attention
 from torch_reformer.attention.local import LocalSelfAttention, local_attention
 
@@ -138,6 +139,72 @@ def test_local_matches_hf(causal, before, after, length):
             assert (ours(hidden, attention_mask) - expected)[mask].abs().max() <= 1e-5
 
 
+# ------------------------------------------------------------------- local: the banded (fused-kernel) path
+
+
+def sliced_local(queries, keys, values, chunk_length, before, after, causal):
+    """Local attention through the sliced core, the path padded or dropout calls take."""
+    batch, heads, length, head_size = queries.shape
+    identity = torch.arange(length).expand(batch, heads, 1, length)
+    layout = chunk_layout(identity, chunk_length, before, after)
+    return chunked_attention(queries, keys, values, layout, causal=causal, self_mask=False,
+                             key_scale=1 / math.sqrt(head_size))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length, chunk, before, after", [(64, 4, 1, 0), (64, 4, 2, 1), (12, 4, 2, 2), (8, 4, 1, 0),
+                                                          (40, 8, 0, 2)])
+def test_banded_path_equals_sliced_core_across_many_slices(monkeypatch, causal, length, chunk, before, after):
+    # A tiny slice budget makes every slice one or two chunks, so the first and last slices wrap
+    # around and the middle ones use the shared interior mask.
+    monkeypatch.setattr(banded, "SLICE_WINDOW_ELEMENTS", 3 * (before + 1 + after) * chunk * 5)
+    queries, keys, values = qkv(2, 3, length, 5, seed=7)
+    out = local_attention(queries, keys, values, chunk_length=chunk, num_chunks_before=before,
+                          num_chunks_after=after, causal=causal)
+    expected = sliced_local(queries, keys, values, chunk, before, after, causal)
+    assert torch.allclose(out, expected, atol=1e-12)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (queries, keys, values))
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, atol=1e-10)
+
+
+def test_banded_path_gradcheck_fp64():
+    queries, keys, values = qkv(2, 2, 12, 3, seed=1)
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: banded.banded_attention(q, k, v, chunk_length=4, num_chunks_before=1, num_chunks_after=1,
+                                                    causal=causal, scale=0.5),
+            (queries, keys, values), fast_mode=True,
+        )
+
+
+def test_banded_path_reads_and_writes_the_projection_layout():
+    # Per-head inputs are views of (B, L, H*D) projections; the output comes back in the same
+    # layout, so merging heads for the output projection is free.
+    projected = torch.randn(2, 32, 3 * 2 * 4, dtype=torch.float64)
+    queries, keys, values = (x.view(2, 32, 2, 4).transpose(1, 2) for x in projected.split(8, dim=-1))
+    out = local_attention(queries, keys, values, chunk_length=8, causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+    assert torch.allclose(out, sliced_local(queries, keys, values, 8, 1, 0, True), atol=1e-12)
+
+
+def test_local_attention_takes_the_banded_path_only_where_it_applies(monkeypatch):
+    calls = []
+    real = local.banded_attention
+    monkeypatch.setattr(local, "banded_attention", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    queries, keys, values = (x.detach() for x in qkv(1, 2, 16, 4))
+    local_attention(queries, keys, values, chunk_length=4, causal=True)
+    assert calls == [1]
+    # Padding and attention dropout in training go through the sliced core.
+    local_attention(queries, keys, values, chunk_length=4, causal=True, key_mask=torch.ones(1, 16, dtype=torch.bool))
+    local_attention(queries, keys, values, chunk_length=4, causal=True, dropout=0.1, training=True)
+    local_attention(queries, keys, values, chunk_length=4, causal=True, dropout=0.1, training=False)
+    assert calls == [1, 1]
+    assert not banded.banded_attention_applies(torch.empty(1, device="meta"), None, 0.0, False)
+
+
 # ---------------------------------------------------------------------------------------- full
 
 
@@ -209,13 +276,13 @@ def test_gradcheck_local_and_full_fp64():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["local", "full"])
-def test_half_precision_within_twice_the_naive_error(dtype, kind):
+@pytest.mark.parametrize("kind, padded", [("local", True), ("local", False), ("full", True)])
+def test_half_precision_within_twice_the_naive_error(dtype, kind, padded):
     queries, keys, values = (x.detach().to(dtype) for x in qkv(1, 2, 64, 16, seed=3))
-    key_mask = left_and_right_padding(1, 64)
+    key_mask = left_and_right_padding(1, 64) if padded else torch.ones(1, 64, dtype=torch.bool)
     if kind == "local":
         counts = banded_counts(64, 8, 1, 0)
-        ours = local_attention(queries, keys, values, chunk_length=8, causal=True, key_mask=key_mask)
+        ours = local_attention(queries, keys, values, chunk_length=8, causal=True, key_mask=key_mask if padded else None)
         exact = reference_local(queries.double(), keys.double(), values.double(), counts, True, key_mask)
         naive = reference_local(queries, keys, values, counts, True, key_mask)
     else:

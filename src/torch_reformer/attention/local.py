@@ -9,7 +9,13 @@ neighbouring chunks. Neighbours wrap around, as in Trax and Hugging Face: the fi
 looks back at the last one (in causal models those keys are later positions and are masked).
 Causal and padding masks use the finite constants of ``chunking.MASK_VALUES``; there is no
 self mask. A sequence that fits in one chunk gets plain attention over all positions.
-Memory kept for backward is O(L * H * D) (see ``chunking``): no (L, W) score tensor exists.
+Memory kept for backward is O(L * H * D): no (L, W) score tensor exists.
+
+Two implementations compute the same thing: on CPU without padding or attention dropout, the
+banded path (``banded``: neighbour chunks are whole blocks, so it copies windows and runs PyTorch's
+fused attention kernel: at 16K tokens its forward ran in about half the time and forward plus
+backward in about two thirds); otherwise the sliced core of ``chunking``, which
+also serves LSH attention. Tests hold them to each other and to a dense reference.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from torch_reformer.attention.banded import banded_attention, banded_attention_applies
 from torch_reformer.attention.chunking import (
     AttentionCache,
     check_attention_inputs,
@@ -59,6 +66,11 @@ def local_attention(
         chunk_length, num_chunks_before, num_chunks_after = length, 0, 0
     elif length % chunk_length:
         raise ValueError(f"local_attention needs a length that is a multiple of chunk_length={chunk_length}, got {length}")
+    if banded_attention_applies(queries, key_mask, dropout, training):
+        return banded_attention(
+            queries, keys, values, chunk_length=chunk_length, num_chunks_before=num_chunks_before,
+            num_chunks_after=num_chunks_after, causal=causal, scale=1 / math.sqrt(head_size),
+        )
     identity = torch.arange(length, device=queries.device).expand(batch, heads, 1, length)  # (B, H, 1, L)
     layout = chunk_layout(identity, chunk_length, num_chunks_before, num_chunks_after)
     return chunked_attention(

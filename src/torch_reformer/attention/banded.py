@@ -1,0 +1,185 @@
+"""Local attention in the natural order through PyTorch's fused CPU attention kernel.
+
+Legend: B batch, H heads, N chunks, C chunk length, J = before + 1 + after neighbour chunks,
+S chunks per slice, D head dim.
+
+In the natural order a chunk's neighbours are whole blocks of the (B, H, N, C, D) queries, keys
+and values: chunk t attends to chunks t - before … t + after (mod N, wrapping like the sliced
+core in ``chunking``), so no per-row gathers are needed. For each slice of S query chunks we copy
+the neighbour blocks of keys and values into (H, S, J*C, D) windows, run by run, and hand them
+with the slice's queries to the kernel behind ``F.scaled_dot_product_attention`` on CPU
+(``aten::_scaled_dot_product_flash_attention_for_cpu``): scores, masked softmax and weighted
+values in one pass, and a backward from the saved log-sum-exp. Backward rebuilds each slice's
+windows and adds the window gradients back into the chunks they came from.
+
+Layouts. Inputs are usually views of (B, L, H*D) projections; the kernel reads them strided, so
+nothing is copied to make them contiguous, and the output and gradients are written in the
+(B, L, H, D) layout that ``merge_heads`` and the projections' backward read without a copy.
+Between forward and backward this keeps the inputs, the output and one log-sum-exp per query:
+O(L * H * D), as the sliced core does; windows exist for one slice at a time.
+
+Masks are additive (0 or -inf). Away from the ends of the sequence every chunk sees its window
+the same way: earlier chunks whole, its own chunk up to the diagonal and no later chunk (causal),
+so one (C, J*C) mask serves all of them. Chunks whose window wraps around (the first ``before``
+and the last ``after``) get their mask from positions, the rule the sliced core applies to every
+chunk. No row is ever fully masked: a causal query sees itself, and without causality nothing is
+masked; that is why this path takes no padding mask.
+
+``banded_attention_applies`` says when this path is used: on CPU, with no padding mask and no
+attention dropout. Everything else goes through the sliced core. The two agree to rounding (the
+tests compare them); -inf here against the core's finite mask constants changes weights of order
+1e-38.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Window elements per slice (H * S * J * C * D, for keys and again for values). At 16K tokens on two
+# CPU threads 2^18 to 2^22 ran within the noise of each other; 2^20 keeps a slice's windows at 4 MiB
+# each in float32, small next to the sequence-long tensors around them.
+SLICE_WINDOW_ELEMENTS = 1 << 20
+
+_FLASH_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def banded_attention_applies(queries: Tensor, key_mask: Tensor | None, dropout: float, training: bool) -> bool:
+    """True when ``banded_attention`` computes this local attention call."""
+    return queries.device.type == "cpu" and key_mask is None and not (training and dropout > 0)
+
+
+def _window_mask(chunks: Tensor, num_chunks: int, before: int, after: int, chunk_length: int, dtype) -> Tensor:
+    """Causal additive mask (S, C, J*C) of query ``chunks`` (S,) from positions."""
+    offsets = torch.arange(-before, after + 1, device=chunks.device)
+    neighbours = (chunks[:, None] + offsets) % num_chunks  # (S, J)
+    within = torch.arange(chunk_length, device=chunks.device)
+    query_positions = chunks[:, None] * chunk_length + within  # (S, C)
+    key_positions = (neighbours[..., None] * chunk_length + within).flatten(1)  # (S, J*C)
+    later = key_positions[:, None, :] > query_positions[:, :, None]
+    return torch.zeros(later.shape, dtype=dtype, device=chunks.device).masked_fill_(later, float("-inf"))
+
+
+class _Plan:
+    """How one call is cut: slices of query chunks and the mask of each."""
+
+    def __init__(self, shape: tuple[int, ...], before: int, after: int, causal: bool, dtype, device):
+        _, heads, self.num_chunks, self.chunk_length, width = shape
+        self.before, self.after, self.causal = before, after, causal
+        self.window = before + 1 + after
+        per_slice = max(1, SLICE_WINDOW_ELEMENTS // (heads * self.window * self.chunk_length * width))
+        self.slices = [slice(start, min(start + per_slice, self.num_chunks))
+                       for start in range(0, self.num_chunks, per_slice)]
+        self.dtype, self.device = dtype, device
+        # A chunk whose window does not wrap; its mask serves every such chunk.
+        middle = torch.tensor([min(before, self.num_chunks - 1)], device=device)
+        self.interior_mask = self._positional_mask(middle)[0] if causal else None  # (C, J*C)
+
+    def _positional_mask(self, chunks: Tensor) -> Tensor:
+        return _window_mask(chunks, self.num_chunks, self.before, self.after, self.chunk_length, self.dtype)
+
+    def mask(self, part: slice) -> Tensor | None:
+        """The additive mask of the query chunks in ``part``: (C, J*C), (1, S, C, J*C) or None."""
+        if not self.causal:
+            return None
+        if self.before <= part.start and part.stop <= self.num_chunks - self.after:
+            return self.interior_mask
+        return self._positional_mask(torch.arange(part.start, part.stop, device=self.device))[None]
+
+    def runs(self, part: slice):
+        """For each window slot j and offset: (rows of the slice, source chunks) in at most two runs each."""
+        count = part.stop - part.start
+        for slot, offset in enumerate(range(-self.before, self.after + 1)):
+            start = (part.start + offset) % self.num_chunks
+            if start + count <= self.num_chunks:
+                yield slot, slice(0, count), slice(start, start + count)
+            else:
+                head = self.num_chunks - start
+                yield slot, slice(0, head), slice(start, self.num_chunks)
+                yield slot, slice(head, count), slice(0, count - head)
+
+    def window_of(self, blocks: Tensor, part: slice) -> Tensor:
+        """Neighbour blocks of the slice's chunks end to end: (H, N, C, D) -> (H, S, J*C, D)."""
+        heads, _, chunk, width = blocks.shape
+        window = blocks.new_empty(heads, part.stop - part.start, self.window, chunk, width)
+        for slot, rows, chunks in self.runs(part):
+            window[:, rows, slot] = blocks[:, chunks]
+        return window.view(heads, -1, self.window * chunk, width)
+
+    def add_window_grad(self, grad_blocks: Tensor, grad_window: Tensor, part: slice) -> None:
+        """Add a slice's window gradient (H, S, J*C, D) into the (H, N, C, D) blocks it was copied from."""
+        heads, _, chunk, width = grad_blocks.shape
+        grad_window = grad_window.reshape(heads, -1, self.window, chunk, width)
+        for slot, rows, chunks in self.runs(part):
+            grad_blocks[:, chunks] += grad_window[:, rows, slot]
+
+
+def _blocks_like(blocks: Tensor) -> Tensor:
+    """An empty (B, H, N, C, D) tensor laid out as (B, N, C, H, D), i.e. (B, L, H, D) memory."""
+    batch, heads, num_chunks, chunk, width = blocks.shape
+    return blocks.new_empty(batch, num_chunks, chunk, heads, width).permute(0, 3, 1, 2, 4)
+
+
+class _BandedAttention(torch.autograd.Function):
+    """Forward and backward of ``banded_attention`` on (B, H, N, C, D) blocks, slice by slice."""
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the kernel runs in the inputs' dtype, masks included
+    def forward(ctx, queries, keys, values, before, after, causal, scale):
+        plan = _Plan(queries.shape, before, after, causal, queries.dtype, queries.device)
+        out = _blocks_like(queries)
+        # (B, H, N, C), in the kernel's accumulation precision (float32 for half types)
+        logsumexp = queries.new_empty(queries.shape[:4], dtype=torch.promote_types(queries.dtype, torch.float32))
+        for batch_index in range(queries.shape[0]):
+            query_blocks, key_blocks, value_blocks = queries[batch_index], keys[batch_index], values[batch_index]
+            for part in plan.slices:
+                slice_out, slice_logsumexp = _FLASH_FORWARD(
+                    query_blocks[:, part], plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
+                    attn_mask=plan.mask(part), scale=scale,
+                )
+                out[batch_index, :, part] = slice_out
+                logsumexp[batch_index, :, part] = slice_logsumexp
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(queries, keys, values, out, logsumexp)
+        return out
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_out):
+        queries, keys, values, out, logsumexp = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.to(queries.dtype)
+        grad_queries = _blocks_like(queries)
+        grad_keys, grad_values = _blocks_like(keys).zero_(), _blocks_like(values).zero_()
+        for batch_index in range(queries.shape[0]):
+            key_blocks, value_blocks = keys[batch_index], values[batch_index]
+            for part in plan.slices:
+                grad_q, grad_k, grad_v = _FLASH_BACKWARD(
+                    grad_out[batch_index, :, part], queries[batch_index, :, part],
+                    plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
+                    out[batch_index, :, part], logsumexp[batch_index, :, part], 0.0, False,
+                    attn_mask=plan.mask(part), scale=ctx.scale,
+                )
+                grad_queries[batch_index, :, part] = grad_q
+                plan.add_window_grad(grad_keys[batch_index], grad_k, part)
+                plan.add_window_grad(grad_values[batch_index], grad_v, part)
+        return grad_queries, grad_keys, grad_values, None, None, None, None
+
+
+def banded_attention(
+    queries: Tensor, keys: Tensor, values: Tensor, *, chunk_length: int, num_chunks_before: int,
+    num_chunks_after: int, causal: bool, scale: float,
+) -> Tensor:
+    """Local attention without padding or dropout, (B, H, L, D) -> (B, H, L, D).
+
+    ``chunk_length`` divides L; scores are ``scale * q · k``. The output is a (B, H, L, D) view of
+    a (B, L, H, D) tensor. See the module docstring.
+    """
+    batch, heads, length, width = queries.shape
+    blocks = (batch, heads, length // chunk_length, chunk_length, width)
+    out = _BandedAttention.apply(
+        queries.unflatten(2, blocks[2:4]), keys.unflatten(2, blocks[2:4]), values.unflatten(2, blocks[2:4]),
+        num_chunks_before, num_chunks_after, bool(causal), float(scale),
+    )
+    return out.flatten(2, 3)
