@@ -190,6 +190,24 @@ def test_banded_path_reads_and_writes_the_projection_layout():
     assert torch.allclose(out, sliced_local(queries, keys, values, 8, 1, 0, True), atol=1e-12)
 
 
+def test_banded_path_backward_twice_and_no_in_place_change_of_its_output():
+    queries, keys, values = qkv(1, 2, 16, 4, seed=2)
+    out = local_attention(queries, keys, values, chunk_length=4, causal=True)
+    probe = torch.randn_like(out)
+    first = torch.autograd.grad((out * probe).sum(), (queries, keys, values), retain_graph=True)
+    second = torch.autograd.grad((out * probe).sum(), (queries, keys, values))  # rebuilds the dropped output
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(first, second))
+    # The output is a view made inside the autograd Function, so autograd refuses in-place changes
+    # (with or without grad mode); the alias backward keeps of it cannot go stale.
+    out = local_attention(queries, keys, values, chunk_length=4, causal=True)
+    with pytest.raises(RuntimeError, match="clon"):
+        out.mul_(2)
+    with torch.no_grad():
+        out.mul_(2)
+    with pytest.raises(RuntimeError, match="clon"):
+        out.sum().backward()
+
+
 def test_local_attention_takes_the_banded_path_only_where_it_applies(monkeypatch):
     calls = []
     real = local.banded_attention

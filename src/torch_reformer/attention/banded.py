@@ -121,6 +121,33 @@ def _blocks_like(blocks: Tensor) -> Tensor:
     return blocks.new_empty(batch, num_chunks, chunk, heads, width).permute(0, 3, 1, 2, 4)
 
 
+def _attend(queries: Tensor, keys: Tensor, values: Tensor, plan: _Plan, scale: float) -> tuple[Tensor, Tensor]:
+    """Output (B, H, N, C, D) in (B, L, H, D) memory and log-sum-exp (B, H, N, C) of every query."""
+    out = _blocks_like(queries)
+    # The log-sum-exp stays in the kernel's accumulation precision (float32 for half types).
+    logsumexp = queries.new_empty(queries.shape[:4], dtype=torch.promote_types(queries.dtype, torch.float32))
+    for batch_index in range(queries.shape[0]):
+        query_blocks, key_blocks, value_blocks = queries[batch_index], keys[batch_index], values[batch_index]
+        for part in plan.slices:
+            out[batch_index, :, part], logsumexp[batch_index, :, part] = _FLASH_FORWARD(
+                query_blocks[:, part], plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
+                attn_mask=plan.mask(part), scale=scale,
+            )
+    return out, logsumexp
+
+
+def _stand_in_output(grad_out: Tensor, grad_dot_out: Tensor) -> Tensor:
+    """A tensor O' with dO · O' = ``grad_dot_out`` per query: dO * (dO · O) / |dO|^2 (0 where dO is 0).
+
+    The kernel's backward reads the output only for the per-query dot product dO · O, so backward
+    can compute those dot products once, free the sequence-long output and hand the kernel this
+    slice-sized stand-in.
+    """
+    squared = torch.einsum("...d,...d->...", grad_out, grad_out)  # (..., C)
+    factor = torch.where(squared > 0, grad_dot_out / squared.clamp(min=torch.finfo(squared.dtype).tiny), 0)
+    return grad_out * factor[..., None].to(grad_out.dtype)
+
+
 class _BandedAttention(torch.autograd.Function):
     """Forward and backward of ``banded_attention`` on (B, H, N, C, D) blocks, slice by slice."""
 
@@ -128,38 +155,39 @@ class _BandedAttention(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)  # the kernel runs in the inputs' dtype, masks included
     def forward(ctx, queries, keys, values, before, after, causal, scale):
         plan = _Plan(queries.shape, before, after, causal, queries.dtype, queries.device)
-        out = _blocks_like(queries)
-        # (B, H, N, C), in the kernel's accumulation precision (float32 for half types)
-        logsumexp = queries.new_empty(queries.shape[:4], dtype=torch.promote_types(queries.dtype, torch.float32))
-        for batch_index in range(queries.shape[0]):
-            query_blocks, key_blocks, value_blocks = queries[batch_index], keys[batch_index], values[batch_index]
-            for part in plan.slices:
-                slice_out, slice_logsumexp = _FLASH_FORWARD(
-                    query_blocks[:, part], plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
-                    attn_mask=plan.mask(part), scale=scale,
-                )
-                out[batch_index, :, part] = slice_out
-                logsumexp[batch_index, :, part] = slice_logsumexp
+        out, logsumexp = _attend(queries, keys, values, plan, scale)
         ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(queries, keys, values, out, logsumexp)
+        ctx.save_for_backward(queries, keys, values, logsumexp)
+        # As in the sliced core: the output is needed only for the dot products dO · O at the start
+        # of backward, so it is kept as a detached alias that backward drops before the slice loop
+        # (saved, it would stay alive through the loop). The output is a view made inside this
+        # Function, so autograd refuses in-place changes to it: the alias cannot go stale.
+        ctx.out = out.detach()
         return out
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
-        queries, keys, values, out, logsumexp = ctx.saved_tensors
+        queries, keys, values, logsumexp = ctx.saved_tensors
         plan = ctx.plan
+        out, ctx.out = ctx.out, None
+        if out is None:  # backward already ran once on this graph (retain_graph=True)
+            out = _attend(queries, keys, values, plan, ctx.scale)[0]
         grad_out = grad_out.to(queries.dtype)
+        accumulate = logsumexp.dtype
+        grad_dot_out = torch.einsum("...d,...d->...", grad_out.to(accumulate), out.to(accumulate))  # (B, H, N, C)
+        del out
         grad_queries = _blocks_like(queries)
         grad_keys, grad_values = _blocks_like(keys).zero_(), _blocks_like(values).zero_()
         for batch_index in range(queries.shape[0]):
             key_blocks, value_blocks = keys[batch_index], values[batch_index]
             for part in plan.slices:
+                slice_grad = grad_out[batch_index, :, part]
                 grad_q, grad_k, grad_v = _FLASH_BACKWARD(
-                    grad_out[batch_index, :, part], queries[batch_index, :, part],
+                    slice_grad, queries[batch_index, :, part],
                     plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
-                    out[batch_index, :, part], logsumexp[batch_index, :, part], 0.0, False,
-                    attn_mask=plan.mask(part), scale=ctx.scale,
+                    _stand_in_output(slice_grad, grad_dot_out[batch_index, :, part]),
+                    logsumexp[batch_index, :, part], 0.0, False, attn_mask=plan.mask(part), scale=ctx.scale,
                 )
                 grad_queries[batch_index, :, part] = grad_q
                 plan.add_window_grad(grad_keys[batch_index], grad_k, part)
