@@ -13,7 +13,8 @@ Legend: B batch, L sequence length, d model width (``hidden_size``), F feed-forw
   -> dropout (dropout before the activation, as in HF). With ``chunk_size > 0`` the (B, L, F)
   intermediate never exists whole, in forward or backward: ``chunked_recompute`` runs the
   chunks without autograd, keeps only the input, and in backward recomputes and
-  back-propagates one chunk at a time, replaying the forward's dropout masks. Inside the
+  back-propagates one chunk at a time, replaying the forward's dropout masks (the recompute
+  stops at the activation: the last Linear's gradients need its input, not its output). Inside the
   reversible engine's backward, ``rebuild_and_backward`` does the rebuild and the gradient in
   the same pass over the chunks: each chunk runs once in backward instead of twice.
 - ``lm_head_loss``: the LM head (Linear(2H, V) + bias) fused with mean cross-entropy. With
@@ -220,12 +221,13 @@ def _apply_chunks(fn: Callable[..., Tensor], hidden: Tensor, params: Sequence[Te
 
 class _ChunkedRecompute(torch.autograd.Function):
     """Forward: ``fn`` chunk by chunk without autograd, saving only the inputs (and the RNG state).
-    Backward: per chunk, recompute ``fn`` with autograd under the forward's RNG and autocast
-    state, back-propagate that chunk, and accumulate parameter gradients."""
+    Backward: ``backward`` (``backward_by_chunks`` for ``fn`` or a function with its signature)
+    under the forward's RNG and autocast state: per chunk, recompute what the gradient needs,
+    back-propagate that chunk and accumulate parameter gradients."""
 
     @staticmethod
-    def forward(ctx, fn, chunk_size, preserve_rng_state, hidden, *params):
-        ctx.fn, ctx.chunk_size = fn, chunk_size
+    def forward(ctx, fn, backward, chunk_size, preserve_rng_state, hidden, *params):
+        ctx.backward_by_chunks, ctx.chunk_size = backward, chunk_size
         ctx.rng_state = _capture_rng_state(hidden.device) if preserve_rng_state else None
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -241,11 +243,11 @@ class _ChunkedRecompute(torch.autograd.Function):
             if ctx.rng_state is not None:
                 _restore_rng_state(hidden.device, ctx.rng_state)
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-                grad_hidden, grad_params = backward_by_chunks(
-                    ctx.fn, hidden, params, grad_output, ctx.chunk_size,
-                    needs_hidden=ctx.needs_input_grad[3], needs_params=ctx.needs_input_grad[4:],
+                grad_hidden, grad_params = ctx.backward_by_chunks(
+                    hidden, params, grad_output, ctx.chunk_size,
+                    needs_hidden=ctx.needs_input_grad[4], needs_params=ctx.needs_input_grad[5:],
                 )
-        return (None, None, None, grad_hidden, *grad_params)
+        return (None, None, None, None, grad_hidden, *grad_params)
 
 
 def backward_by_chunks(
@@ -304,6 +306,7 @@ def chunked_recompute(
     params: Sequence[Tensor],
     chunk_size: int,
     preserve_rng_state: bool = True,
+    backward: Callable[..., tuple[Tensor | None, list[Tensor | None]]] | None = None,
 ) -> Tensor:
     """``fn(hidden, *params)`` for a position-wise ``fn``, computed in chunks along dim -2.
 
@@ -311,6 +314,8 @@ def chunked_recompute(
     only one chunk's intermediates exist at a time, in forward and in backward (each chunk is
     recomputed in backward; ``preserve_rng_state`` replays its random draws, e.g. dropout).
     ``params`` are the tensors ``fn`` differentiates with respect to (e.g. weights).
+    ``backward`` replaces ``backward_by_chunks`` for ``fn`` (same signature without ``fn``) when
+    a function knows a cheaper way to its gradients.
     """
     length = hidden.shape[-2]
     if chunk_size <= 0 or length <= chunk_size:
@@ -318,7 +323,8 @@ def chunked_recompute(
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
         return _apply_chunks(fn, hidden, params, chunk_size)
-    return _ChunkedRecompute.apply(fn, chunk_size, preserve_rng_state, hidden, *params)
+    backward = partial(backward_by_chunks, fn) if backward is None else backward
+    return _ChunkedRecompute.apply(fn, backward, chunk_size, preserve_rng_state, hidden, *params)
 
 
 # ---------------------------------------------------------------------------- feed-forward
@@ -341,11 +347,77 @@ def feed_forward(
 
     hidden: (..., d) -> (..., d). ``dropout`` is the probability actually applied (0 in eval).
     """
-    normed = F.layer_norm(hidden, hidden.shape[-1:], norm_weight, norm_bias, layer_norm_eps)  # (..., d)
-    inner = F.linear(normed, dense_weight, dense_bias)  # (..., F)
-    inner = activation(F.dropout(inner, dropout, training=dropout > 0))  # (..., F)
+    inner = _feed_forward_inner(hidden, norm_weight, norm_bias, dense_weight, dense_bias, activation=activation,
+                                dropout=dropout, layer_norm_eps=layer_norm_eps)  # (..., F)
     output = F.linear(inner, output_weight, output_bias)  # (..., d)
     return F.dropout(output, dropout, training=dropout > 0)
+
+
+def _feed_forward_inner(hidden, norm_weight, norm_bias, dense_weight, dense_bias, *, activation, dropout,
+                        layer_norm_eps) -> Tensor:
+    """The part of ``feed_forward`` before its last Linear, (..., d) -> (..., F)."""
+    normed = F.layer_norm(hidden, hidden.shape[-1:], norm_weight, norm_bias, layer_norm_eps)  # (..., d)
+    inner = F.linear(normed, dense_weight, dense_bias)  # (..., F)
+    return activation(F.dropout(inner, dropout, training=dropout > 0))
+
+
+def feed_forward_backward_by_chunks(
+    hidden: Tensor,
+    params: Sequence[Tensor],
+    grad_output: Tensor,
+    chunk_size: int,
+    needs_hidden: bool,
+    needs_params: Sequence[bool],
+    *,
+    activation: Callable[[Tensor], Tensor],
+    dropout: float,
+    layer_norm_eps: float,
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """``backward_by_chunks`` for ``feed_forward``, without recomputing the last Linear's output.
+
+    The gradients need the last Linear's input (the activations), not its output. So each chunk
+    recomputes LayerNorm -> Linear -> dropout -> activation with autograd, forms the last
+    Linear's gradients by hand (dW = dY^T a, db = sum dY, da = dY W) and back-propagates da
+    through the rest: five of the six matmuls the generic recompute runs per chunk. The output
+    dropout's mask is drawn by the same call on the same shape at the same point of the random
+    sequence as in forward (after the inner dropout's), so with the RNG state replayed it is
+    forward's mask. Matmuls run in the activations' dtype (the autocast dtype under autocast);
+    gradients come back in the parameters' dtypes.
+    """
+    output_weight, output_bias = params[4], params[5]
+    chunk_size = chunk_size if chunk_size > 0 else max(hidden.shape[-2], 1)
+    leaves = [param.detach().requires_grad_(need) for param, need in zip(params[:4], needs_params[:4])]
+    trainable = [leaf for leaf in leaves if leaf.requires_grad]
+    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_trainable: list[Tensor | None] = [None] * len(trainable)
+    grad_output_weight = grad_output_bias = None
+    for start in range(0, hidden.shape[-2], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
+        with torch.enable_grad():
+            inner = _feed_forward_inner(hidden_chunk, *leaves, activation=activation, dropout=dropout,
+                                        layer_norm_eps=layer_norm_eps)  # (B, C, F)
+        grad_chunk = grad_output[..., chunk, :].to(inner.dtype)  # (B, C, d)
+        if dropout > 0:
+            grad_chunk = grad_chunk * F.dropout(torch.ones_like(grad_chunk), dropout, training=True)
+        rows_grad = grad_chunk.reshape(-1, grad_chunk.shape[-1])  # (B*C, d)
+        if needs_params[4]:
+            chunk_grad = (rows_grad.T @ inner.detach().reshape(-1, inner.shape[-1])).to(output_weight.dtype)  # (d, F)
+            grad_output_weight = _add_grads(grad_output_weight, chunk_grad)
+        if needs_params[5]:
+            grad_output_bias = _add_grads(grad_output_bias, rows_grad.sum(dim=0).to(output_bias.dtype))
+        inputs = ([hidden_chunk] if needs_hidden else []) + trainable
+        if not inputs:
+            continue
+        grad_inner = grad_chunk @ output_weight.to(inner.dtype)  # (B, C, F)
+        grads = torch.autograd.grad(inner, inputs, grad_inner, allow_unused=True)
+        if needs_hidden:
+            grad_hidden[..., chunk, :] = 0 if grads[0] is None else grads[0]
+            grads = grads[1:]
+        grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
+    grads_by_trainable = iter(grad_trainable)
+    grad_params = [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
+    return grad_hidden, grad_params + [grad_output_weight, grad_output_bias]
 
 
 class ChunkedFeedForward(nn.Module):
@@ -392,7 +464,9 @@ class ChunkedFeedForward(nn.Module):
     def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
         fn, params = self._function_and_params()
         preserve_rng_state = self.training and self.dropout > 0
-        return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=preserve_rng_state)
+        backward = partial(feed_forward_backward_by_chunks, **fn.keywords)
+        return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=preserve_rng_state,
+                                 backward=backward)
 
     def rebuild_and_backward(
         self,
