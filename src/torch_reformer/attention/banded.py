@@ -148,6 +148,20 @@ def _stand_in_output(grad_out: Tensor, grad_dot_out: Tensor) -> Tensor:
     return grad_out * factor[..., None].to(grad_out.dtype)
 
 
+def _row_dots(first: Tensor, second: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-query dot products of two (B, H, N, C, D) tensors, (B, H, N, C), computed in ``dtype``.
+
+    Taken over (B, L, H, D) rows, the layout outputs and their gradients have here (a copy otherwise).
+    """
+    batch, heads, num_chunks, chunk, width = first.shape
+
+    def rows(blocks: Tensor) -> Tensor:
+        return blocks.permute(0, 2, 3, 1, 4).reshape(-1, width).to(dtype)
+
+    dots = torch.einsum("nd,nd->n", rows(first), rows(second))
+    return dots.view(batch, num_chunks, chunk, heads).permute(0, 3, 1, 2)
+
+
 class _BandedAttention(torch.autograd.Function):
     """Forward and backward of ``banded_attention`` on (B, H, N, C, D) blocks, slice by slice."""
 
@@ -174,8 +188,7 @@ class _BandedAttention(torch.autograd.Function):
         if out is None:  # backward already ran once on this graph (retain_graph=True)
             out = _attend(queries, keys, values, plan, ctx.scale)[0]
         grad_out = grad_out.to(queries.dtype)
-        accumulate = logsumexp.dtype
-        grad_dot_out = torch.einsum("...d,...d->...", grad_out.to(accumulate), out.to(accumulate))  # (B, H, N, C)
+        grad_dot_out = _row_dots(grad_out, out, logsumexp.dtype)  # (B, H, N, C)
         del out
         grad_queries = _blocks_like(queries)
         grad_keys, grad_values = _blocks_like(keys).zero_(), _blocks_like(values).zero_()
