@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from torch_reformer.bench import QUICK, build_parser, run_experiments
+from torch_reformer.bench import QUICK, build_parser, make_profile, run_experiments
 from torch_reformer.bench import harness, peers, quality, report, summary
 from torch_reformer.bench.harness import Point, Series, run_series, run_spec
 
@@ -273,6 +273,26 @@ def test_command_line_rejects_unknown_suites():
     assert parser.parse_args(["memory", "speed", "--quick"]).suites == ["memory", "speed"]
     with pytest.raises(SystemExit):
         parser.parse_args(["bogus"])
+
+
+def test_malloc_settings_reach_every_child_and_the_report(monkeypatch, tmp_path):
+    import torch_reformer.bench as bench
+
+    parser = build_parser("reformer bench")
+    args = parser.parse_args(["speed", "memory", "--malloc", "MALLOC_MMAP_THRESHOLD_=65536",
+                              "--malloc", "MALLOC_TRIM_THRESHOLD_=1"])
+    profile = make_profile(args)
+    assert profile.malloc_env == {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "1"}
+    for bad in ("MALLOC_MMAP_THRESHOLD_", "MMAP_THRESHOLD_=1", "MALLOC_MMAP_THRESHOLD=1", "MALLOC_TOP_PAD_="):
+        with pytest.raises(SystemExit, match="--malloc"):
+            make_profile(parser.parse_args(["speed", "--malloc", bad]))
+    seen = []
+    monkeypatch.setattr(bench, "run_spec", lambda spec, timeout, cap, env: seen.append(env) or {"status": "error"})
+    results = report.load_results(tmp_path / "results.json")
+    tiny = replace(TINY, experiments={"train_memory_vs_length"}, malloc_env=profile.malloc_env)
+    run_experiments("memory", tiny, results, tmp_path, "test", None, log=lambda *a, **k: None)
+    assert seen and all(env == profile.malloc_env for env in seen)  # they win over the memory suite's threshold
+    assert "children run with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=1" in (tmp_path / "memory.md").read_text()
 
 
 def test_series_skips_a_point_whose_extrapolated_time_exceeds_the_limit():

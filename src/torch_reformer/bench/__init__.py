@@ -105,6 +105,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--mmap-threshold", type=int, default=131072, metavar="BYTES",
                         help="glibc MALLOC_MMAP_THRESHOLD_ of the memory suite's configurations, so resident "
                              "memory follows live memory (0: glibc's dynamic default)")
+    parser.add_argument("--malloc", action="append", default=[], metavar="NAME=VALUE",
+                        help="a glibc allocator setting for every configuration of every suite, e.g. "
+                             "MALLOC_MMAP_THRESHOLD_=131072 (repeatable; recorded in the reports)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, metavar="X",
                         help="multiply every per-configuration time limit by X")
     return parser
@@ -120,8 +123,20 @@ def make_profile(args: argparse.Namespace) -> Profile:
     if args.series:
         series = {key.strip() for key in args.series.split(",") if key.strip()}
     return replace(base, device=args.device, dtype=args.dtype, experiments=experiments, series=series,
-                   threads=args.threads, mmap_threshold=args.mmap_threshold,
+                   threads=args.threads, mmap_threshold=args.mmap_threshold, malloc_env=parse_malloc(args.malloc),
                    timeout_s=base.timeout_s * args.timeout_scale, long_timeout_s=base.long_timeout_s * args.timeout_scale)
+
+
+def parse_malloc(settings: list[str]) -> dict[str, str]:
+    """``--malloc`` values (``MALLOC_X_=value``) as an environment dict; a clear error for anything else."""
+    env = {}
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        if not (equals and name.startswith("MALLOC_") and name.endswith("_") and value):
+            raise SystemExit(f"--malloc takes a glibc setting NAME=VALUE with NAME like MALLOC_MMAP_THRESHOLD_ "
+                             f"(glibc's variables end in an underscore), got {setting!r}")
+        env[name] = value
+    return env
 
 
 def default_out_dir(device: str) -> Path:
@@ -154,6 +169,7 @@ def run_experiments(suite: str, profile: Profile, results: dict, out_dir: Path, 
     child_env = {}
     if suite == "memory" and profile.mmap_threshold:
         child_env["MALLOC_MMAP_THRESHOLD_"] = str(profile.mmap_threshold)
+    child_env.update(profile.malloc_env)
     env = environment(profile.device, profile.dtype, command, profile.threads, child_env)
     record = results["suites"].setdefault(suite, {"experiments": {}})
     for experiment in _suite_module(suite).plan(profile):

@@ -155,6 +155,9 @@ class Profile:
     # glibc MALLOC_MMAP_THRESHOLD_ for the memory suite's children (0: glibc's dynamic default); see
     # ``memory`` for why.
     mmap_threshold: int = 131072
+    # glibc allocator settings (MALLOC_*=value) for the children of every suite, e.g. to time the
+    # speed suite with a fixed mmap threshold; they win over ``mmap_threshold``.
+    malloc_env: dict[str, str] = field(default_factory=dict)
 
     def wants(self, key: str) -> bool:
         return self.experiments is None or key in self.experiments
