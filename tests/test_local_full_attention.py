@@ -221,6 +221,10 @@ def test_local_attention_takes_the_banded_path_only_where_it_applies(monkeypatch
     local_attention(queries, keys, values, chunk_length=4, causal=True, dropout=0.1, training=False)
     assert calls == [1, 1]
     assert not banded.banded_attention_applies(torch.empty(1, device="meta"), None, 0.0, False)
+    monkeypatch.setattr(banded, "_FLASH_KERNELS", None)  # a torch build without the fused CPU kernel
+    assert not banded.banded_attention_applies(queries, None, 0.0, False)
+    local_attention(queries, keys, values, chunk_length=4, causal=True)
+    assert calls == [1, 1]
 
 
 # ---------------------------------------------------------------------------------------- full

@@ -15,8 +15,9 @@ windows and adds the window gradients back into the chunks they came from.
 Layouts. Inputs are usually views of (B, L, H*D) projections; the kernel reads them strided, so
 nothing is copied to make them contiguous, and the output and gradients are written in the
 (B, L, H, D) layout that ``merge_heads`` and the projections' backward read without a copy.
-Between forward and backward this keeps the inputs, the output and one log-sum-exp per query:
-O(L * H * D), as the sliced core does; windows exist for one slice at a time.
+Between forward and backward this keeps the inputs, one log-sum-exp per query and the output
+until backward has taken its dot products with the output gradient: O(L * H * D), as the sliced
+core does; windows exist for one slice at a time.
 
 Masks are additive (0 or -inf). Away from the ends of the sequence every chunk sees its window
 the same way: earlier chunks whole, its own chunk up to the diagonal and no later chunk (causal),
@@ -26,7 +27,8 @@ chunk. No row is ever fully masked: a causal query sees itself, and without caus
 masked; that is why this path takes no padding mask.
 
 ``banded_attention_applies`` says when this path is used: on CPU, with no padding mask and no
-attention dropout. Everything else goes through the sliced core. The two agree to rounding (the
+attention dropout, in a torch build that has the kernel. Everything else goes through the sliced
+core. The two agree to rounding (the
 tests compare them); -inf here against the core's finite mask constants changes weights of order
 1e-38.
 """
@@ -41,13 +43,23 @@ from torch import Tensor
 # each in float32, small next to the sequence-long tensors around them.
 SLICE_WINDOW_ELEMENTS = 1 << 20
 
-_FLASH_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+def _flash_kernels():
+    """The fused CPU kernel's forward and backward ops, or None in a torch build without them."""
+    try:
+        return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FLASH_KERNELS = _flash_kernels()
 
 
 def banded_attention_applies(queries: Tensor, key_mask: Tensor | None, dropout: float, training: bool) -> bool:
     """True when ``banded_attention`` computes this local attention call."""
-    return queries.device.type == "cpu" and key_mask is None and not (training and dropout > 0)
+    return (_FLASH_KERNELS is not None and queries.device.type == "cpu" and key_mask is None
+            and not (training and dropout > 0))
 
 
 def _window_mask(chunks: Tensor, num_chunks: int, before: int, after: int, chunk_length: int, dtype) -> Tensor:
@@ -129,7 +141,7 @@ def _attend(queries: Tensor, keys: Tensor, values: Tensor, plan: _Plan, scale: f
     for batch_index in range(queries.shape[0]):
         query_blocks, key_blocks, value_blocks = queries[batch_index], keys[batch_index], values[batch_index]
         for part in plan.slices:
-            out[batch_index, :, part], logsumexp[batch_index, :, part] = _FLASH_FORWARD(
+            out[batch_index, :, part], logsumexp[batch_index, :, part] = _FLASH_KERNELS[0](
                 query_blocks[:, part], plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
                 attn_mask=plan.mask(part), scale=scale,
             )
@@ -196,7 +208,7 @@ class _BandedAttention(torch.autograd.Function):
             key_blocks, value_blocks = keys[batch_index], values[batch_index]
             for part in plan.slices:
                 slice_grad = grad_out[batch_index, :, part]
-                grad_q, grad_k, grad_v = _FLASH_BACKWARD(
+                grad_q, grad_k, grad_v = _FLASH_KERNELS[1](
                     slice_grad, queries[batch_index, :, part],
                     plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
                     _stand_in_output(slice_grad, grad_dot_out[batch_index, :, part]),
