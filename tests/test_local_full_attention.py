@@ -170,6 +170,20 @@ def test_banded_path_equals_sliced_core_across_many_slices(monkeypatch, causal, 
         assert torch.allclose(grad, expected_grad, atol=1e-10)
 
 
+def test_banded_path_groups_short_sequences_of_several_batch_rows(monkeypatch):
+    # Room for two whole sequences per kernel call: batch rows 0-1, 2-3 and 4 go in three parts.
+    heads, length, chunk, head_size = 3, 16, 4, 5
+    monkeypatch.setattr(banded, "SLICE_WINDOW_ELEMENTS", 2 * heads * 2 * chunk * head_size * (length // chunk))
+    queries, keys, values = qkv(5, heads, length, head_size, seed=4)
+    out = local_attention(queries, keys, values, chunk_length=chunk, causal=True)
+    expected = sliced_local(queries, keys, values, chunk, 1, 0, True)
+    assert torch.allclose(out, expected, atol=1e-12)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
+        assert torch.allclose(grad, expected_grad, atol=1e-10)
+
+
 def test_banded_path_gradcheck_fp64():
     queries, keys, values = qkv(2, 2, 12, 3, seed=1)
     for causal in (False, True):

@@ -1,15 +1,17 @@
 """Local attention in the natural order through PyTorch's fused CPU attention kernel.
 
 Legend: B batch, H heads, N chunks, C chunk length, J = before + 1 + after neighbour chunks,
-S chunks per slice, D head dim.
+S chunks and B' batch rows per part, D head dim.
 
 In the natural order a chunk's neighbours are whole blocks of the (B, H, N, C, D) queries, keys
 and values: chunk t attends to chunks t - before … t + after (mod N, wrapping like the sliced
-core in ``chunking``), so no per-row gathers are needed. For each slice of S query chunks we copy
-the neighbour blocks of keys and values into (H, S, J*C, D) windows, run by run, and hand them
-with the slice's queries to the kernel behind ``F.scaled_dot_product_attention`` on CPU
+core in ``chunking``), so no per-row gathers are needed. The work is cut into parts: S query
+chunks of one batch row, or whole short sequences of several rows, so that each kernel call gets
+a similar amount of work. For each part we copy the neighbour blocks of keys and values into
+(B' * H, S, J*C, D) windows, run by run, and hand them with the part's queries to the kernel
+behind ``F.scaled_dot_product_attention`` on CPU
 (``aten::_scaled_dot_product_flash_attention_for_cpu``): scores, masked softmax and weighted
-values in one pass, and a backward from the saved log-sum-exp. Backward rebuilds each slice's
+values in one pass, and a backward from the saved log-sum-exp. Backward rebuilds each part's
 windows and adds the window gradients back into the chunks they came from.
 
 Layouts. Inputs are usually views of (B, L, H*D) projections; the kernel reads them strided, so
@@ -17,7 +19,7 @@ nothing is copied to make them contiguous, and the output and gradients are writ
 (B, L, H, D) layout that ``merge_heads`` and the projections' backward read without a copy.
 Between forward and backward this keeps the inputs, one log-sum-exp per query and the output
 until backward has taken its dot products with the output gradient: O(L * H * D), as the sliced
-core does; windows exist for one slice at a time.
+core does; windows exist for one part at a time.
 
 Masks are additive (0 or -inf). Away from the ends of the sequence every chunk sees its window
 the same way: earlier chunks whole, its own chunk up to the diagonal and no later chunk (causal),
@@ -38,9 +40,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Window elements per slice (H * S * J * C * D, for keys and again for values). At 16K tokens on two
-# CPU threads 2^18 to 2^22 ran within the noise of each other; 2^20 keeps a slice's windows at 4 MiB
-# each in float32, small next to the sequence-long tensors around them.
+# Window elements per part (B' * H * S * J * C * D, for keys and again for values). At 16K tokens on
+# two CPU threads 2^18 to 2^22 ran within the noise of each other; 2^20 keeps a part's windows at
+# 4 MiB each in float32, small next to the sequence-long tensors around them.
 SLICE_WINDOW_ELEMENTS = 1 << 20
 
 
@@ -74,15 +76,22 @@ def _window_mask(chunks: Tensor, num_chunks: int, before: int, after: int, chunk
 
 
 class _Plan:
-    """How one call is cut: slices of query chunks and the mask of each."""
+    """How one call is cut into parts (a range of batch rows x a range of query chunks) and the mask of each."""
 
     def __init__(self, shape: tuple[int, ...], before: int, after: int, causal: bool, dtype, device):
-        _, heads, self.num_chunks, self.chunk_length, width = shape
+        batch, heads, self.num_chunks, self.chunk_length, width = shape
         self.before, self.after, self.causal = before, after, causal
         self.window = before + 1 + after
-        per_slice = max(1, SLICE_WINDOW_ELEMENTS // (heads * self.window * self.chunk_length * width))
-        self.slices = [slice(start, min(start + per_slice, self.num_chunks))
-                       for start in range(0, self.num_chunks, per_slice)]
+        per_chunk = heads * self.window * self.chunk_length * width  # window elements of one chunk
+        chunks_per_part = max(1, SLICE_WINDOW_ELEMENTS // per_chunk)
+        # Short sequences: whole sequences of several batch rows per part, so the kernel calls stay few.
+        rows_per_part = 1
+        if chunks_per_part >= self.num_chunks:
+            rows_per_part = max(1, SLICE_WINDOW_ELEMENTS // (per_chunk * self.num_chunks))
+        self.parts = [
+            (slice(row, min(row + rows_per_part, batch)), slice(start, min(start + chunks_per_part, self.num_chunks)))
+            for row in range(0, batch, rows_per_part) for start in range(0, self.num_chunks, chunks_per_part)
+        ]
         self.dtype, self.device = dtype, device
         # A chunk whose window does not wrap; its mask serves every such chunk.
         middle = torch.tensor([min(before, self.num_chunks - 1)], device=device)
@@ -100,7 +109,7 @@ class _Plan:
         return self._positional_mask(torch.arange(part.start, part.stop, device=self.device))[None]
 
     def runs(self, part: slice):
-        """For each window slot j and offset: (rows of the slice, source chunks) in at most two runs each."""
+        """For each window slot j and offset: (chunks of the part, source chunks) in at most two runs each."""
         count = part.stop - part.start
         for slot, offset in enumerate(range(-self.before, self.after + 1)):
             start = (part.start + offset) % self.num_chunks
@@ -111,20 +120,20 @@ class _Plan:
                 yield slot, slice(0, head), slice(start, self.num_chunks)
                 yield slot, slice(head, count), slice(0, count - head)
 
-    def window_of(self, blocks: Tensor, part: slice) -> Tensor:
-        """Neighbour blocks of the slice's chunks end to end: (H, N, C, D) -> (H, S, J*C, D)."""
-        heads, _, chunk, width = blocks.shape
-        window = blocks.new_empty(heads, part.stop - part.start, self.window, chunk, width)
-        for slot, rows, chunks in self.runs(part):
-            window[:, rows, slot] = blocks[:, chunks]
-        return window.view(heads, -1, self.window * chunk, width)
+    def window_of(self, blocks: Tensor, rows: slice, part: slice) -> Tensor:
+        """Neighbour blocks of the part's chunks end to end: (B, H, N, C, D) -> (B' * H, S, J*C, D)."""
+        _, heads, _, chunk, width = blocks.shape
+        window = blocks.new_empty(rows.stop - rows.start, heads, part.stop - part.start, self.window, chunk, width)
+        for slot, slots, chunks in self.runs(part):
+            window[:, :, slots, slot] = blocks[rows, :, chunks]
+        return window.view(-1, part.stop - part.start, self.window * chunk, width)
 
-    def add_window_grad(self, grad_blocks: Tensor, grad_window: Tensor, part: slice) -> None:
-        """Add a slice's window gradient (H, S, J*C, D) into the (H, N, C, D) blocks it was copied from."""
-        heads, _, chunk, width = grad_blocks.shape
-        grad_window = grad_window.reshape(heads, -1, self.window, chunk, width)
-        for slot, rows, chunks in self.runs(part):
-            grad_blocks[:, chunks] += grad_window[:, rows, slot]
+    def add_window_grad(self, grad_blocks: Tensor, grad_window: Tensor, rows: slice, part: slice) -> None:
+        """Add a part's window gradient (B' * H, S, J*C, D) into the (B, H, N, C, D) blocks it was copied from."""
+        _, heads, _, chunk, width = grad_blocks.shape
+        grad_window = grad_window.reshape(rows.stop - rows.start, heads, -1, self.window, chunk, width)
+        for slot, slots, chunks in self.runs(part):
+            grad_blocks[rows, :, chunks] += grad_window[:, :, slots, slot]
 
 
 def _blocks_like(blocks: Tensor) -> Tensor:
@@ -133,18 +142,23 @@ def _blocks_like(blocks: Tensor) -> Tensor:
     return blocks.new_empty(batch, num_chunks, chunk, heads, width).permute(0, 3, 1, 2, 4)
 
 
+def _kernel_view(blocks: Tensor) -> Tensor:
+    """(B', H, S, C, ...) -> (B' * H, S, C, ...): the kernel's (batch, heads, length, ...) (a copy when B' > 1)."""
+    return blocks.reshape(-1, *blocks.shape[2:])
+
+
 def _attend(queries: Tensor, keys: Tensor, values: Tensor, plan: _Plan, scale: float) -> tuple[Tensor, Tensor]:
     """Output (B, H, N, C, D) in (B, L, H, D) memory and log-sum-exp (B, H, N, C) of every query."""
     out = _blocks_like(queries)
     # The log-sum-exp stays in the kernel's accumulation precision (float32 for half types).
     logsumexp = queries.new_empty(queries.shape[:4], dtype=torch.promote_types(queries.dtype, torch.float32))
-    for batch_index in range(queries.shape[0]):
-        query_blocks, key_blocks, value_blocks = queries[batch_index], keys[batch_index], values[batch_index]
-        for part in plan.slices:
-            out[batch_index, :, part], logsumexp[batch_index, :, part] = _FLASH_KERNELS[0](
-                query_blocks[:, part], plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
-                attn_mask=plan.mask(part), scale=scale,
-            )
+    for rows, part in plan.parts:
+        part_out, part_logsumexp = _FLASH_KERNELS[0](
+            _kernel_view(queries[rows, :, part]), plan.window_of(keys, rows, part), plan.window_of(values, rows, part),
+            attn_mask=plan.mask(part), scale=scale,
+        )
+        out[rows, :, part] = part_out.view(out[rows, :, part].shape)
+        logsumexp[rows, :, part] = part_logsumexp.view(logsumexp[rows, :, part].shape)
     return out, logsumexp
 
 
@@ -153,7 +167,7 @@ def _stand_in_output(grad_out: Tensor, grad_dot_out: Tensor) -> Tensor:
 
     The kernel's backward reads the output only for the per-query dot product dO · O, so backward
     can compute those dot products once, free the sequence-long output and hand the kernel this
-    slice-sized stand-in.
+    part-sized stand-in.
     """
     squared = torch.einsum("...d,...d->...", grad_out, grad_out)  # (..., C)
     factor = torch.where(squared > 0, grad_dot_out / squared.clamp(min=torch.finfo(squared.dtype).tiny), 0)
@@ -175,7 +189,7 @@ def _row_dots(first: Tensor, second: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _BandedAttention(torch.autograd.Function):
-    """Forward and backward of ``banded_attention`` on (B, H, N, C, D) blocks, slice by slice."""
+    """Forward and backward of ``banded_attention`` on (B, H, N, C, D) blocks, part by part."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)  # the kernel runs in the inputs' dtype, masks included
@@ -185,7 +199,7 @@ class _BandedAttention(torch.autograd.Function):
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(queries, keys, values, logsumexp)
         # As in the sliced core: the output is needed only for the dot products dO · O at the start
-        # of backward, so it is kept as a detached alias that backward drops before the slice loop
+        # of backward, so it is kept as a detached alias that backward drops before the loop over parts
         # (saved, it would stay alive through the loop). The output is a view made inside this
         # Function, so autograd refuses in-place changes to it: the alias cannot go stale.
         ctx.out = out.detach()
@@ -204,19 +218,17 @@ class _BandedAttention(torch.autograd.Function):
         del out
         grad_queries = _blocks_like(queries)
         grad_keys, grad_values = _blocks_like(keys).zero_(), _blocks_like(values).zero_()
-        for batch_index in range(queries.shape[0]):
-            key_blocks, value_blocks = keys[batch_index], values[batch_index]
-            for part in plan.slices:
-                slice_grad = grad_out[batch_index, :, part]
-                grad_q, grad_k, grad_v = _FLASH_KERNELS[1](
-                    slice_grad, queries[batch_index, :, part],
-                    plan.window_of(key_blocks, part), plan.window_of(value_blocks, part),
-                    _stand_in_output(slice_grad, grad_dot_out[batch_index, :, part]),
-                    logsumexp[batch_index, :, part], 0.0, False, attn_mask=plan.mask(part), scale=ctx.scale,
-                )
-                grad_queries[batch_index, :, part] = grad_q
-                plan.add_window_grad(grad_keys[batch_index], grad_k, part)
-                plan.add_window_grad(grad_values[batch_index], grad_v, part)
+        for rows, part in plan.parts:
+            part_grad = _kernel_view(grad_out[rows, :, part])
+            grad_q, grad_k, grad_v = _FLASH_KERNELS[1](
+                part_grad, _kernel_view(queries[rows, :, part]),
+                plan.window_of(keys, rows, part), plan.window_of(values, rows, part),
+                _stand_in_output(part_grad, _kernel_view(grad_dot_out[rows, :, part])),
+                _kernel_view(logsumexp[rows, :, part]), 0.0, False, attn_mask=plan.mask(part), scale=ctx.scale,
+            )
+            grad_queries[rows, :, part] = grad_q.view(grad_queries[rows, :, part].shape)
+            plan.add_window_grad(grad_keys, grad_k, rows, part)
+            plan.add_window_grad(grad_values, grad_v, rows, part)
         return grad_queries, grad_keys, grad_values, None, None, None, None
 
 
