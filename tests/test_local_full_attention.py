@@ -75,6 +75,15 @@ def left_and_right_padding(batch, length):
     return mask
 
 
+def assert_same_outputs_and_grads(out, expected, inputs, out_atol=1e-12, grad_atol=1e-10):
+    """``out`` equals ``expected``, and so do their gradients for one random upstream gradient."""
+    assert torch.allclose(out, expected, atol=out_atol)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), inputs)
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), inputs)):
+        assert torch.allclose(grad, expected_grad, atol=grad_atol)
+
+
 # ---------------------------------------------------------------------------------------- local
 
 
@@ -162,12 +171,7 @@ def test_banded_path_equals_sliced_core_across_many_slices(monkeypatch, causal, 
     out = local_attention(queries, keys, values, chunk_length=chunk, num_chunks_before=before,
                           num_chunks_after=after, causal=causal)
     expected = sliced_local(queries, keys, values, chunk, before, after, causal)
-    assert torch.allclose(out, expected, atol=1e-12)
-    probe = torch.randn_like(out)
-    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
-    expected_grads = torch.autograd.grad((expected * probe).sum(), (queries, keys, values))
-    for grad, expected_grad in zip(grads, expected_grads):
-        assert torch.allclose(grad, expected_grad, atol=1e-10)
+    assert_same_outputs_and_grads(out, expected, (queries, keys, values))
 
 
 def test_banded_path_groups_short_sequences_of_several_batch_rows(monkeypatch):
@@ -177,11 +181,7 @@ def test_banded_path_groups_short_sequences_of_several_batch_rows(monkeypatch):
     queries, keys, values = qkv(5, heads, length, head_size, seed=4)
     out = local_attention(queries, keys, values, chunk_length=chunk, causal=True)
     expected = sliced_local(queries, keys, values, chunk, 1, 0, True)
-    assert torch.allclose(out, expected, atol=1e-12)
-    probe = torch.randn_like(out)
-    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
-    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
-        assert torch.allclose(grad, expected_grad, atol=1e-10)
+    assert_same_outputs_and_grads(out, expected, (queries, keys, values))
 
 
 def test_banded_path_gradcheck_fp64():
@@ -254,11 +254,7 @@ def test_full_equals_naive_softmax_attention(causal, padded):
         key_mask[1] = False  # a row that is all padding
     out = full_attention(queries, keys, values, causal=causal, key_mask=key_mask)
     expected = naive_full(queries, keys, values, causal, key_mask)
-    assert torch.allclose(out, expected, atol=1e-12)
-    probe = torch.randn_like(out)
-    grads = torch.autograd.grad((out * probe).sum(), (queries, keys, values))
-    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
-        assert torch.allclose(grad, expected_grad, atol=1e-10)
+    assert_same_outputs_and_grads(out, expected, (queries, keys, values))
 
 
 def test_full_module_is_projections_around_naive_attention():
