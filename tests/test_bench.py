@@ -195,6 +195,15 @@ def test_summary_ratios_match_hand_computed_values():
     assert summary.crossover(sizes, "ours-reversible", "ours-full-reversible", "peak_mib") == "between 16K and 64K tokens"
     targets = "\n".join(summary.model_targets(results))
     assert "12-layer peak 520 MiB vs 2-layer 500 MiB = 1.04x" in targets
+    assert "parameters + gradients" not in targets  # the points carry no parameter sizes
+    depth_points = memory["train_memory_vs_depth"]["series"][0]["points"]
+    for point, parameter_mib in zip(depth_points, (2, 7, 13)):
+        point["result"]["parameter_bytes"] = parameter_mib * 2**20
+    targets = "\n".join(summary.model_targets(results))
+    # 10 added layers: 2 * (7 - 2) = 10 MiB of the 20 MiB difference; 510 / 500 without them
+    assert "parameters + gradients of the 10 added layers: 10 MiB of the 20 MiB difference; without them 1.02x" in targets
+    # peak - baseline (100 MiB) - gradients: 500 - 100 - 2 and 520 - 100 - 7
+    assert [report.metric_value(p, "activation_less_gradients_mib") for p in depth_points[:2]] == [398.0, 413.0]
     assert "Seconds per step at 16K: ours 4, transformers 10 = 0.40x" in targets
     assert "trains on: 262,144 tokens; 1M failed: OOM" in targets
     assert "step 16 s vs 100 s = 6.25x faster (target >= 5x), peak 1,000 MiB vs 1,200 MiB = 0.83x" in targets

@@ -107,7 +107,10 @@ def train_vs_depth(profile: Profile) -> Experiment:
     ]
     return Experiment(
         key="train_memory_vs_depth", title=f"Training step (batch 1) vs depth at {length:,} tokens",
-        x_name="layers", series=series, views=MEMORY_VIEWS[:2], notes=[MODEL_NOTE],
+        x_name="layers", series=series,
+        views=[*MEMORY_VIEWS[:2], View("activation_less_gradients_mib", "peak minus the baseline and the parameters' "
+                                       "gradients (MiB): what activations and temporaries add")],
+        notes=[MODEL_NOTE],
         plot_metric="peak_mib", log_x=False, log_y=False, timeout_s=profile.timeout_s,
     )
 

@@ -158,6 +158,10 @@ def metric_value(point: dict, metric: str) -> float | None:
         return result["peak_bytes"] / 1024 / _tokens(point)
     if metric == "activation_kib_per_token":
         return result["activation_bytes"] / 1024 / _tokens(point)
+    if metric == "activation_less_gradients_mib":  # a training step's gradients are as large as its parameters
+        if "parameter_bytes" not in result:
+            return None
+        return (result["activation_bytes"] - result["parameter_bytes"]) / MIB
     value = result.get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
