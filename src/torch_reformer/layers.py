@@ -250,6 +250,41 @@ class _ChunkedRecompute(torch.autograd.Function):
         return (None, None, None, None, grad_hidden, *grad_params)
 
 
+class _ChunkGradients:
+    """The leaves a chunked backward recomputes with, and the gradients it gathers chunk by chunk.
+
+    ``hidden`` (…, L, d) is cut along dim -2; ``params`` become detached leaves that require
+    grad where ``needs_params`` says. ``backward(chunk, outputs, grads)`` back-propagates one
+    chunk's recomputed outputs; ``result()`` returns (gradient of ``hidden`` or None, gradients
+    of ``params``, None where not needed).
+    """
+
+    def __init__(self, hidden: Tensor, params: Sequence[Tensor], needs_hidden: bool, needs_params: Sequence[bool]):
+        self.hidden, self.needs_hidden = hidden, needs_hidden
+        self.leaves = [param.detach().requires_grad_(need) for param, need in zip(params, needs_params)]
+        self.trainable = [leaf for leaf in self.leaves if leaf.requires_grad]
+        self.grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        self.grad_trainable: list[Tensor | None] = [None] * len(self.trainable)
+
+    def chunk_input(self, chunk: slice) -> Tensor:
+        """The chunk of ``hidden`` as a leaf, (…, C, d)."""
+        return self.hidden[..., chunk, :].detach().requires_grad_(self.needs_hidden)
+
+    def backward(self, chunk: slice, hidden_chunk: Tensor, outputs: Tensor, grad_outputs: Tensor) -> None:
+        inputs = ([hidden_chunk] if self.needs_hidden else []) + self.trainable
+        if not inputs:
+            return
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+        if self.needs_hidden:
+            self.grad_hidden[..., chunk, :] = 0 if grads[0] is None else grads[0]
+            grads = grads[1:]
+        self.grad_trainable = [_add_grads(total, grad) for total, grad in zip(self.grad_trainable, grads)]
+
+    def result(self) -> tuple[Tensor | None, list[Tensor | None]]:
+        grads_by_trainable = iter(self.grad_trainable)
+        return self.grad_hidden, [next(grads_by_trainable) if leaf.requires_grad else None for leaf in self.leaves]
+
+
 def backward_by_chunks(
     fn: Callable[..., Tensor],
     hidden: Tensor,
@@ -270,28 +305,17 @@ def backward_by_chunks(
     Returns (gradient of ``hidden`` or None, gradients of ``params``, None where not needed).
     """
     chunk_size = chunk_size if chunk_size > 0 else max(hidden.shape[-2], 1)
-    leaves = [param.detach().requires_grad_(need) for param, need in zip(params, needs_params)]
-    trainable = [leaf for leaf in leaves if leaf.requires_grad]
-    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-    grad_trainable: list[Tensor | None] = [None] * len(trainable)
+    gradients = _ChunkGradients(hidden, params, needs_hidden, needs_params)
     for start in range(0, hidden.shape[-2], chunk_size):
         chunk = slice(start, start + chunk_size)
-        hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
+        hidden_chunk = gradients.chunk_input(chunk)  # (B, C, d)
         with torch.enable_grad():
-            output_chunk = fn(hidden_chunk, *leaves)  # (B, C, d_out)
+            output_chunk = fn(hidden_chunk, *gradients.leaves)  # (B, C, d_out)
         if subtract_from is not None:
             with torch.no_grad():
                 subtract_from[..., chunk, :].sub_(output_chunk)
-        inputs = ([hidden_chunk] if needs_hidden else []) + trainable
-        if not inputs:
-            continue
-        grads = torch.autograd.grad(output_chunk, inputs, grad_output[..., chunk, :], allow_unused=True)
-        if needs_hidden:
-            grad_hidden[..., chunk, :] = 0 if grads[0] is None else grads[0]
-            grads = grads[1:]
-        grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
-    grads_by_trainable = iter(grad_trainable)
-    return grad_hidden, [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
+        gradients.backward(chunk, hidden_chunk, output_chunk, grad_output[..., chunk, :])
+    return gradients.result()
 
 
 def _add_grads(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
@@ -386,16 +410,13 @@ def feed_forward_backward_by_chunks(
     """
     output_weight, output_bias = params[4], params[5]
     chunk_size = chunk_size if chunk_size > 0 else max(hidden.shape[-2], 1)
-    leaves = [param.detach().requires_grad_(need) for param, need in zip(params[:4], needs_params[:4])]
-    trainable = [leaf for leaf in leaves if leaf.requires_grad]
-    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-    grad_trainable: list[Tensor | None] = [None] * len(trainable)
+    gradients = _ChunkGradients(hidden, params[:4], needs_hidden, needs_params[:4])
     grad_output_weight = grad_output_bias = None
     for start in range(0, hidden.shape[-2], chunk_size):
         chunk = slice(start, start + chunk_size)
-        hidden_chunk = hidden[..., chunk, :].detach().requires_grad_(needs_hidden)  # (B, C, d)
+        hidden_chunk = gradients.chunk_input(chunk)  # (B, C, d)
         with torch.enable_grad():
-            inner = _feed_forward_inner(hidden_chunk, *leaves, activation=activation, dropout=dropout,
+            inner = _feed_forward_inner(hidden_chunk, *gradients.leaves, activation=activation, dropout=dropout,
                                         layer_norm_eps=layer_norm_eps)  # (B, C, F)
         grad_chunk = grad_output[..., chunk, :].to(inner.dtype)  # (B, C, d)
         if dropout > 0:
@@ -406,17 +427,9 @@ def feed_forward_backward_by_chunks(
             grad_output_weight = _add_grads(grad_output_weight, chunk_grad)
         if needs_params[5]:
             grad_output_bias = _add_grads(grad_output_bias, rows_grad.sum(dim=0).to(output_bias.dtype))
-        inputs = ([hidden_chunk] if needs_hidden else []) + trainable
-        if not inputs:
-            continue
-        grad_inner = grad_chunk @ output_weight.to(inner.dtype)  # (B, C, F)
-        grads = torch.autograd.grad(inner, inputs, grad_inner, allow_unused=True)
-        if needs_hidden:
-            grad_hidden[..., chunk, :] = 0 if grads[0] is None else grads[0]
-            grads = grads[1:]
-        grad_trainable = [_add_grads(total, grad) for total, grad in zip(grad_trainable, grads)]
-    grads_by_trainable = iter(grad_trainable)
-    grad_params = [next(grads_by_trainable) if leaf.requires_grad else None for leaf in leaves]
+        if needs_hidden or gradients.trainable:
+            gradients.backward(chunk, hidden_chunk, inner, grad_chunk @ output_weight.to(inner.dtype))  # da: (B, C, F)
+    grad_hidden, grad_params = gradients.result()
     return grad_hidden, grad_params + [grad_output_weight, grad_output_bias]
 
 
