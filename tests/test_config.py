@@ -49,6 +49,15 @@ def test_hf_config_dict_loads_without_warnings():
     assert (ours.hidden_size, ours.is_decoder, ours.hash_seed) == (64, True, 7)
 
 
+def test_legacy_keys_of_released_configs_load_without_warning():
+    # Google's released Reformer config.json files still carry these keys; HF ignores them.
+    written = ReformerConfig.from_preset("crime-and-punishment").to_dict()
+    written.update(intermediate_size=512, num_chunks_after=0, num_chunks_before=1, architectures=["ReformerModelWithLMHead"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ReformerConfig.from_dict(written) == ReformerConfig.from_preset("crime-and-punishment")
+
+
 def test_our_dict_builds_an_equal_hf_config():
     transformers = pytest.importorskip("transformers")
     ours = ReformerConfig.from_preset("crime-and-punishment")

@@ -146,6 +146,22 @@ def test_eval_outputs_match_transformers(case):
     torch.testing.assert_close(got, expected, atol=LOGITS_ATOL, rtol=0)
 
 
+def test_padding_whose_window_holds_no_real_token_is_where_outputs_may_differ():
+    # A padded query whose local window is all padding: transformers' attention weights sum to the
+    # window size there (interop module docstring); real positions must still match.
+    reference = hf_model("mlm", attn_layers=["local", "lsh"]).eval()
+    model = interop.from_hf(reference)
+    ids = random_ids(2, 27)
+    mask = torch.ones(2, 27, dtype=torch.long)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        expected, _ = hf_output(reference, ids, mask)
+        got, _ = our_output(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=LOGITS_ATOL, rtol=0)
+    assert torch.isfinite(got).all()
+
+
 TRAIN_CASES = {
     "lm-mixed-factorised-2-hashes-chunked-ff": (
         "lm", dict(num_buckets=[2, 2], num_hashes=2, chunk_size_feed_forward=8), False,

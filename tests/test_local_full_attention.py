@@ -104,6 +104,17 @@ def test_local_equals_banded_reference(causal, before, after, padded):
         assert torch.allclose(grad, expected_grad, atol=1e-10)
 
 
+def test_query_whose_window_is_all_padding_averages_its_window():
+    # transformers' weights for such a query sum to the window size, not 1 (its log-sum-exp of
+    # equal -1e9 scores rounds away log(window)); ours are a proper average.
+    queries, keys, values = qkv(1, 2, 16, 5)
+    key_mask = torch.ones(1, 16, dtype=torch.bool)
+    key_mask[0, 4:12] = False  # chunk 2 (positions 8-11) sees chunks 1 and 2: padding only
+    out = local_attention(queries, keys, values, chunk_length=4, num_chunks_before=1, key_mask=key_mask)
+    expected = values[:, :, 4:12].mean(dim=2, keepdim=True).expand(-1, -1, 4, -1)
+    torch.testing.assert_close(out[:, :, 8:12], expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("length, chunk", [(37, 8), (6, 8), (97, 8)])
 def test_local_module_pads_internally(length, chunk):
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from torch_reformer.model import (
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
+    ReformerPreTrainedModel,
 )
 from torch_reformer.serialization import CheckpointError
 
@@ -221,10 +222,48 @@ def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape"):
         ReformerLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="holds a ReformerLM, not a ReformerForSequenceClassification"):
+        ReformerForSequenceClassification.from_pretrained(tmp_path / "m", is_decoder=False, feed_forward_size=64)
+    with pytest.raises(CheckpointError, match="holds a ReformerLM, not a ReformerForMaskedLM"):
+        ReformerForMaskedLM.from_pretrained(tmp_path / "m")
+    del cfg["architectures"]  # without the record of its class, the weights' names tell
+    cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing"):
         ReformerForSequenceClassification.from_pretrained(tmp_path / "m", is_decoder=False, feed_forward_size=64)
+    with pytest.raises(CheckpointError, match="names no model class"):
+        ReformerPreTrainedModel.from_pretrained(tmp_path / "m")
+    cfg_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        ReformerLM.from_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match="no config.json"):
         ReformerLM.from_pretrained(tmp_path / "nothing")
+
+
+def test_from_pretrained_keeps_the_saved_dtype_or_casts(tmp_path):
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    loaded = ReformerLM.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    as_float = ReformerLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+    torch.testing.assert_close(as_float.lm_head.decoder.weight, model.lm_head.decoder.weight.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        ReformerLM.from_pretrained(tmp_path / "m", dtype=torch.int64)
+
+
+def test_from_pretrained_trunk_of_a_head_and_class_from_the_checkpoint(tmp_path):
+    config = tiny(is_decoder=True)
+    torch.manual_seed(0)
+    model = ReformerLM(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    ids = _ids(config, length=19)
+    trunk = ReformerModel.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(trunk(ids), model.reformer(ids))
+    rebuilt = ReformerPreTrainedModel.from_pretrained(tmp_path / "m").eval()
+    assert type(rebuilt) is ReformerLM
+    assert torch.equal(rebuilt(ids).logits, model(ids).logits)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -240,6 +279,35 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="labels must have the shape"):
         model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="batch size 0"):
+        model(torch.zeros(0, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="1/True for real tokens"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 2, 1]]))
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
+        model(torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match="position_ids must be >= 0"):
+        model(torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([-1, 0, 1]))
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_bad_token_labels_raise_the_same_errors_in_both_loss_paths(return_logits):
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for bad in (torch.tensor([[1, 2, 64, 4]]), torch.tensor([[1, -5, 3, 4]])):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 64\)"):
+            model(ids, labels=bad, return_logits=return_logits)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(ids, labels=ids.float(), return_logits=return_logits)
+
+
+def test_small_integer_token_ids_are_accepted():
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config).eval()
+    ids = _ids(config, length=19)
+    expected = model(ids).logits
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(model(ids.to(dtype)).logits, expected)
 
 
 def test_position_ids_offsets_select_embeddings():
@@ -253,17 +321,31 @@ def test_position_ids_offsets_select_embeddings():
     torch.testing.assert_close(emb(torch.arange(8, 16)), emb(torch.arange(16))[8:])
 
 
-def test_torch_compile_tiny_model():
-    config = tiny(is_decoder=True)
+def _compiled_matches_eager(config, backend):
     torch.manual_seed(0)
     model = ReformerLM(config)
     ids = _ids(config, length=16)
     expected = model(ids, labels=ids)
-    compiled = torch.compile(model, backend="eager")
-    out = compiled(ids, labels=ids)
-    torch.testing.assert_close(out.loss, expected.loss)
+    expected.loss.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, backend=backend)(ids, labels=ids)
     out.loss.backward()
-    assert model.reformer.embeddings.word_embeddings.weight.grad is not None
+    torch.testing.assert_close(out.loss, expected.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("attn_layers", [("local", "lsh"), ("full", "local")])
+def test_torch_compile_traces_forward_and_backward(attn_layers):
+    # aot_eager runs AOTAutograd's tracing of forward and backward (where saved tensors and
+    # version counters behave differently from eager) without a C++ compiler.
+    _compiled_matches_eager(tiny(is_decoder=True, attn_layers=attn_layers), "aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_tiny_model():
+    _compiled_matches_eager(tiny(is_decoder=True), "inductor")
 
 
 def test_all_ignored_labels_give_zero_loss_in_both_paths():
@@ -291,6 +373,14 @@ def test_classifier_loss_follows_problem_type():
     with pytest.raises(ValueError, match="labels of shape"):
         model(ids, labels=torch.tensor([1, 2]))
     model.config.problem_type = "single_label_classification"
-    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         model(ids, labels=torch.tensor([1, 3]))
+    # -100 leaves a sequence out of the loss (HF's ignore_index); none scored gives 0, not NaN.
+    out = model(ids, labels=torch.tensor([2, -100]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[:1], torch.tensor([2])))
+    assert model(ids, labels=torch.tensor([-100, -100])).loss.item() == 0.0
+    model.config.problem_type = "regression"
+    with pytest.raises(ValueError, match="regression needs 3 target value"):
+        model(ids, labels=torch.tensor([0.5, 1.0]))
+    model.config.problem_type = "single_label_classification"
     assert model.config.problem_type == "single_label_classification"

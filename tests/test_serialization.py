@@ -73,6 +73,24 @@ def test_garbage_and_missing_files_raise(tmp_path):
         load_safetensors(tmp_path / "nope.safetensors")
 
 
+def _file_with_header(path, header_text: str, data: bytes = b"") -> None:
+    header = header_text.encode("utf-8")
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("header, message", [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"w": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 0]}}', "negative size"),
+    ('{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}', "malformed"),
+    ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}', "truncated or corrupt"),
+])
+def test_malformed_headers_raise_checkpoint_error(tmp_path, header, message):
+    path = tmp_path / "bad.safetensors"
+    _file_with_header(path, header, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=message):
+        load_safetensors(path)
+
+
 def test_failed_write_leaves_previous_file_intact(tmp_path):
     path = tmp_path / "m.safetensors"
     save_safetensors({"x": torch.ones(2)}, path)

@@ -57,6 +57,8 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "num_return_sequences", "chunk_size", "output_scores", "return_dict_in_generate",
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # Legacy keys of the configs Google released with its Reformer checkpoints; HF ignores them too.
+    "intermediate_size", "num_chunks_after", "num_chunks_before",
 })
 
 _POSITIVE_INTS = (

@@ -531,19 +531,23 @@ def _check_loss_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
         raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size must be an int >= 0 (0 = unchunked), got {chunk_size!r}")
 
 
-def _check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_class_labels(labels: Tensor, num_classes: int, ignore_index: int = -100) -> None:
+    """Integer labels in [0, ``num_classes``) or equal to ``ignore_index``; a clear error otherwise.
+
+    The value check reads the tensor, so it is skipped under torch.compile.
+    """
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if torch.compiler.is_compiling():
         return
     kept = labels[labels != ignore_index]
-    if kept.numel() and not (0 <= kept.min().item() and kept.max().item() < vocab_size):
+    if kept.numel() and not (0 <= kept.min().item() and kept.max().item() < num_classes):
         raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, "
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, "
             f"got values in [{kept.min().item()}, {kept.max().item()}]"
         )
 
@@ -644,7 +648,7 @@ def lm_head_loss(
     ``chunk_size`` at a time and the gradients are formed during the forward pass.
     """
     _check_loss_inputs(hidden, weight, bias, labels, chunk_size)
-    _check_label_range(labels, weight.shape[0], ignore_index)
+    check_class_labels(labels, weight.shape[0], ignore_index)
     if chunk_size == 0:
         logits = F.linear(hidden, weight, bias)  # (B, L, V)
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)

@@ -38,9 +38,21 @@ from .attention.full import FullSelfAttention
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
 from .config import ReformerConfig
-from .layers import AxialPositionalEmbedding, ChunkedFeedForward, LearnedPositionalEmbedding, LMHead
+from .layers import (
+    AxialPositionalEmbedding,
+    ChunkedFeedForward,
+    LearnedPositionalEmbedding,
+    LMHead,
+    check_class_labels,
+)
 from .reversible import reversible_forward
-from .serialization import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+from .serialization import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_safetensors,
+    read_json_object,
+    save_safetensors,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -221,22 +233,42 @@ class ReformerPreTrainedModel(nn.Module):
         atomic_write_bytes(os.path.join(directory, CONFIG_NAME), [text.encode("utf-8")])
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides):
-        """Load a model saved by ``save_pretrained``; ``config_overrides`` replace config fields
-        (e.g. ``memory_mode="checkpoint"``). Raises ``CheckpointError`` on a missing, corrupt or
-        mismatched checkpoint."""
-        config_path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise CheckpointError(f"{directory} holds no {CONFIG_NAME}: it is not a saved torch-reformer model")
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                config_dict = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, **config_overrides):
+        """Load a model saved by ``save_pretrained``.
+
+        ``config_overrides`` replace config fields (e.g. ``memory_mode="checkpoint"``). Floating
+        weights keep the dtype they were saved in unless ``dtype`` names another. Called on a head
+        class, the checkpoint must hold that head; ``ReformerModel.from_pretrained`` also takes the
+        trunk out of any head's checkpoint, and ``ReformerPreTrainedModel.from_pretrained`` builds
+        whichever class was saved. Raises ``CheckpointError`` on a missing, corrupt or mismatched
+        checkpoint.
+        """
+        config_dict = _read_config(directory)
+        saved_class = _saved_class_name(config_dict)
+        target = cls
+        if cls not in MODEL_CLASSES.values():  # a base class: build what was saved
+            if saved_class is None:
+                raise CheckpointError(
+                    f"{directory}/{CONFIG_NAME} names no model class in 'architectures': load it with the class "
+                    f"it was saved from, e.g. ReformerLM.from_pretrained"
+                )
+            target = MODEL_CLASSES[saved_class]
+        elif saved_class not in (None, cls.__name__) and cls is not ReformerModel:
+            raise CheckpointError(
+                f"{directory} holds a {saved_class}, not a {cls.__name__}: load it with "
+                f"{saved_class}.from_pretrained (or ReformerModel.from_pretrained for the trunk alone)"
+            )
         config_dict.update(config_overrides)
         config = ReformerConfig.from_dict(config_dict)
-        model = cls(config)
         state = load_safetensors(os.path.join(directory, WEIGHTS_NAME))
+        if target is ReformerModel and saved_class not in (None, "ReformerModel"):
+            state = {name[len(TRUNK_PREFIX):]: t for name, t in state.items() if name.startswith(TRUNK_PREFIX)}
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        model = target(config)
+        dtype = dtype or _saved_float_dtype(state)
+        if dtype is not None:
+            model.to(dtype)
         model.load_weights(state, source=str(directory))
         return model
 
@@ -304,47 +336,78 @@ class ReformerModel(ReformerPreTrainedModel):
         return out[:, :length] if out.shape[1] != length else out
 
     def _check_inputs(self, input_ids, attention_mask, position_ids):
+        """Validate the inputs and bring them to (B, L) long ids, a (B, L) bool mask or None, and
+        (B, L) long position ids. Checks that read tensor values are skipped under torch.compile."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (batch, length) tensor, got {got}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         batch, length = input_ids.shape
+        if batch == 0:
+            raise ValueError("input_ids holds no sequences (batch size 0): pass at least one row")
         if length == 0:
             raise ValueError("input_ids is empty along the sequence axis: pass at least one token")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}) for vocab_size={self.config.vocab_size}, "
-                f"got values in [{low}, {high}]: check the tokenizer or raise vocab_size"
-            )
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, length):
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            input_ids = input_ids.long()  # the embedding takes int32/int64; smaller ints convert losslessly
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            low, high = (value.item() for value in torch.aminmax(input_ids))
+            if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
-                    f"attention_mask must have the shape of input_ids {(batch, length)}, "
-                    f"got {tuple(attention_mask.shape)}"
+                    f"token ids must lie in [0, {self.config.vocab_size}) for vocab_size={self.config.vocab_size}, "
+                    f"got values in [{low}, {high}]: check the tokenizer or raise vocab_size"
                 )
-            attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing masked: take the faster unmasked paths
+        if attention_mask is not None:
+            attention_mask = self._check_attention_mask(attention_mask, (batch, length), input_ids.device, compiling)
         if position_ids is None:
+            self._check_position_capacity(length - 1)
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         else:
-            position_ids = position_ids.to(input_ids.device).long()
-            if position_ids.dim() == 1:
-                position_ids = position_ids.expand(batch, length)
-            if tuple(position_ids.shape) != (batch, length):
-                raise ValueError(
-                    f"position_ids must have shape {(batch, length)} or ({length},), got {tuple(position_ids.shape)}"
-                )
+            position_ids = self._check_position_ids(position_ids, (batch, length), input_ids.device, compiling)
+        return input_ids, attention_mask, position_ids
+
+    def _check_position_capacity(self, highest: int) -> None:
         capacity = self.config.max_length
-        if capacity is not None and int(position_ids.max()) >= capacity:
+        if capacity is not None and highest >= capacity:
             raise ValueError(
-                f"position {int(position_ids.max())} is beyond what the positional embedding covers "
-                f"({capacity} positions): shorten the input or enlarge "
+                f"position {highest} is beyond what the positional embedding covers ({capacity} positions): "
+                "shorten the input or enlarge "
                 + ("axial_pos_shape" if self.config.position_embedding_type == "axial" else "max_position_embeddings")
             )
-        return input_ids, attention_mask, position_ids
+
+    @staticmethod
+    def _check_attention_mask(attention_mask, shape, device, compiling: bool):
+        if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != shape:
+            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {got}")
+        if attention_mask.dtype != torch.bool and not compiling:
+            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask must hold 1/True for real tokens and 0/False for padding; "
+                                 "it holds other values")
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if not compiling and bool(attention_mask.all()):
+            return None  # nothing masked: take the faster unmasked paths
+        return attention_mask
+
+    def _check_position_ids(self, position_ids, shape, device, compiling: bool):
+        if not torch.is_tensor(position_ids):
+            raise TypeError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        batch, length = shape
+        position_ids = position_ids.to(device).long()
+        if position_ids.dim() == 1:
+            position_ids = position_ids.expand(batch, length)
+        if tuple(position_ids.shape) != shape:
+            raise ValueError(f"position_ids must have shape {shape} or ({length},), got {tuple(position_ids.shape)}")
+        if compiling:
+            return position_ids
+        low, high = (value.item() for value in torch.aminmax(position_ids))
+        if low < 0:
+            raise ValueError(f"position_ids must be >= 0, got {low}")
+        self._check_position_capacity(high)
+        return position_ids
 
     def padded_length(self, length: int) -> int:
         """The length the layers run on for ``length`` tokens: the next multiple of the chunk
@@ -406,7 +469,7 @@ class ReformerLM(_ModelWithTrunk):
         hidden = self.reformer(input_ids, attention_mask, position_ids)  # (B, L, 2H)
         shifted = None
         if labels is not None:
-            _check_labels(labels, input_ids)
+            _check_labels(labels, input_ids, self.config.vocab_size)
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t is scored on token t + 1
         return _lm_output(self, hidden, shifted, return_logits)
 
@@ -438,7 +501,7 @@ class ReformerForMaskedLM(_ModelWithTrunk):
         """Logits (B, L, V) for every position; ``labels`` (B, L) with ``-100`` where not scored."""
         hidden = self.reformer(input_ids, attention_mask, position_ids)
         if labels is not None:
-            _check_labels(labels, input_ids)
+            _check_labels(labels, input_ids, self.config.vocab_size)
         return _lm_output(self, hidden, labels, return_logits)
 
 
@@ -461,7 +524,7 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
     """Classifier or regressor on the first position's hidden state.
 
     The loss follows ``config.problem_type`` as in HF: ``"regression"`` (MSE), ``"single_label_classification"``
-    (cross-entropy over integer labels (B,)), ``"multi_label_classification"`` (BCE with logits over float
+    (cross-entropy over integer labels (B,); -100 leaves a sequence unscored), ``"multi_label_classification"`` (BCE with logits over float
     labels (B, num_labels)). When it is None it is inferred per call (never written back to the config):
     regression for ``num_labels == 1``, single-label for integer labels, multi-label otherwise.
     """
@@ -495,6 +558,11 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
             else:
                 problem = "multi_label_classification"
         if problem == "regression":
+            if labels.numel() != logits.numel():
+                raise ValueError(
+                    f"regression needs {logits.shape[1]} target value(s) per sequence, labels of shape "
+                    f"{tuple(logits.shape)}; got shape {tuple(labels.shape)}"
+                )
             target = labels.to(logits.dtype)
             if num_labels == 1:
                 return F.mse_loss(logits.reshape(-1), target.reshape(-1))
@@ -505,9 +573,10 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
             labels = labels.reshape(-1)
             if labels.numel() != logits.shape[0]:
                 raise ValueError(f"expected one class label per sequence ({logits.shape[0]}), got {labels.numel()}")
-            if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-                raise ValueError(f"class labels must lie in [0, {num_labels}), got {labels.tolist()}")
-            return F.cross_entropy(logits, labels)
+            check_class_labels(labels, num_labels)
+            # -100 marks a sequence that is not scored, as in HF; with none scored the loss is 0, not NaN.
+            per_sequence = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+            return per_sequence.sum() / (labels != -100).sum().clamp(min=1)
         if tuple(labels.shape) != tuple(logits.shape):
             raise ValueError(
                 f"multi-label classification needs labels of shape {tuple(logits.shape)} (0/1 per class), "
@@ -516,9 +585,12 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor) -> None:
-    if tuple(labels.shape) != tuple(input_ids.shape):
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token labels: the shape of ``input_ids``, integers in [0, vocab_size) or -100."""
+    if not torch.is_tensor(labels) or tuple(labels.shape) != tuple(input_ids.shape):
+        got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    check_class_labels(labels, vocab_size)
 
 
 def _lm_output(model, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ReformerOutput:
@@ -538,3 +610,28 @@ def _lm_output(model, hidden: torch.Tensor, labels: torch.Tensor | None, return_
             chunk = model.config.chunk_size_lm_head or DEFAULT_LOSS_CHUNK_ROWS
             loss = model.lm_head.loss(hidden, labels, chunk_size=chunk)
     return ReformerOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+
+MODEL_CLASSES = {model_class.__name__: model_class for model_class in (
+    ReformerModel, ReformerLM, ReformerForMaskedLM, ReformerForSequenceClassification)}
+TRUNK_PREFIX = "reformer."  # the trunk's parameter names inside every head
+
+
+def _read_config(directory) -> dict:
+    """The config.json of a saved model as a dict, or ``CheckpointError``."""
+    return read_json_object(os.path.join(directory, CONFIG_NAME),
+                            f"{directory} holds no {CONFIG_NAME}: it is not a saved torch-reformer model")
+
+
+def _saved_class_name(config_dict: dict) -> str | None:
+    """The model class ``save_pretrained`` recorded in 'architectures', if it is one of ours."""
+    names = config_dict.get("architectures")
+    if isinstance(names, list) and len(names) == 1 and names[0] in MODEL_CLASSES:
+        return names[0]
+    return None
+
+
+def _saved_float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of a state dict's tensors; None if there are none or several."""
+    dtypes = {t.dtype for t in state.values() if t.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None

@@ -104,6 +104,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} has a corrupt header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt header: expected a JSON object, got {type(header).__name__}")
     data = memoryview(blob)[8 + header_len :]
     tensors = {}
     for name, info in header.items():
@@ -120,6 +122,8 @@ def _tensor_from_entry(path: str, name: str, info: dict, data: memoryview) -> to
         begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: entry {name!r} is malformed ({info!r})") from None
+    if any(size < 0 for size in shape):
+        raise CheckpointError(f"{path}: entry {name!r} has a negative size in its shape {shape}")
     numel = 1
     for size in shape:
         numel *= size
@@ -133,3 +137,19 @@ def _tensor_from_entry(path: str, name: str, info: dict, data: memoryview) -> to
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)
+
+
+def read_json_object(path: str | os.PathLike, missing: str) -> dict:
+    """The JSON object in ``path``; ``CheckpointError`` if it is missing (``missing`` says why that
+    matters), unreadable or not an object."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(missing)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value

@@ -40,6 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .chunking import saved_and_output, save_with_output
+
 # Window elements per part (B' * H * S * J * C * D, for keys and again for values). At 16K tokens on
 # two CPU threads 2^18 to 2^22 ran within the noise of each other; 2^20 keeps a part's windows at
 # 4 MiB each in float32, small next to the sequence-long tensors around them.
@@ -197,20 +199,16 @@ class _BandedAttention(torch.autograd.Function):
         plan = _Plan(queries.shape, before, after, causal, queries.dtype, queries.device)
         out, logsumexp = _attend(queries, keys, values, plan, scale)
         ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(queries, keys, values, logsumexp)
-        # As in the sliced core: the output is needed only for the dot products dO · O at the start
-        # of backward, so it is kept as a detached alias that backward drops before the loop over parts
-        # (saved, it would stay alive through the loop). The output is a view made inside this
-        # Function, so autograd refuses in-place changes to it: the alias cannot go stale.
-        ctx.out = out.detach()
+        # The output serves only the dot products dO · O at the start of backward; backward drops it
+        # before the loop over parts (as in the sliced core).
+        save_with_output(ctx, (queries, keys, values, logsumexp), out)
         return out
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
-        queries, keys, values, logsumexp = ctx.saved_tensors
+        (queries, keys, values, logsumexp), out = saved_and_output(ctx)
         plan = ctx.plan
-        out, ctx.out = ctx.out, None
         if out is None:  # backward already ran once on this graph (retain_graph=True)
             out = _attend(queries, keys, values, plan, ctx.scale)[0]
         grad_out = grad_out.to(queries.dtype)

@@ -189,6 +189,37 @@ def _slices(layout: ChunkLayout, key_ranks: Tensor | None, chunks_per_slice: int
             )
 
 
+def save_with_output(ctx, tensors: tuple, out: Tensor) -> None:
+    """``ctx.save_for_backward(*tensors)`` and keep ``out`` for the start of backward only.
+
+    Attention backward needs its output just once, for the per-query dot products dO · O, before
+    its loop over slices. Saved the ordinary way it would stay alive through the whole loop; kept
+    as a detached alias, backward can drop it first (``saved_and_output`` hands it over once; a
+    second backward through the same graph gets None and recomputes it). The alias shares the
+    output's version counter, so an in-place change before backward is refused. While
+    ``torch.compile`` traces, the output is saved the ordinary way: traced graphs do not keep the
+    alias's version semantics, and the compiler plans the memory of its graphs itself.
+    """
+    ctx.output_saved = torch.compiler.is_compiling()
+    if ctx.output_saved:
+        ctx.save_for_backward(*tensors, out)
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.out, ctx.out_version = out.detach(), out._version
+
+
+def saved_and_output(ctx) -> tuple[tuple, Tensor | None]:
+    """The tensors given to ``save_with_output`` and the output (None once it has been handed over)."""
+    saved = ctx.saved_tensors
+    if ctx.output_saved:
+        return saved[:-1], saved[-1]
+    out, ctx.out = ctx.out, None
+    if out is not None and out._version != ctx.out_version:
+        raise RuntimeError("the output of attention was modified in place before backward; clone it before "
+                           "changing it")
+    return saved, out
+
+
 def _slice_scores(queries: Tensor, keys: Tensor, part: _Slice, spec: AttentionSpec):
     """Masked scores (S, C, J*C) of a slice, with its queries, raw and used keys."""
     width = queries.shape[-1]
@@ -320,24 +351,15 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
         out, slot_logsumexp, row_max, row_sum = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
         ctx.layout, ctx.spec, ctx.seed = layout, spec, seed
-        ctx.save_for_backward(queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks)
-        # The output is needed only at the start of backward (for dO · O). A detached alias, unlike
-        # save_for_backward, lets backward drop it before the slice loop (a second backward through
-        # the same graph recomputes it); it shares the version counter, so an in-place change is
-        # still caught.
-        ctx.out, ctx.out_version = out.detach(), out._version
+        save_with_output(ctx, (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks = ctx.saved_tensors
+        (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out = saved_and_output(ctx)
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
-        out, ctx.out = ctx.out, None
         if out is None:  # backward already ran once on this graph (retain_graph=True)
             out = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)[0]
-        elif out._version != ctx.out_version:
-            raise RuntimeError("the output of chunked attention was modified in place before backward; "
-                               "clone it before changing it")
         width = values.shape[1]
         grad_out = grad_out.contiguous()
         # Σ_k p_k dP_k = dO · O (FlashAttention's identity). With several rounds a slot's output

@@ -28,6 +28,12 @@ Rotations of LSH layers agree only when the HF config fixes ``hash_seed`` (both 
 the count once, from its first input and ``max_position_embeddings``, and writes it into its
 config, while we pick it per call from the length: set ``num_buckets`` for exact parity.
 
+Padding whose whole attention window is padding. HF masks scores with -1e9 and normalises by a
+log-sum-exp that, over equal -1e9 scores, rounds away log(window) in float32: the weights of such
+a query sum to the window size instead of 1. We average properly, so outputs at those padded
+positions differ (every real position still matches); a loss that scores padded positions
+(labels not -100 there) differs slightly too.
+
 ``transformers`` is optional and imported only inside ``from_hf`` and ``to_hf``;
 ``convert_checkpoint`` works on files alone and does not need it.
 """
@@ -52,7 +58,7 @@ from ..model import (
     ReformerModel,
     ReformerPreTrainedModel,
 )
-from ..serialization import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+from ..serialization import CheckpointError, atomic_write_bytes, load_safetensors, read_json_object, save_safetensors
 
 # Our class name -> HF class name; both libraries' names appear in config.json "architectures".
 HF_CLASS_NAMES = {
@@ -400,16 +406,7 @@ def _first(names: list[str], count: int = 5) -> str:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist: the folder is not a saved Reformer model")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, f"{path} does not exist: the folder is not a saved Reformer model")
 
 
 def _is_hf_config(config_dict: dict) -> bool:
