@@ -78,6 +78,15 @@ def test_json_round_trip_is_exact(name, tmp_path):
     assert isinstance(written["attn_layers"], list) and isinstance(written["axial_pos_shape"], list)
 
 
+def test_numpy_numbers_become_python_numbers():
+    np = pytest.importorskip("numpy")
+    config = ReformerConfig(hidden_size=np.int64(64), num_attention_heads=np.int32(2), attention_head_size=32,
+                            axial_pos_embds_dim=[np.int64(32), np.int64(32)], hidden_dropout_prob=np.float32(0.25))
+    assert type(config.hidden_size) is int and config.axial_pos_embds_dim == (32, 32)
+    assert type(config.axial_pos_embds_dim[0]) is int and config.hidden_dropout_prob == 0.25
+    assert ReformerConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
 def test_lists_are_stored_as_tuples():
     config = ReformerConfig(attn_layers=["local", "lsh"], num_buckets=[4, 8], eos_token_id=[1, 2])
     assert config.attn_layers == ("local", "lsh")

@@ -357,6 +357,20 @@ def test_all_ignored_labels_give_zero_loss_in_both_paths():
     assert model(ids, labels=labels, return_logits=False).loss.item() == 0.0
 
 
+def test_outputs_index_like_transformers():
+    config = tiny(is_decoder=True)
+    model = ReformerLM(config)
+    ids = _ids(config, length=16)
+    with_loss = model(ids, labels=ids)
+    assert with_loss[0] is with_loss.loss and with_loss[1] is with_loss.logits
+    assert with_loss["logits"] is with_loss.logits and len(with_loss.to_tuple()) == 3
+    loss_only = model(ids, labels=ids, return_logits=False)
+    assert loss_only[0] is loss_only.loss and loss_only[1] is loss_only.hidden_states
+    assert model(ids)[0] is not None and model(ids)[0].shape == (2, 16, config.vocab_size)
+    with pytest.raises(KeyError, match="outputs have"):
+        with_loss["last_hidden_state"]
+
+
 def test_classifier_loss_follows_problem_type():
     ids = _ids(tiny(), length=16)
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class ReformerConfig:
         self._check_values()
 
     def _check_types(self) -> None:
+        for field in dataclasses.fields(self):  # e.g. numpy integers, so JSON and the checks see ints
+            setattr(self, field.name, _plain_numbers(getattr(self, field.name)))
         for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
             _require_int(name, getattr(self, name))
         for name in ("hash_seed", "bos_token_id", "pad_token_id"):
@@ -350,6 +353,19 @@ def _require_sequence(name: str, value: Any, item_type: type) -> tuple:
         if isinstance(item, bool) or not isinstance(item, item_type):
             raise TypeError(f"{name} must hold only {item_type.__name__} values, got {item!r} in {value!r}")
     return tuple(value)
+
+
+def _plain_numbers(value: Any) -> Any:
+    """Integral and real scalars of other types (numpy's) as Python int and float, also inside lists."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_numbers(item) for item in value)
+    return value
 
 
 def _to_json_value(value: Any) -> Any:

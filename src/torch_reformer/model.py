@@ -65,12 +65,25 @@ DEFAULT_LOSS_CHUNK_ROWS = 1024
 class ReformerOutput:
     """What every model returns. ``loss`` is None without labels; ``logits`` None when not requested.
 
-    ``hidden_states`` is the trunk's final (B, L, 2H) output (after the last LayerNorm).
+    ``hidden_states`` is the trunk's final (B, L, 2H) output (after the last LayerNorm). As with
+    HF's outputs, ``output[i]`` indexes the fields that are not None (``output[0]`` is the loss when
+    labels were given, the logits otherwise) and ``output["logits"]`` reads a field by name.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The fields that are not None, in the order loss, logits, hidden_states."""
+        return tuple(value for value in (self.loss, self.logits, self.hidden_states) if value is not None)
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            if index not in ("loss", "logits", "hidden_states"):
+                raise KeyError(f"{index!r}: outputs have 'loss', 'logits' and 'hidden_states'")
+            return getattr(self, index)
+        return self.to_tuple()[index]
 
 
 def _make_attention(config: ReformerConfig, kind: str) -> nn.Module:
