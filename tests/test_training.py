@@ -1,9 +1,11 @@
 """Trainer: schedules, learning, evaluation, checkpoints (atomic, pruned, verified), exact resume after
 SIGKILL, divergence handling, gradient accumulation and 2-process DDP parity."""
 
+import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +229,73 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
     trainer = Trainer(wider, tiny_args(tmp_path, steps=4, resume=True), data.DuplicationTask(16, 16), reporter=quiet())
     with pytest.raises(CheckpointError, match="hidden_size"):
         trainer.train()
+
+
+def test_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
+    Trainer(tiny_model(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "data.json")}
+    wider = tiny_model(hidden_size=48, axial_pos_embds_dim=(24, 24))
+    trainer = Trainer(wider, tiny_args(tmp_path, steps=4, resume=True), data.DuplicationTask(16, 16, seed=3),
+                      reporter=quiet())
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        trainer.train()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+class TaskWithTokenizer(data.DuplicationTask):
+    """A dataset that names a tokenizer, as a BPE text dataset does."""
+
+    def __init__(self, tokenizer: bytes):
+        super().__init__(16, 16)
+        self.tokenizer = tokenizer
+
+    def describe(self):
+        return {**super().describe(), "tokenizer_sha256": hashlib.sha256(self.tokenizer).hexdigest()}
+
+    def run_files(self):
+        return {"tokenizer.json": self.tokenizer}
+
+
+def test_run_folder_gets_the_tokenizer_and_resume_refuses_another(tmp_path):
+    Trainer(tiny_model(), tiny_args(tmp_path, steps=2), TaskWithTokenizer(b"first"), reporter=quiet()).train()
+    assert (tmp_path / "tokenizer.json").read_bytes() == b"first"
+    trainer = Trainer(tiny_model(), tiny_args(tmp_path, steps=4, resume=True), TaskWithTokenizer(b"second"),
+                      reporter=quiet())
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        trainer.train()
+    assert (tmp_path / "tokenizer.json").read_bytes() == b"first"
+    trainer = Trainer(tiny_model(), tiny_args(tmp_path, steps=4), TaskWithTokenizer(b"second"), reporter=quiet())
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        trainer.train()
+    assert (tmp_path / "tokenizer.json").read_bytes() == b"first"
+
+
+def test_sigint_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
+    class InterruptAtStep4(training.LineReporter):
+        def message(self, text):
+            pass
+
+        def step(self, step, loss, tokens_per_second):
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def run(out_dir, reporter, resume=False):
+        model = tiny_model(hidden_dropout_prob=0.1, hash_seed=None)
+        args = tiny_args(out_dir, steps=8, eval_every=4, resume=resume)
+        return Trainer(model, args, data.DuplicationTask(16, 16, seed=1), reporter=reporter).train()
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(training.TrainingInterrupted, match="after step 4"):
+        run(tmp_path / "a", InterruptAtStep4())
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-4"]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["step"]) == ("interrupted", 4)
+    resumed = run(tmp_path / "a", quiet(), resume=True)
+    straight = run(tmp_path / "b", quiet())
+    assert resumed["status"] == "finished"
+    assert abs(resumed["train_loss"] - straight["train_loss"]) <= 1e-6
+    assert resumed["history"] == straight["history"]
 
 
 RESUME_SCRIPT = """

@@ -195,10 +195,7 @@ def _run_train(args) -> int:
         resume=args.resume, log_every=args.log_every,
     )
     reporter = ProgressBar() if sys.stdout.isatty() else None
-    trainer = Trainer(model, training_args, dataset, reporter=reporter)
-    if args.tokenizer is not None and trainer.context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "tokenizer.json").write_bytes(Path(args.tokenizer).read_bytes())
+    trainer = Trainer(model, training_args, dataset, reporter=reporter)  # it writes tokenizer.json with the run
     if trainer.context.is_main:
         lsh = f", {config.num_hashes} hash round(s)" if "lsh" in config.attn_layers else ""
         print(f"training {model.num_parameters:,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "
@@ -427,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *rest, **kw: f"reformer: warning: {_one_line(message)}\n"
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("\nreformer: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        print(f"\nreformer: interrupted{': ' + _one_line(interruption) if str(interruption) else ''}", file=sys.stderr)
         return 130
     except (OSError, ValueError, TypeError, ImportError, TrainingDiverged) as error:
         print(f"reformer {args.command}: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)

@@ -259,7 +259,8 @@ class TextDataset:
 
     def __init__(self, source, seq_len: int, vocab_size: int, characters_per_token: np.ndarray,
                  seed: int = 0, eval_fraction: float = 0.05, eval_size: int = 64,
-                 pad_token_id: int = BYTE_PAD_ID, eos_token_id: int = BYTE_EOS_ID, description: dict | None = None):
+                 pad_token_id: int = BYTE_PAD_ID, eos_token_id: int = BYTE_EOS_ID, description: dict | None = None,
+                 run_files: dict[str, bytes] | None = None):
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
         if not 0.0 < eval_fraction < 1.0:
@@ -282,10 +283,15 @@ class TextDataset:
         picks = np.linspace(0, num_eval_windows - 1, num=min(eval_size, num_eval_windows)).round().astype(np.int64)
         self.eval_windows = np.unique(picks)
         self._description = dict(description or {}, seq_len=seq_len, vocab_size=vocab_size, seed=self.seed)
+        self._run_files = dict(run_files or {})
         self._permutations: dict[int, torch.Tensor] = {}
 
     def describe(self) -> dict:
         return dict(self._description)
+
+    def run_files(self) -> dict[str, bytes]:
+        """Files a run folder needs to use the model later (the BPE tokenizer), by name."""
+        return dict(self._run_files)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._permutations:
@@ -325,7 +331,7 @@ def byte_text_dataset(path: str | os.PathLike, seq_len: int, seed: int = 0, eval
     return TextDataset(
         ByteSource(files), seq_len, BYTE_VOCAB_SIZE, byte_characters_per_token(), seed=seed,
         eval_fraction=eval_fraction, eval_size=eval_size, pad_token_id=BYTE_PAD_ID, eos_token_id=BYTE_EOS_ID,
-        description={"task": "bytes", "data": str(path)},
+        description={"task": "bytes", "data": os.path.abspath(path)},
     )
 
 
@@ -489,9 +495,12 @@ def bpe_text_dataset(path: str | os.PathLike, tokenizer_path: str | os.PathLike,
     """A ``TextDataset`` over the BPE tokens of ``path`` (tokenised once into ``cache_dir``)."""
     tokenizer = BPETokenizer(tokenizer_path)
     corpus = TokenizedCorpus(path, tokenizer, cache_dir)
+    tokenizer_bytes = Path(tokenizer_path).read_bytes()
+    description = {"task": "bpe", "data": os.path.abspath(path),
+                   "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
     return TextDataset(
         corpus.source(), seq_len, tokenizer.vocab_size, tokenizer.characters_per_token(), seed=seed,
         eval_fraction=eval_fraction, eval_size=eval_size, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, description={"task": "bpe", "data": str(path)},
+        eos_token_id=tokenizer.eos_token_id, description=description, run_files={"tokenizer.json": tokenizer_bytes},
     )
 

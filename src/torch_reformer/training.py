@@ -21,7 +21,15 @@ half-written ``step-N``. Resuming verifies the manifest and falls back, with a w
 checkpoint that verifies.
 
 A non-finite loss or gradient norm stops training before the optimizer step, with ``TrainingDiverged``;
-the weights and the checkpoints on disk are those of the last good step.
+the weights and the checkpoints on disk are those of the last good step. SIGINT (Ctrl-C) or SIGTERM
+stops training at the end of the current step: the step is checkpointed, ``metrics.json`` says
+``"status": "interrupted"`` and ``TrainingInterrupted`` is raised; ``resume`` continues from there. A
+second Ctrl-C interrupts at once.
+
+The run folder's ``config.json``, ``data.json`` and the dataset's own files (a BPE run's
+``tokenizer.json``) are written only once the arguments are checked and a resumed checkpoint fits, so
+a refused resume leaves the folder as it was. Resuming with another tokenizer is refused.
+``train`` seeds the global torch RNG with ``args.seed`` (dropout and LSH rotations draw from it).
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -53,7 +63,7 @@ from .checkpoints import (
     save_checkpoint,
     write_json,
 )
-from .serialization import CheckpointError
+from .serialization import CheckpointError, atomic_write_bytes
 
 SCHEDULES = ("cosine", "rsqrt", "constant")
 _CSV_FIELDS = ("step", "lr", "train_loss", "grad_norm", "tokens_per_second", "elapsed_seconds",
@@ -62,6 +72,36 @@ _CSV_FIELDS = ("step", "lr", "train_loss", "grad_norm", "tokens_per_second", "el
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN/inf; the weights were left at the last good step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM at the end of a step, after checkpointing that step."""
+
+
+class _StopOnSignal:
+    """While training: the first SIGINT or SIGTERM asks the loop to stop at the end of the current
+    step (it checkpoints first, so nothing is lost); a second SIGINT interrupts at once. Handlers
+    are installed only in the main thread (Python delivers signals there) and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -295,6 +335,7 @@ class Trainer:
         self.checkpoints_dir = self.out_dir / CHECKPOINT_DIR
         self.reporter = (reporter or LineReporter()) if ctx.is_main else None
         self.step, self.history, self.last_checkpoint = 0, [], None
+        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
 
     # ---------------------------------------------------------------- one step
     def _autocast(self):
@@ -390,6 +431,17 @@ class Trainer:
             metrics["eval_bpc"] = float(totals[0] / math.log(2) / totals[3])
         return metrics
 
+    def _stop_requested(self, stop: _StopOnSignal) -> bool:
+        """Whether any process got a stop signal (all of them must stop at the same step)."""
+        requested = stop.requested is not None
+        if self.context.active:
+            flag = torch.tensor([float(requested)], device=self.context.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+            if requested and stop.requested is None:
+                stop.requested = signal.SIGTERM  # another process was told to stop
+        return requested
+
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current step (every rank's RNG state included); rank 0 writes, prunes old ones."""
@@ -409,6 +461,7 @@ class Trainer:
             self.last_checkpoint = path
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.step, path)
+        self.saved_step = self.step
         if ctx.active:
             dist.barrier()
         return path
@@ -443,11 +496,18 @@ class Trainer:
             self.optimizer.load_state_dict(loaded["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {value} does not fit this model ({str(err).splitlines()[0]})") from None
+        saved_tokenizer = loaded["trainer_state"].get("data", {}).get("tokenizer_sha256")
+        tokenizer = self.dataset.describe().get("tokenizer_sha256")
+        if saved_tokenizer is not None and tokenizer != saved_tokenizer:
+            raise CheckpointError(
+                f"checkpoint {value} was trained with another tokenizer (sha256 {saved_tokenizer[:12]}…, now "
+                f"{str(tokenizer)[:12]}…): resume with the run's tokenizer.json, or train into a fresh --out"
+            )
         restore_rng_states(loaded["rng"].get(ctx.rank, loaded["rng"][0]))
         self._warn_about_changed_data(loaded["trainer_state"])
         self.step = loaded["trainer_state"]["step"]
         self.history = loaded["trainer_state"]["history"]
-        self.last_checkpoint = value
+        self.last_checkpoint, self.saved_step = value, self.step
         if ctx.is_main:  # newer checkpoints failed to verify; the continued run rewrites those steps
             for unusable in list_checkpoints(self.checkpoints_dir):
                 if int(unusable.name[5:]) > self.step:
@@ -475,10 +535,18 @@ class Trainer:
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.checkpoints_dir.glob(".tmp-step-*"):  # left by a process killed mid-save
                 shutil.rmtree(stale, ignore_errors=True)
-            write_json(self.out_dir / "config.json", self.model.config.to_dict())
-            write_json(self.out_dir / "data.json", self.dataset.describe())
         if ctx.active:
             dist.barrier()
+
+    def _write_run_files(self) -> None:
+        """config.json, data.json and the dataset's files (e.g. tokenizer.json), once the run may go on."""
+        if not self.context.is_main:
+            return
+        write_json(self.out_dir / "config.json", self.model.config.to_dict())
+        write_json(self.out_dir / "data.json", self.dataset.describe())
+        run_files = getattr(self.dataset, "run_files", dict)()
+        for name, content in run_files.items():
+            atomic_write_bytes(self.out_dir / name, [content])
 
     def train(self) -> dict:
         """Train to ``args.steps`` (continuing a checkpoint when ``args.resume``); return the final metrics."""
@@ -487,6 +555,12 @@ class Trainer:
         torch.manual_seed(args.seed)
         if args.resume:
             self._resume()
+        self._write_run_files()
+        with _StopOnSignal() as stop:
+            return self._train_loop(stop)
+
+    def _train_loop(self, stop: _StopOnSignal) -> dict:
+        args, ctx = self.args, self.context
         run_log = RunLog(self.out_dir, self.step) if ctx.is_main else None
         if self.reporter:
             self.reporter.start(self.step, args.steps)
@@ -522,9 +596,19 @@ class Trainer:
                         self.reporter.update(record)
                 if (args.save_every and self.step % args.save_every == 0) or final:
                     self.save_checkpoint()
+                if not final and self._stop_requested(stop):
+                    if self.saved_step != self.step:
+                        self.save_checkpoint()
+                    name = signal.Signals(stop.requested or signal.SIGINT).name
+                    raise TrainingInterrupted(f"stopped on {name} after step {self.step}, which is checkpointed "
+                                              f"in {self.checkpoints_dir}: continue with --resume")
         except TrainingDiverged as err:
             if run_log is not None:
                 run_log.write_metrics({**metrics, "status": "diverged", "error": str(err)})
+            raise
+        except KeyboardInterrupt:
+            if run_log is not None:
+                run_log.write_metrics({**metrics, "step": self.step, "status": "interrupted"})
             raise
         finally:
             if run_log is not None:
