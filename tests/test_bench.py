@@ -284,6 +284,34 @@ def test_command_line_rejects_unknown_suites():
         parser.parse_args(["bogus"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "--only", "nope"], "--only: no nope in the memory suite"),
+    (["speed", "--series", "nope"], "--series: no nope in the speed suite"),
+    (["memory", "--quick", "--only", "longest_trainable"], "with --quick"),
+    (["memory", "--threads", "-3"], "must be >= 1"),
+    (["memory", "--timeout-scale", "0"], "must be > 0"),
+    (["memory", "--malloc", "BAD"], "--malloc takes"),
+])
+def test_bad_flags_end_in_one_line_before_any_work(argv, message, tmp_path, capsys):
+    from torch_reformer.bench import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and error.startswith("reformer bench: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys):
+    from torch_reformer.bench import main
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        main(["memory", "--only", "train_memory_vs_length", "--out", str(tmp_path / "file" / "out")])
+    assert "cannot create --out" in capsys.readouterr().err
+
+
 def test_malloc_settings_reach_every_child_and_the_report(monkeypatch, tmp_path):
     import torch_reformer.bench as bench
 
@@ -293,7 +321,7 @@ def test_malloc_settings_reach_every_child_and_the_report(monkeypatch, tmp_path)
     profile = make_profile(args)
     assert profile.malloc_env == {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "1"}
     for bad in ("MALLOC_MMAP_THRESHOLD_", "MMAP_THRESHOLD_=1", "MALLOC_MMAP_THRESHOLD=1", "MALLOC_TOP_PAD_="):
-        with pytest.raises(SystemExit, match="--malloc"):
+        with pytest.raises(ValueError, match="--malloc"):
             make_profile(parser.parse_args(["speed", "--malloc", bad]))
     seen = []
     monkeypatch.setattr(bench, "run_spec", lambda spec, timeout, cap, env: seen.append(env) or {"status": "error"})

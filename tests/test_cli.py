@@ -171,6 +171,12 @@ def bad_inputs(tmp_path):
         "no subcommand": [],
         "tokenizer vocab too small": ["tokenizer", "train", "--data", short, "--vocab-size", "5",
                                       "--out", tmp_path / "t"],
+        "tokenizer vocab too large": ["tokenizer", "train", "--data", short, "--vocab-size", "99999999999999999999",
+                                      "--out", tmp_path / "t"],
+        "tokenizer out is a folder": ["tokenizer", "train", "--data", short, "--vocab-size", "300",
+                                      "--out", tmp_path],
+        "length beyond a preset, before its data is built": ["train", "--config", "enwik8", "--seq-len", "100000000"],
+        "top-p above 1": ["generate", "--checkpoint", tmp_path, "--prompt", "hi", "--top-p", "1.5"],
     }
 
 
@@ -200,6 +206,19 @@ def test_checkpoint_problems_give_one_line_errors(tmp_path, capsys):
     assert_one_line_error(code, err)
     code, _, err = run(["generate", "--checkpoint", out / "checkpoints" / "step-4", "--prompt", "0 1"], capsys)
     assert_one_line_error(code, err)
+
+
+def test_generate_is_reproducible_by_default_and_points_hf_folders_to_convert(tmp_path, capsys):
+    out, _ = trained_run(tmp_path, capsys)
+    argv = ["generate", "--checkpoint", out, "--prompt", "0 3 4 5", "--max-new-tokens", "3", "--do-sample"]
+    first, second = run(argv, capsys), run(argv, capsys)
+    assert first[0] == 0 and first[1] == second[1]
+    hf_like = tmp_path / "hf"
+    hf_like.mkdir()
+    (hf_like / "config.json").write_text(json.dumps({"model_type": "reformer"}))
+    code, _, err = run(["generate", "--checkpoint", hf_like, "--prompt", "hi"], capsys)
+    assert_one_line_error(code, err)
+    assert "reformer convert" in err
 
 
 def test_generate_rejects_out_of_range_and_too_long_prompts(tmp_path, capsys):

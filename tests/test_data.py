@@ -147,6 +147,9 @@ def test_byte_tokenizer_round_trip():
     ids = tokenizer.encode(text)
     assert min(ids) >= data.BYTE_OFFSET and max(ids) < data.BYTE_VOCAB_SIZE
     assert tokenizer.decode(ids + [data.BYTE_EOS_ID]) == text
+    # Bytes that are not UTF-8 reach Python (argv, file names) as lone surrogates: they map to themselves.
+    raw = b"a\xff\xfeb".decode("utf-8", errors="surrogateescape")
+    assert tokenizer.encode(raw) == [byte + data.BYTE_OFFSET for byte in b"a\xff\xfeb"]
 
 
 def test_streaming_reads_a_window_of_a_large_file_without_loading_it(tmp_path):

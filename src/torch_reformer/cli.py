@@ -14,11 +14,12 @@ printed as one line too.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from .arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineArgumentParser, number_type
 
 # The default duplication-task model: the paper's Table 2 setting at reduced size (one LSH layer, 2 hash
 # rounds, 128 tokens in chunks of 16). On 2 busy CPU cores it passed 99.8% eval accuracy by step 100 for
@@ -27,34 +28,6 @@ from pathlib import Path
 # (k + 1, L/2 + k) that the axial factorisation does not map like the others (93% at length 32).
 DEFAULTS = dict(seq_len=128, vocab_size=64, layers=1, hidden_size=128, heads=4, chunk_length=16, num_hashes=2,
                 steps=200, batch_size=16, lr=3e-3, eval_every=50, eval_size=256)
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) with exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _number(kind, minimum, inclusive=True, allow_none_word=False):
-    """An argparse type: ``kind`` (int/float) no smaller than ``minimum`` ("none" allowed when asked)."""
-    def parse(text: str):
-        if allow_none_word and text.lower() == "none":
-            return None
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if (kind is float and not math.isfinite(value)) or value < minimum or (not inclusive and value == minimum):
-            bound = f">= {minimum}" if inclusive else f"> {minimum}"
-            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
-        return value
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-NON_NEGATIVE_INT = _number(int, 0)
-POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -71,7 +44,7 @@ def _add_train(subcommands) -> None:
     data.add_argument("--tokenizer", metavar="PATH", help="a BPE tokenizer JSON (from `reformer tokenizer train`)")
     data.add_argument("--raw-bytes", action="store_true", help="accept files that are not UTF-8 (byte-level only)")
     data.add_argument("--seq-len", type=POSITIVE_INT, help=f"sequence length (default {DEFAULTS['seq_len']})")
-    data.add_argument("--vocab-size", type=_number(int, 3), help="duplication task: symbols incl. 0 "
+    data.add_argument("--vocab-size", type=number_type(int, 3), help="duplication task: symbols incl. 0 "
                       f"(default {DEFAULTS['vocab_size']})")
     data.add_argument("--eval-size", type=POSITIVE_INT, help="held-out sequences per evaluation")
     model = parser.add_argument_group("model")
@@ -88,8 +61,8 @@ def _add_train(subcommands) -> None:
     opt.add_argument("--lr", type=POSITIVE_FLOAT, help=f"peak learning rate (default {DEFAULTS['lr']})")
     opt.add_argument("--warmup", type=NON_NEGATIVE_INT, help="warmup steps (default: 10%% of --steps)")
     opt.add_argument("--schedule", choices=("cosine", "rsqrt", "constant"), default="cosine")
-    opt.add_argument("--weight-decay", type=_number(float, 0.0), default=0.0)
-    opt.add_argument("--clip", type=_number(float, 0.0, inclusive=False, allow_none_word=True), default=1.0,
+    opt.add_argument("--weight-decay", type=number_type(float, 0.0), default=0.0)
+    opt.add_argument("--clip", type=number_type(float, 0.0, inclusive=False, allow_none_word=True), default=1.0,
                      help="gradient-norm clipping ('none' disables)")
     opt.add_argument("--bf16", action="store_true", help="bf16 autocast")
     opt.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
@@ -149,6 +122,18 @@ def _load_config_source(source: str, presets, config_class):
     raise ValueError(f"--config {source!r} is neither a preset ({', '.join(sorted(presets))}) nor a JSON file")
 
 
+def _check_seq_len_fits_config(args) -> None:
+    """Refuse a --seq-len beyond the --config's positional embedding before any data is built for it."""
+    from .config import PRESETS, ReformerConfig
+
+    if args.config is None or args.seq_len is None:
+        return  # the default model's learned positions are sized to --seq-len
+    capacity = _load_config_source(args.config, PRESETS, ReformerConfig).max_length
+    if capacity is not None and args.seq_len > capacity:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the positional embedding of --config {args.config} "
+                         f"covers ({capacity} positions): use a shorter --seq-len or a config that covers it")
+
+
 def _build_dataset(args, out_dir: Path):
     from . import data
 
@@ -178,6 +163,7 @@ def _run_train(args) -> int:
 
     default_out = "runs/duplication" if args.data is None else f"runs/{Path(args.data).resolve().name or 'text'}"
     out_dir = Path(args.out or default_out)
+    _check_seq_len_fits_config(args)
     dataset = _build_dataset(args, out_dir)
     config = build_config(args, dataset.seq_len, dataset.vocab_size, dataset.pad_token_id, dataset.eos_token_id)
     if args.threads is not None:
@@ -264,10 +250,12 @@ def _add_generate(subcommands) -> None:
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
     parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0)
     parser.add_argument("--top-k", type=POSITIVE_INT)
-    parser.add_argument("--top-p", type=_number(float, 0.0, inclusive=False))
+    parser.add_argument("--top-p", type=number_type(float, 0.0, inclusive=False, maximum=1.0))
     parser.add_argument("--num-beams", type=POSITIVE_INT, default=1)
     parser.add_argument("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0)
-    parser.add_argument("--seed", type=NON_NEGATIVE_INT)
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
+                        help="seed of the sampling and of LSH layers' random rotations (default 0, so the same "
+                             "arguments give the same text; vary it for other samples)")
     parser.set_defaults(run=_run_generate)
 
 
@@ -277,6 +265,9 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if _is_hf_folder(path):
+        raise ValueError(f"{path} is a Hugging Face checkpoint: convert it first with `reformer convert {path} DST` "
+                         "and generate from DST")
     if (path / "model.safetensors").exists():
         if (path / MANIFEST).exists():
             verify_checkpoint(path)
@@ -287,6 +278,17 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
         if newest is not None:
             return newest, path
     raise ValueError(f"{path} holds no model: give a run folder with checkpoints, or a checkpoint folder")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A folder saved by transformers: its config.json names the model type, ours never does."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def _prompt_codec(run_dir: Path):
@@ -399,7 +401,7 @@ SUBCOMMANDS = [_add_train, _add_generate, _add_tokenizer, _add_convert, _add_ben
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="reformer", description="Reformer language models: train, generate, convert and benchmark.")
+    parser = OneLineArgumentParser(prog="reformer", description="Reformer language models: train, generate, convert and benchmark.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subcommands)
@@ -427,8 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interruption:
         print(f"\nreformer: interrupted{': ' + _one_line(interruption) if str(interruption) else ''}", file=sys.stderr)
         return 130
-    except (OSError, ValueError, TypeError, ImportError, TrainingDiverged) as error:
+    except (OSError, ValueError, TypeError, ImportError, OverflowError, TrainingDiverged) as error:
         print(f"reformer {args.command}: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "can't allocate memory" not in str(error):
+            raise  # a bug: keep its traceback
+        print(f"reformer {args.command}: error: out of memory ({_one_line(error)[:200]}): use a shorter --seq-len, "
+              "a smaller --batch-size or a smaller model", file=sys.stderr)
         return 1
     finally:
         warnings.formatwarning = format_warning

@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .serialization import atomic_write_bytes
+
 IGNORE_INDEX = -100
 BYTE_PAD_ID, BYTE_EOS_ID, BYTE_OFFSET = 0, 1, 2  # byte b is id b + BYTE_OFFSET
 BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -342,7 +344,9 @@ class ByteTokenizer:
     pad_token_id, bos_token_id, eos_token_id = BYTE_PAD_ID, None, BYTE_EOS_ID
 
     def encode(self, text: str) -> list[int]:
-        return [byte + BYTE_OFFSET for byte in text.encode("utf-8")]
+        """Byte ids of ``text`` in UTF-8; bytes that are not UTF-8, which Python hands over as lone
+        surrogates (command-line arguments, file names), are kept as the raw bytes they stand for."""
+        return [byte + BYTE_OFFSET for byte in text.encode("utf-8", errors="surrogateescape")]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids in ``ids`` (special ids are dropped; broken UTF-8 becomes U+FFFD)."""
@@ -374,13 +378,22 @@ def _byte_level_alphabet() -> dict[str, int]:
     return mapping
 
 
+# Token ids are stored as uint32 in the tokenised corpus cache; far above any useful BPE vocabulary.
+MAX_BPE_VOCAB = 1 << 24
+
+
 def train_bpe_tokenizer(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size: int,
                         out_path: str | os.PathLike, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE on UTF-8 ``files`` (or a directory) and save it as one JSON file."""
     tokenizers = _import_tokenizers()
-    if not isinstance(vocab_size, int) or vocab_size < 256 + len(BPE_SPECIAL_TOKENS):
-        raise ValueError(f"--vocab-size must be at least {256 + len(BPE_SPECIAL_TOKENS)} (the 256 bytes and the "
-                         f"special tokens), got {vocab_size!r}")
+    if not isinstance(vocab_size, int) or not 256 + len(BPE_SPECIAL_TOKENS) <= vocab_size <= MAX_BPE_VOCAB:
+        raise ValueError(f"--vocab-size must lie in [{256 + len(BPE_SPECIAL_TOKENS)}, {MAX_BPE_VOCAB}] (at least the "
+                         f"256 bytes and the special tokens), got {vocab_size!r}")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise IsADirectoryError(f"--out {out_path} is a directory: give the path of the JSON file to write")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise NotADirectoryError(f"--out {out_path}: {out_path.parent} is a file, not a directory")
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     text_files = [str(f) for path in paths for f in collect_text_files(path)]
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -391,9 +404,8 @@ def train_bpe_tokenizer(files: Sequence[str | os.PathLike] | str | os.PathLike, 
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train(text_files, trainer)
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_path))
+    atomic_write_bytes(out_path, [tokenizer.to_str().encode("utf-8")])
     return out_path
 
 

@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, OneLineArgumentParser
 from .harness import Profile, run_series, run_spec
 
 SUITES = ("memory", "speed", "quality")
@@ -85,7 +86,7 @@ def available_memory_bytes() -> int | None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog, description="Measure memory, speed and quality of torch-reformer against full attention and "
         "the peers (transformers, reformer_pytorch when installed), one configuration per fresh process.")
     parser.add_argument("suites", nargs="+", choices=SUITES, help="which suites to run")
@@ -97,18 +98,18 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="KEYS", help="comma-separated experiment keys to run (default: all)")
     parser.add_argument("--series", metavar="KEYS", help="comma-separated series keys to run, e.g. "
                         "ours-reversible,hf (default: all; --quick: a subset)")
-    parser.add_argument("--memory-cap-gib", type=float, metavar="GIB",
+    parser.add_argument("--memory-cap-gib", type=POSITIVE_FLOAT, metavar="GIB",
                         help="kill a configuration whose resident memory passes this (default: 80%% of the "
                              "memory available at start; CPU only)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=POSITIVE_INT, metavar="N",
                         help="torch threads in every configuration (default: torch's own choice)")
-    parser.add_argument("--mmap-threshold", type=int, default=131072, metavar="BYTES",
+    parser.add_argument("--mmap-threshold", type=NON_NEGATIVE_INT, default=131072, metavar="BYTES",
                         help="glibc MALLOC_MMAP_THRESHOLD_ of the memory suite's configurations, so resident "
                              "memory follows live memory (0: glibc's dynamic default)")
     parser.add_argument("--malloc", action="append", default=[], metavar="NAME=VALUE",
                         help="a glibc allocator setting for every configuration of every suite, e.g. "
                              "MALLOC_MMAP_THRESHOLD_=131072 (repeatable; recorded in the reports)")
-    parser.add_argument("--timeout-scale", type=float, default=1.0, metavar="X",
+    parser.add_argument("--timeout-scale", type=POSITIVE_FLOAT, default=1.0, metavar="X",
                         help="multiply every per-configuration time limit by X")
     return parser
 
@@ -119,12 +120,34 @@ def make_profile(args: argparse.Namespace) -> Profile:
     base = QUICK if args.quick else FULL
     experiments, series = base.experiments, base.series
     if args.only:
-        experiments = {key.strip() for key in args.only.split(",") if key.strip()}
+        experiments = _keys(args.only)
     if args.series:
-        series = {key.strip() for key in args.series.split(",") if key.strip()}
+        series = _keys(args.series)
     return replace(base, device=args.device, dtype=args.dtype, experiments=experiments, series=series,
                    threads=args.threads, mmap_threshold=args.mmap_threshold, malloc_env=parse_malloc(args.malloc),
                    timeout_s=base.timeout_s * args.timeout_scale, long_timeout_s=base.long_timeout_s * args.timeout_scale)
+
+
+def unknown_selection(args: argparse.Namespace, profile: Profile) -> str | None:
+    """What is wrong with ``--only``/``--series`` (keys that the named suites do not have), or None."""
+    from dataclasses import replace
+
+    everything = replace(profile, experiments=None, series=None)
+    experiments = [e for suite in dict.fromkeys(args.suites) for e in _suite_module(suite).plan(everything)]
+    selections = (("--only", args.only, {e.key for e in experiments}),
+                  ("--series", args.series, {series.key for e in experiments for series in e.series}))
+    for flag, chosen, available in selections:
+        missing = sorted(_keys(chosen) - available)
+        if missing:
+            quick = " with --quick" if args.quick else ""
+            return (f"{flag}: no {', '.join(missing)} in the {'/'.join(dict.fromkeys(args.suites))} suite(s){quick}; "
+                    f"choose from {', '.join(sorted(available))}")
+    return None
+
+
+def _keys(text: str | None) -> set[str]:
+    """The keys of a comma-separated flag value (none when the flag was not given)."""
+    return {key.strip() for key in (text or "").split(",") if key.strip()}
 
 
 def parse_malloc(settings: list[str]) -> dict[str, str]:
@@ -133,7 +156,7 @@ def parse_malloc(settings: list[str]) -> dict[str, str]:
     for setting in settings:
         name, equals, value = setting.partition("=")
         if not (equals and name.startswith("MALLOC_") and name.endswith("_") and value):
-            raise SystemExit(f"--malloc takes a glibc setting NAME=VALUE with NAME like MALLOC_MMAP_THRESHOLD_ "
+            raise ValueError(f"--malloc takes a glibc setting NAME=VALUE with NAME like MALLOC_MMAP_THRESHOLD_ "
                              f"(glibc's variables end in an underscore), got {setting!r}")
         env[name] = value
     return env
@@ -203,10 +226,20 @@ def main(argv: list[str] | None = None, prog: str = "reformer bench") -> int:
     from .report import read_results, write_reports
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    profile = make_profile(args)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        profile = make_profile(args)
+    except ValueError as error:
+        parser.error(str(error))
+    unknown = unknown_selection(args, profile)
+    if unknown:
+        parser.error(unknown)
     out_dir = Path(args.out) if args.out else default_out_dir(args.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create --out {out_dir}: {error.strerror or error}")
     available = available_memory_bytes()
     cap = int(args.memory_cap_gib * 2**30) if args.memory_cap_gib else (int(0.8 * available) if available else None)
     if args.device == "cuda":
