@@ -177,6 +177,7 @@ def bad_inputs(tmp_path):
                                       "--out", tmp_path],
         "length beyond a preset, before its data is built": ["train", "--config", "enwik8", "--seq-len", "100000000"],
         "top-p above 1": ["generate", "--checkpoint", tmp_path, "--prompt", "hi", "--top-p", "1.5"],
+        "eval hashes without LSH layers": ["train", "--attn", "local", "--eval-hashes", "2"],
     }
 
 
@@ -252,6 +253,10 @@ def test_convert_round_trips_through_hf_format(tmp_path, capsys):
         assert torch.equal(tensor, back.state_dict()[name]), name
     code, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "x")], capsys)
     assert_one_line_error(code, err)
+    run_folder, _ = trained_run(tmp_path, capsys)
+    code, _, err = run(["convert", str(run_folder), str(tmp_path / "y")], capsys)
+    assert_one_line_error(code, err)
+    assert "training run folder" in err
 
 
 def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):

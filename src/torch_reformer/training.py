@@ -314,6 +314,9 @@ class Trainer:
                 f"{args.grad_accum} accumulation step(s): use a multiple of {shards}"
             )
         config = model.config
+        if args.eval_num_hashes is not None and "lsh" not in config.attn_layers:
+            raise ValueError("eval_num_hashes (--eval-hashes) sets the hash rounds of LSH layers, and this model has "
+                             "none: leave it unset")
         if config.max_length is not None and dataset.seq_len > config.max_length:
             raise ValueError(
                 f"--seq-len {dataset.seq_len} is longer than the model's positional embedding covers "

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..checkpoints import CHECKPOINT_DIR
 from ..config import ReformerConfig
 from ..model import (
     CONFIG_NAME,
@@ -247,6 +248,9 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
         raise ValueError(f"source and destination are the same folder {src_dir!r}: pass another destination")
+    if os.path.isdir(os.path.join(src_dir, CHECKPOINT_DIR)) and not os.path.isfile(os.path.join(src_dir, WEIGHTS_NAME)):
+        raise CheckpointError(f"{src_dir} is a training run folder: convert one of its checkpoints, e.g. "
+                              f"{os.path.join(src_dir, CHECKPOINT_DIR, 'step-N')}")
     config_dict = _read_json(os.path.join(src_dir, CONFIG_NAME))
     if _is_hf_config(config_dict):
         return _convert_hf_to_ours(src_dir, dst_dir, config_dict)
