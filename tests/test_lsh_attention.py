@@ -325,6 +325,30 @@ def test_reversible_engine_reuses_bucket_ids_and_matches_autograd(monkeypatch):
         assert torch.allclose(grad, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_a_layer_called_twice_in_one_block_keeps_both_calls_buckets(mode):
+    class Twice(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x) + self.layer(torch.tanh(3 * x).flip(1))
+
+    torch.manual_seed(0)
+    layer = LSHSelfAttention(8, 2, 4, num_hashes=2, num_buckets=4, chunk_length=4, causal=True).double()
+    blocks = [Twice(layer), torch.nn.Linear(8, 8).double()]
+    hidden = torch.randn(1, 16, 16, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for memory_mode in (mode, "autograd"):
+        torch.manual_seed(5)  # the same rotations in both runs
+        out = ReversibleSequential(*blocks, memory_mode=memory_mode)(hidden)
+        results[memory_mode] = (out, torch.autograd.grad(out.square().sum(), [hidden, *layer.parameters()]))
+    torch.testing.assert_close(results[mode][0], results["autograd"][0], rtol=0, atol=1e-12)
+    for grad, expected in zip(results[mode][1], results["autograd"][1]):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-10)
+
+
 def test_dropout_acts_only_in_training():
     torch.manual_seed(0)
     layer = LSHSelfAttention(8, 2, 4, num_hashes=2, num_buckets=4, chunk_length=4, dropout=0.5, hash_seed=1)

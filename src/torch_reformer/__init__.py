@@ -26,6 +26,7 @@ from .reversible import (
     additive_coupling_forward,
     additive_coupling_inverse,
     is_recomputing,
+    next_call_index,
     reversible_forward,
     saved_state,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "combinators",
     "generate",
     "is_recomputing",
+    "next_call_index",
     "reversible_forward",
     "saved_state",
 ]

@@ -21,12 +21,13 @@ from typing import Iterator
 class BlockCallState:
     """Scratch dicts of one block call, one per owner, plus whether the call is a rerun."""
 
-    __slots__ = ("by_owner", "recomputing", "calls")
+    __slots__ = ("by_owner", "recomputing", "calls", "owner_calls")
 
     def __init__(self) -> None:
         self.by_owner: dict[int, tuple[object, dict]] = {}  # id(owner) -> (owner, scratch)
         self.recomputing = False
         self.calls = 0
+        self.owner_calls: dict[int, int] = {}  # id(owner) -> calls of next_call_index in the current pass
 
     def scratch_for(self, owner: object) -> dict:
         entry = self.by_owner.get(id(owner))
@@ -51,6 +52,7 @@ def _active_states() -> list[BlockCallState]:
 def activated(state: BlockCallState, recomputing: bool) -> Iterator[None]:
     states = _active_states()
     state.recomputing = recomputing
+    state.owner_calls = {}
     states.append(state)
     try:
         yield
@@ -65,7 +67,7 @@ def saved_state(owner: object) -> dict | None:
     tensors in the dict; during the backward recomputation of the same block call the
     same dict, with those entries, is returned. It is freed when that block's backward
     step is done. There is one dict per owner per block call: a module called several
-    times inside one block shares it and must key its entries itself. Store small things
+    times inside one block shares it and keys its entries by ``next_call_index``. Store small things
     (bucket ids, seeds): a stored activation stays alive until the backward pass.
 
     Returns None when not inside an engine block call that will be recomputed
@@ -82,3 +84,19 @@ def is_recomputing() -> bool:
     """True while the engine re-runs a block in the backward pass."""
     states = getattr(_thread_local, "states", None)
     return bool(states) and states[-1].recomputing
+
+
+def next_call_index(owner: object) -> int:
+    """0 on ``owner``'s first call in the current pass of the current block call, then 1, 2, ...
+
+    The forward call and its recomputation call a block's modules in the same order, so the n-th
+    call of the rerun is the n-th call of the forward: a module called several times inside one
+    block keys its ``saved_state`` entries by this index. Returns 0 outside an engine block call.
+    """
+    states = getattr(_thread_local, "states", None)
+    if not states:
+        return 0
+    calls = states[-1].owner_calls
+    index = calls.get(id(owner), 0)
+    calls[id(owner)] = index + 1
+    return index

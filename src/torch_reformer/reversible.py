@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .block_state import BlockCallState, activated
-from .block_state import is_recomputing, saved_state  # noqa: F401 - part of the engine's API
+from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
 from .reversible_steps import (
     Coupling,
     CouplingStep,

@@ -48,7 +48,7 @@ from torch_reformer.attention.hashing import (
     total_buckets,
 )
 from torch_reformer.attention.projection import project
-from torch_reformer.block_state import saved_state
+from torch_reformer.block_state import next_call_index, saved_state
 
 
 def _attend_in_layout(
@@ -285,17 +285,19 @@ class LSHSelfAttention(nn.Module):
         """Hash ``qk`` (B, H, L, D), or reuse the ids stored by this call's first run in the engine."""
         signature = (self.num_hashes, bucket_factors(num_buckets), tuple(qk.shape[:3]))
         state = saved_state(self)
-        reuse = state is not None and state.get("bucket_signature") == signature
+        key = ("bucket_ids", next_call_index(self))  # a layer called twice in one block keeps two sets
+        stored = None if state is None else state.get(key)
+        reuse = stored is not None and stored[0] == signature
         if rotations is None and (not reuse or self.hash_seed is None):
             # A rerun that reuses its bucket ids still draws from the global RNG, so every later
             # random draw of this call (attention dropout) sees the stream the first run saw.
             dtype = qk.dtype if qk.dtype in (torch.float32, torch.float64) else torch.float32
             rotations = self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)
         if reuse:
-            return state["bucket_ids"]
+            return stored[1]
         bucket_ids = assign_padding_bucket(hash_vectors(qk, rotations, num_buckets), key_mask, num_buckets)
         if state is not None:
-            state["bucket_signature"], state["bucket_ids"] = signature, bucket_ids
+            state[key] = (signature, bucket_ids)
         return bucket_ids
 
     def init_cache(
