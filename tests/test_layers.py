@@ -490,3 +490,13 @@ def test_lm_head_layout_logits_and_loss():
     torch.testing.assert_close(logits, hidden @ head.decoder.weight.T + head.bias)
     torch.testing.assert_close(head.loss(hidden, labels, chunk_size=3),
                                F.cross_entropy(logits.reshape(-1, 30), labels.reshape(-1)))
+
+
+def test_second_derivatives_of_chunked_paths_raise_instead_of_being_wrong():
+    torch.manual_seed(0)
+    ff = ChunkedFeedForward(8, 16, chunk_size=4).double()
+    x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
+    weight, labels = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 5, (2, 10))
+    for value in (ff(x).sum(), lm_head_loss(x, weight, None, labels, chunk_size=4)):
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(value + x.pow(3).sum(), x, create_graph=True)

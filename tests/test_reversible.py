@@ -548,3 +548,14 @@ def test_the_block_output_is_released_before_the_block_backward_runs():
     model(x).sum().backward()
     assert block.alive_in_backward and not any(block.alive_in_backward)
     assert torch.isfinite(block.linear.weight.grad).all() and block.linear.weight.grad.abs().sum() > 0
+
+
+def test_create_graph_is_refused_with_a_clear_error():
+    # The engine's backward rebuilds activations by hand: it is not itself differentiable.
+    blocks = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(ReversibleSequential(*blocks)(x).pow(2).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(ReversibleSequential(*blocks, memory_mode="autograd")(x).pow(2).sum(), x,
+                                  create_graph=True)
+    assert grad.requires_grad

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autograd_checks import refuse_create_graph
 from .config import ACTIVATION_NAMES
 
 # ---------------------------------------------------------------------------- activations
@@ -236,6 +237,7 @@ class _ChunkedRecompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_create_graph("the chunked feed-forward (chunk_size > 0)")
         hidden, *params = ctx.saved_tensors
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         forked_devices = [hidden.device] if hidden.device.type == "cuda" else []
@@ -620,6 +622,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_create_graph("the chunked LM-head loss (chunk_size > 0)")
         saved = iter(ctx.saved_tensors)
         grads = []
         for has_grad, dtype in zip(ctx.has_grad, ctx.dtypes):

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .autograd_checks import refuse_create_graph
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
 from .reversible_steps import (
@@ -243,6 +244,7 @@ class _ReversibleChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor | None) -> tuple:
+        refuse_create_graph("the reversible engine (memory_mode 'reversible')")
         run: _ChainRun | None = ctx.run
         if run is None:
             raise RuntimeError(

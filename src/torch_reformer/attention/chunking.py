@@ -35,6 +35,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..autograd_checks import refuse_create_graph
+
 # dtype -> (mask value, self-mask value). bfloat16 has float32's range, so it keeps float32's
 # constants; float16 tops out near 6.5e4.
 MASK_VALUES = {
@@ -356,6 +358,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_create_graph("chunked LSH/local attention")
         (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out = saved_and_output(ctx)
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
         if out is None:  # backward already ran once on this graph (retain_graph=True)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..autograd_checks import refuse_create_graph
+
 
 class _NormalizedProjections(torch.autograd.Function):
     @staticmethod
@@ -31,6 +33,7 @@ class _NormalizedProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        refuse_create_graph("the fused attention projections")
         hidden, norm_weight, norm_bias, *weights = ctx.saved_tensors
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         needs = ctx.needs_input_grad
