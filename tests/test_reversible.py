@@ -559,3 +559,17 @@ def test_create_graph_is_refused_with_a_clear_error():
     (grad,) = torch.autograd.grad(ReversibleSequential(*blocks, memory_mode="autograd")(x).pow(2).sum(), x,
                                   create_graph=True)
     assert grad.requires_grad
+
+
+def test_a_block_that_changes_its_input_in_place_is_refused_in_the_forward():
+    blocks = [nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)), nn.Linear(4, 4)]
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="Sequential changed its input in place"):
+        ReversibleSequential(*blocks)(x * 1)
+
+
+def test_a_coupling_inverse_that_does_not_undo_the_forward_is_refused():
+    net = ReversibleSequential(nn.Linear(4, 4), nn.Linear(4, 4), coupling_forward=lambda a, f: 2 * a + f,
+                               coupling_inverse=lambda y, f: y - f)
+    with pytest.raises(ValueError, match="coupling_inverse does not undo coupling_forward"):
+        net(torch.randn(3, 8, requires_grad=True))

@@ -194,6 +194,7 @@ class CouplingStep:
         self.additive = (
             coupling_forward is additive_coupling_forward and coupling_inverse is additive_coupling_inverse
         )
+        self.inverse_checked = False
 
     def block_output(self, context_items: Sequence[object], block_kwargs: dict) -> Tensor:
         out = self.call_block(self.block, context_items, block_kwargs)
@@ -206,15 +207,40 @@ class CouplingStep:
 
     def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
         context_items = [stack[i] for i in self.contexts]
+        versions = [item._version if isinstance(item, Tensor) else None for item in context_items]
         fn_out = invoke(lambda *items: self.block_output(items, block_kwargs), *context_items)
+        if any(version is not None and item._version != version for item, version in zip(context_items, versions)):
+            raise ValueError(
+                f"block {type(self.block).__name__} changed its input in place (e.g. an inplace=True activation "
+                "applied to it); the reversible engine rebuilds activations from unchanged inputs: make that "
+                "operation out of place"
+            )
         stream = stack[self.target]
         if isinstance(stream, Tensor) and not _broadcasts_to(fn_out, stream):
             self._stream_changed(stream, f"the block's output of shape {tuple(fn_out.shape)}")
         updated = self.coupling_forward(stream, fn_out)
         if isinstance(stream, Tensor) and (updated.shape != stream.shape or updated.dtype != stream.dtype):
             self._stream_changed(stream, f"shape {tuple(updated.shape)} and dtype {updated.dtype}")
+        if not self.additive and not self.inverse_checked and isinstance(stream, Tensor):
+            self._check_inverse(stream, fn_out, updated)
         stack[self.target] = updated
         return stack
+
+    def _check_inverse(self, stream: Tensor, fn_out: Tensor, updated: Tensor) -> None:
+        """Once per step: ``coupling_inverse(coupling_forward(x, f), f)`` must give x back, or backward
+        would rebuild wrong activations and return wrong gradients without a word."""
+        with torch.no_grad():
+            rebuilt = self.coupling_inverse(updated, fn_out)
+            scale = float(stream.abs().max()) + float(fn_out.abs().max()) + 1e-30
+            error = float((rebuilt - stream).abs().max())
+        tolerance = min(0.1, max(1e-3, 100 * torch.finfo(stream.dtype).eps))
+        if not error <= tolerance * scale:
+            raise ValueError(
+                f"coupling_inverse does not undo coupling_forward for block {type(self.block).__name__}: "
+                f"rebuilding the stream from the block's output is off by {error:.3g} (values up to {scale:.3g}); "
+                "pass the exact inverse of the forward coupling"
+            )
+        self.inverse_checked = True
 
     def _stream_changed(self, stream: Tensor, result: str) -> None:
         raise ValueError(
