@@ -573,3 +573,17 @@ def test_a_coupling_inverse_that_does_not_undo_the_forward_is_refused():
                                coupling_inverse=lambda y, f: y - f)
     with pytest.raises(ValueError, match="coupling_inverse does not undo coupling_forward"):
         net(torch.randn(3, 8, requires_grad=True))
+
+
+def test_a_tensor_from_outside_the_blocks_modules_is_refused_rather_than_left_without_gradient():
+    outside = nn.Parameter(torch.tensor(2.0))
+
+    class ScaleByOutside(nn.Module):
+        def forward(self, x):
+            return x * outside
+
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="neither its input nor a parameter of its modules"):
+        ReversibleSequential(ScaleByOutside(), nn.Linear(4, 4))(x).sum().backward()
+    ReversibleSequential(ScaleByOutside(), nn.Linear(4, 4), memory_mode="autograd")(x).sum().backward()
+    assert outside.grad is not None

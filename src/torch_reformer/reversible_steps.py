@@ -67,12 +67,41 @@ def _gradients(
     result: list[Tensor | None] = [None] * len(inputs)
     if not pairs or not wanted:
         return result
+    _refuse_unknown_leaves([out for out, _ in pairs], inputs)
     found = torch.autograd.grad(
         [out for out, _ in pairs], [inputs[i] for i in wanted], [grad for _, grad in pairs], allow_unused=True
     )
     for i, grad in zip(wanted, found):
         result[i] = grad
     return result
+
+
+def _refuse_unknown_leaves(outputs: Sequence[Tensor], inputs: Sequence[object]) -> None:
+    """Refuse a recomputed block whose graph reaches a tensor that requires grad and is neither one
+    of ``inputs`` (the step's inputs and its modules' parameters) nor derived from them.
+
+    Such a tensor (a parameter captured by a closure, or one of a module outside the block, or a
+    tensor nested in a keyword argument) would get no gradient: the engine computes gradients for
+    the tensors it knows. A block's graph is small, so walking it costs next to nothing.
+    """
+    known = {id(value) for value in inputs if isinstance(value, Tensor)}
+    seen: set[int] = set()
+    pending = [out.grad_fn for out in outputs]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        leaf = getattr(node, "variable", None)  # AccumulateGrad nodes hold a leaf
+        if leaf is None:
+            pending.extend(next_node for next_node, _ in node.next_functions)
+        elif id(leaf) not in known:
+            raise RuntimeError(
+                f"a reversible block uses a tensor of shape {tuple(leaf.shape)} that requires grad but is neither "
+                "its input nor a parameter of its modules (a parameter captured by a function, a module outside "
+                "the block, or a tensor inside a keyword argument); the engine would drop its gradient. Make it a "
+                "parameter of a module inside the block, or use memory_mode='autograd'"
+            )
 
 
 class _GradientRoot(torch.autograd.Function):
