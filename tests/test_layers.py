@@ -500,3 +500,16 @@ def test_second_derivatives_of_chunked_paths_raise_instead_of_being_wrong():
     for value in (ff(x).sum(), lm_head_loss(x, weight, None, labels, chunk_size=4)):
         with pytest.raises(RuntimeError, match="no second derivative"):
             torch.autograd.grad(value + x.pow(3).sum(), x, create_graph=True)
+
+
+def test_bad_sizes_widths_and_position_types_get_clear_errors():
+    for sizes in ((4.5, 3), ("4", 3), (True, 3)):
+        with pytest.raises(TypeError, match="axial_pos_shape must hold integers"):
+            AxialPositionalEmbedding(sizes, (4, 4))
+    with pytest.raises(ValueError, match="inputs of width 8"):
+        ChunkedFeedForward(8, 16, chunk_size=4)(torch.randn(2, 10, 6))
+    axial = AxialPositionalEmbedding((4, 8), (4, 4))
+    learned = LearnedPositionalEmbedding(32, 8)
+    positions = torch.arange(20)
+    for embedding in (axial, learned):
+        assert torch.equal(embedding(positions.to(torch.uint8)), embedding(positions))

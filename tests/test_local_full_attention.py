@@ -373,6 +373,8 @@ def test_bad_input_is_refused_with_a_clear_message():
             layer(torch.randn(2, 4, 8), torch.ones(2, 5))
         with pytest.raises(TypeError, match="attention_mask"):
             layer(torch.randn(2, 4, 8), [[1, 1, 1, 1]] * 2)
+        with pytest.raises(ValueError, match="1/True for real tokens"):
+            layer(torch.randn(2, 4, 8), torch.full((2, 4), 0.5))
     with pytest.raises(ValueError, match="num_heads"):
         FullSelfAttention(8, 0)
     with pytest.raises(ValueError, match="num_chunks_before"):

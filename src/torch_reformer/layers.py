@@ -27,6 +27,7 @@ Legend: B batch, L sequence length, d model width (``hidden_size``), F feed-forw
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -80,8 +81,8 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
 # ---------------------------------------------------------------------------- position embeddings
 
 
-def check_positions(position_ids: Tensor, capacity: int, capacity_text: str, fix: str) -> None:
-    """Raise unless ``position_ids`` is an integer tensor with values in ``[0, capacity)``.
+def check_positions(position_ids: Tensor, capacity: int, capacity_text: str, fix: str) -> Tensor:
+    """``position_ids`` as int64 (int32 kept); raise unless it is an integer tensor with values in ``[0, capacity)``.
 
     ``capacity_text`` names the capacity in the error (e.g. "prod((64, 64))=4096"), ``fix`` says what to change.
     The range check reads two numbers back from the device; it is skipped while
@@ -89,13 +90,16 @@ def check_positions(position_ids: Tensor, capacity: int, capacity_text: str, fix
     """
     if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
         raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        position_ids = position_ids.long()  # small integer types would overflow in index arithmetic
     if position_ids.numel() == 0 or torch.compiler.is_compiling():
-        return
+        return position_ids
     low, high = (value.item() for value in torch.aminmax(position_ids))
     if low < 0:
         raise ValueError(f"position_ids must be >= 0, got {low}")
     if high >= capacity:
         raise ValueError(f"sequence length {high + 1} exceeds the {capacity_text}: {fix}")
+    return position_ids
 
 
 def unravel_positions(position_ids: Tensor, axial_pos_shape: Sequence[int]) -> list[Tensor]:
@@ -130,6 +134,9 @@ class AxialPositionalEmbedding(nn.Module):
 
     def __init__(self, axial_pos_shape: Sequence[int], axial_pos_embds_dim: Sequence[int], init_std: float = 1.0):
         super().__init__()
+        for name, sizes in (("axial_pos_shape", axial_pos_shape), ("axial_pos_embds_dim", axial_pos_embds_dim)):
+            if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes):
+                raise TypeError(f"{name} must hold integers, got {tuple(sizes)!r}")
         self.axial_pos_shape = tuple(int(size) for size in axial_pos_shape)
         self.axial_pos_embds_dim = tuple(int(dim) for dim in axial_pos_embds_dim)
         if not self.axial_pos_shape or len(self.axial_pos_shape) != len(self.axial_pos_embds_dim):
@@ -153,7 +160,7 @@ class AxialPositionalEmbedding(nn.Module):
             nn.init.normal_(weight, std=self.init_std)
 
     def forward(self, position_ids: Tensor) -> Tensor:
-        check_positions(
+        position_ids = check_positions(
             position_ids,
             self.capacity,
             f"axial positional embedding's capacity prod({self.axial_pos_shape})={self.capacity}",
@@ -185,7 +192,7 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def forward(self, position_ids: Tensor) -> Tensor:
         capacity = self.embedding.num_embeddings
-        check_positions(
+        position_ids = check_positions(
             position_ids,
             capacity,
             f"learned positional embedding's capacity max_position_embeddings={capacity}",
@@ -477,6 +484,10 @@ class ChunkedFeedForward(nn.Module):
         return fn, params
 
     def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
+        width = self.layer_norm.normalized_shape[0]
+        if hidden.shape[-1] != width:
+            raise ValueError(f"the feed-forward takes inputs of width {width} (hidden_size) in the last axis, got "
+                             f"shape {tuple(hidden.shape)}")
         fn, params = self._function_and_params()
         preserve_rng_state = self.training and self.dropout > 0
         backward = partial(feed_forward_backward_by_chunks, **fn.keywords)

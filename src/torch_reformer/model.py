@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention.chunking import require_binary_mask
 from .attention.full import FullSelfAttention
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
@@ -394,10 +395,7 @@ class ReformerModel(ReformerPreTrainedModel):
         if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != shape:
             got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {got}")
-        if attention_mask.dtype != torch.bool and not compiling:
-            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError("attention_mask must hold 1/True for real tokens and 0/False for padding; "
-                                 "it holds other values")
+        require_binary_mask(attention_mask)
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         if not compiling and bool(attention_mask.all()):
             return None  # nothing masked: take the faster unmasked paths

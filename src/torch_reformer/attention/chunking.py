@@ -483,7 +483,16 @@ def check_attention_inputs(hidden_states: Tensor, attention_mask: Tensor | None,
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, length) = "
             f"{tuple(hidden_states.shape[:2])} with 1/True for real tokens and 0/False for padding"
         )
+    require_binary_mask(attention_mask)
     return attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+
+
+def require_binary_mask(attention_mask: Tensor) -> None:
+    """Raise unless a non-bool mask holds only 0 and 1 (the check reads values: skipped under torch.compile)."""
+    if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 1/True for real tokens and 0/False for padding; it holds "
+                             "other values")
 
 
 def check_layer_sizes(hidden_size: int, num_heads: int, head_size: int, dropout: float) -> None:
