@@ -257,6 +257,8 @@ class ReformerPreTrainedModel(nn.Module):
         whichever class was saved. Raises ``CheckpointError`` on a missing, corrupt or mismatched
         checkpoint.
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         config_dict = _read_config(directory)
         saved_class = _saved_class_name(config_dict)
         target = cls
@@ -277,8 +279,6 @@ class ReformerPreTrainedModel(nn.Module):
         state = load_safetensors(os.path.join(directory, WEIGHTS_NAME))
         if target is ReformerModel and saved_class not in (None, "ReformerModel"):
             state = {name[len(TRUNK_PREFIX):]: t for name, t in state.items() if name.startswith(TRUNK_PREFIX)}
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         model = target(config)
         dtype = dtype or _saved_float_dtype(state)
         if dtype is not None:

@@ -85,8 +85,9 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, on_request: Callable[[str], None] | None = None):
         self.requested: int | None = None
+        self.on_request = on_request  # told once, with the signal's name, when a stop is first asked for
         self._previous: dict = {}
 
     def __enter__(self):
@@ -97,6 +98,8 @@ class _StopOnSignal:
     def _handle(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested is None and self.on_request is not None:
+            self.on_request(signal.Signals(signum).name)
         self.requested = signum
 
     def __exit__(self, *exc_info) -> None:
@@ -559,7 +562,12 @@ class Trainer:
         if args.resume:
             self._resume()
         self._write_run_files()
-        with _StopOnSignal() as stop:
+        def announce(name: str) -> None:
+            if self.reporter:
+                self.reporter.message(f"{name}: stopping after step {self.step + 1} once it is checkpointed "
+                                      "(Ctrl-C again to stop at once)")
+
+        with _StopOnSignal(on_request=announce) as stop:
             return self._train_loop(stop)
 
     def _train_loop(self, stop: _StopOnSignal) -> dict:
