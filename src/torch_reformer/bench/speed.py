@@ -35,8 +35,11 @@ SPEED_VIEWS = [
 ]
 SPEED_KEYS = (
     "ours-reversible", "ours-reversible-rebuild-all", "ours-full-reversible", "ours-full-checkpoint", "hf",
-    "reformer_pytorch",
+    "reformer_pytorch", "ours-lsh-reversible",
 )
+# reformer_pytorch cannot alternate local and LSH layers; this series is ours built the same way.
+ALL_LSH_ROW = ("ours-lsh-reversible", "ours, all layers LSH (like reformer_pytorch), reversible", "ours",
+               {"memory_mode": "reversible", "attention": "lsh"})
 
 
 def _timing(length: int) -> dict:
@@ -50,7 +53,8 @@ def _timing(length: int) -> dict:
 
 def train_speed(profile: Profile) -> Experiment:
     series = []
-    for key, label, impl, overrides in lineup(profile):
+    rows = lineup(profile) + ([ALL_LSH_ROW] if "ours" in profile.impls else [])
+    for key, label, impl, overrides in rows:
         if key not in SPEED_KEYS:
             continue
         overrides = dict(overrides)
