@@ -11,6 +11,7 @@ from torch_reformer.model import (
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
+    ReformerModelOutput,
     ReformerPreTrainedModel,
 )
 from torch_reformer.serialization import CheckpointError
@@ -260,7 +261,7 @@ def test_from_pretrained_trunk_of_a_head_and_class_from_the_checkpoint(tmp_path)
     model.save_pretrained(tmp_path / "m")
     ids = _ids(config, length=19)
     trunk = ReformerModel.from_pretrained(tmp_path / "m").eval()
-    assert torch.equal(trunk(ids), model.reformer(ids))
+    assert torch.equal(trunk(ids).last_hidden_state, model.reformer(ids).last_hidden_state)
     rebuilt = ReformerPreTrainedModel.from_pretrained(tmp_path / "m").eval()
     assert type(rebuilt) is ReformerLM
     assert torch.equal(rebuilt(ids).logits, model(ids).logits)
@@ -314,8 +315,8 @@ def test_position_ids_offsets_select_embeddings():
     config = tiny(is_decoder=True, attn_layers=("local", "local"))
     model = ReformerModel(config).eval()
     ids = _ids(config, batch=1, length=8)
-    shifted = model(ids, position_ids=torch.arange(8, 16))
-    plain = model(ids)
+    shifted = model(ids, position_ids=torch.arange(8, 16)).last_hidden_state
+    plain = model(ids).last_hidden_state
     assert not torch.allclose(shifted, plain)
     emb = model.embeddings.position_embeddings
     torch.testing.assert_close(emb(torch.arange(8, 16)), emb(torch.arange(16))[8:])
@@ -367,8 +368,16 @@ def test_outputs_index_like_transformers():
     loss_only = model(ids, labels=ids, return_logits=False)
     assert loss_only[0] is loss_only.loss and loss_only[1] is loss_only.hidden_states
     assert model(ids)[0] is not None and model(ids)[0].shape == (2, 16, config.vocab_size)
-    with pytest.raises(KeyError, match="outputs have"):
+    with pytest.raises(KeyError, match="ReformerOutput has the fields"):
         with_loss["last_hidden_state"]
+    model.eval()
+    torch.manual_seed(0)
+    trunk_out = model.reformer(ids)
+    torch.manual_seed(0)
+    with_loss = model(ids, labels=ids)
+    assert isinstance(trunk_out, ReformerModelOutput) and trunk_out[0] is trunk_out.last_hidden_state
+    assert trunk_out["last_hidden_state"].shape == (2, 16, 2 * config.hidden_size)
+    torch.testing.assert_close(trunk_out.last_hidden_state, with_loss.hidden_states, rtol=0, atol=0)
 
 
 def test_classifier_loss_follows_problem_type():

@@ -18,6 +18,7 @@ from .model import (
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
+    ReformerModelOutput,
     ReformerOutput,
 )
 from .reversible import (
@@ -50,6 +51,7 @@ __all__ = [
     "ReformerForSequenceClassification",
     "ReformerLM",
     "ReformerModel",
+    "ReformerModelOutput",
     "ReformerOutput",
     "ReversibleSequential",
     "Trainer",

@@ -349,7 +349,7 @@ class UncachedSteps:
         self.tokens = self.tokens.index_select(0, rows)
 
     def _last_logits(self) -> Tensor:
-        hidden = self.model.reformer(self.tokens)  # (N, t, 2H)
+        hidden = self.model.reformer(self.tokens).last_hidden_state  # (N, t, 2H)
         return self.model.lm_head(hidden[:, -1])  # (N, V)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,27 @@ WEIGHTS_NAME = "model.safetensors"
 DEFAULT_LOSS_CHUNK_ROWS = 1024
 
 
+class _IndexedOutput:
+    """HF-style access to a dataclass of tensors: ``output[i]`` indexes the fields that are not
+    None, in declaration order, and ``output["name"]`` reads a field by name."""
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The fields that are not None, in declaration order."""
+        values = (getattr(self, field.name) for field in fields(self))
+        return tuple(value for value in values if value is not None)
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            names = [field.name for field in fields(self)]
+            if index not in names:
+                raise KeyError(f"{index!r}: {type(self).__name__} has the fields {names}")
+            return getattr(self, index)
+        return self.to_tuple()[index]
+
+
 @dataclass
-class ReformerOutput:
-    """What every model returns. ``loss`` is None without labels; ``logits`` None when not requested.
+class ReformerOutput(_IndexedOutput):
+    """What the heads return. ``loss`` is None without labels; ``logits`` None when not requested.
 
     ``hidden_states`` is the trunk's final (B, L, 2H) output (after the last LayerNorm). As with
     HF's outputs, ``output[i]`` indexes the fields that are not None (``output[0]`` is the loss when
@@ -75,16 +93,13 @@ class ReformerOutput:
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
 
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        """The fields that are not None, in the order loss, logits, hidden_states."""
-        return tuple(value for value in (self.loss, self.logits, self.hidden_states) if value is not None)
 
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            if index not in ("loss", "logits", "hidden_states"):
-                raise KeyError(f"{index!r}: outputs have 'loss', 'logits' and 'hidden_states'")
-            return getattr(self, index)
-        return self.to_tuple()[index]
+@dataclass
+class ReformerModelOutput(_IndexedOutput):
+    """What ``ReformerModel`` returns, as HF's trunk does: ``last_hidden_state`` (B, L, 2H), the
+    final LayerNorm's output (``output[0]`` is the same tensor)."""
+
+    last_hidden_state: torch.Tensor
 
 
 def _make_attention(config: ReformerConfig, kind: str) -> nn.Module:
@@ -334,10 +349,10 @@ class ReformerModel(ReformerPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> ReformerModelOutput:
         """input_ids (B, L) long; attention_mask (B, L) 1/True = real token; position_ids (B, L) or (L,).
 
-        Returns (B, L, 2H)."""
+        Returns a ``ReformerModelOutput`` whose ``last_hidden_state`` is (B, L, 2H)."""
         input_ids, attention_mask, position_ids = self._check_inputs(input_ids, attention_mask, position_ids)
         length = input_ids.shape[1]
         input_ids, attention_mask, position_ids = self._pad_to_chunk_multiple(input_ids, attention_mask, position_ids)
@@ -347,7 +362,7 @@ class ReformerModel(ReformerPreTrainedModel):
             block_kwargs={"attention_mask": attention_mask}, autograd_tail=2 * self.config.kept_graph_layers,
         )
         out = self.dropout(self.layer_norm(torch.cat([x1, x2], dim=-1)))  # (B, L_pad, 2H)
-        return out[:, :length] if out.shape[1] != length else out
+        return ReformerModelOutput(out[:, :length] if out.shape[1] != length else out)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids):
         """Validate the inputs and bring them to (B, L) long ids, a (B, L) bool mask or None, and
@@ -477,7 +492,7 @@ class ReformerLM(_ModelWithTrunk):
         """Logits (B, L, V): ``logits[:, t]`` predicts token ``t + 1``. ``labels`` (B, L) are aligned
         with ``input_ids`` (the model shifts them); ``-100`` is ignored. With ``return_logits=False``
         the loss is computed chunk-wise and the (B, L, V) logits never exist."""
-        hidden = self.reformer(input_ids, attention_mask, position_ids)  # (B, L, 2H)
+        hidden = self.reformer(input_ids, attention_mask, position_ids).last_hidden_state  # (B, L, 2H)
         shifted = None
         if labels is not None:
             _check_labels(labels, input_ids, self.config.vocab_size)
@@ -510,7 +525,7 @@ class ReformerForMaskedLM(_ModelWithTrunk):
         return_logits: bool = True,
     ) -> ReformerOutput:
         """Logits (B, L, V) for every position; ``labels`` (B, L) with ``-100`` where not scored."""
-        hidden = self.reformer(input_ids, attention_mask, position_ids)
+        hidden = self.reformer(input_ids, attention_mask, position_ids).last_hidden_state
         if labels is not None:
             _check_labels(labels, input_ids, self.config.vocab_size)
         return _lm_output(self, hidden, labels, return_logits)
@@ -552,7 +567,7 @@ class ReformerForSequenceClassification(_ModelWithTrunk):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> ReformerOutput:
-        hidden = self.reformer(input_ids, attention_mask, position_ids)
+        hidden = self.reformer(input_ids, attention_mask, position_ids).last_hidden_state
         logits = self.classifier(hidden)  # (B, num_labels)
         loss = None if labels is None else self._loss(logits, labels)
         return ReformerOutput(loss=loss, logits=logits, hidden_states=hidden)
