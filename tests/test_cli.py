@@ -195,9 +195,10 @@ def test_checkpoint_problems_give_one_line_errors(tmp_path, capsys):
     code, _, err = run([*TINY_TRAIN, "--out", out], capsys)  # would overwrite a run
     assert_one_line_error(code, err)
     assert "--resume" in err
-    code, _, err = run([*TINY_TRAIN, "--out", out, "--resume", "--layers", "3"], capsys)  # incompatible
+    code, stdout, err = run([*TINY_TRAIN, "--out", out, "--resume", "--layers", "3"], capsys)  # incompatible
     assert_one_line_error(code, err)
     assert "another model config" in err
+    assert "training" not in stdout  # refused before the run is announced
     weights = out / "checkpoints" / "step-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, and the only checkpoint
     code, _, err = run([*TINY_TRAIN, "--out", out, "--resume", "--steps", "6"], capsys)

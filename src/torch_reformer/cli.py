@@ -181,7 +181,8 @@ def _run_train(args) -> int:
         resume=args.resume, log_every=args.log_every,
     )
     reporter = ProgressBar() if sys.stdout.isatty() else None
-    trainer = Trainer(model, training_args, dataset, reporter=reporter)  # it writes tokenizer.json with the run
+    trainer = Trainer(model, training_args, dataset, reporter=reporter)
+    trainer.prepare()  # a refused --resume stops here, before the banner and with the run's files untouched
     if trainer.context.is_main:
         lsh = f", {config.num_hashes} hash round(s)" if "lsh" in config.attn_layers else ""
         print(f"training {model.num_parameters:,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "

@@ -342,6 +342,7 @@ class Trainer:
         self.reporter = (reporter or LineReporter()) if ctx.is_main else None
         self.step, self.history, self.last_checkpoint = 0, [], None
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
+        self._prepared = False
 
     # ---------------------------------------------------------------- one step
     def _autocast(self):
@@ -554,14 +555,24 @@ class Trainer:
         for name, content in run_files.items():
             atomic_write_bytes(self.out_dir / name, [content])
 
-    def train(self) -> dict:
-        """Train to ``args.steps`` (continuing a checkpoint when ``args.resume``); return the final metrics."""
-        args, ctx = self.args, self.context
+    def prepare(self) -> None:
+        """Check ``out_dir``, load the checkpoint when ``args.resume`` and write the run's files.
+
+        ``train`` calls it when it has not been called; calling it first lets a caller report the
+        run only once a resume has been accepted (a refused one raises here, writing nothing)."""
+        if self._prepared:
+            return
         self._prepare_out_dir()
-        torch.manual_seed(args.seed)
-        if args.resume:
+        torch.manual_seed(self.args.seed)
+        if self.args.resume:
             self._resume()
         self._write_run_files()
+        self._prepared = True
+
+    def train(self) -> dict:
+        """Train to ``args.steps`` (continuing a checkpoint when ``args.resume``); return the final metrics."""
+        self.prepare()
+
         def announce(name: str) -> None:
             if self.reporter:
                 self.reporter.message(f"{name}: stopping after step {self.step + 1} once it is checkpointed "
