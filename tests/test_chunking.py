@@ -116,6 +116,25 @@ def test_chunked_attention_equals_the_dense_per_chunk_reference(
     assert torch.allclose(out, expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_causal_core_never_reads_a_later_token_for_a_given_layout(rounds):
+    """With the sorted layout held fixed, changing every vector after position p leaves outputs 0..p
+    unchanged: no later query, key or value enters an earlier output. (Through the layout itself a
+    later token can still change which earlier keys share a query's chunk: see ``LSHSelfAttention``.)"""
+    torch.manual_seed(4)
+    batch, heads, length, width, cut = 1, 2, 24, 4, 13
+    _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, num_buckets=4, seed=5)
+    layout = chunk_layout(sorted_positions, 4, 1, 0)
+    qk, values = (torch.randn(batch, heads, length, width, dtype=torch.float64) for _ in range(2))
+    changed_qk, changed_values = qk.clone(), values.clone()
+    changed_qk[:, :, cut + 1 :] = torch.randn(batch, heads, length - cut - 1, width, dtype=torch.float64)
+    changed_values[:, :, cut + 1 :] = torch.randn(batch, heads, length - cut - 1, width, dtype=torch.float64)
+    before = chunked_attention(qk, None, values, layout, causal=True, self_mask=True)
+    after = chunked_attention(changed_qk, None, changed_values, layout, causal=True, self_mask=True)
+    assert torch.equal(before[:, :, : cut + 1], after[:, :, : cut + 1])
+    assert not torch.allclose(before[:, :, cut + 1 :], after[:, :, cut + 1 :])
+
+
 @pytest.mark.parametrize("rounds, chunk, before, after, causal, shared, padded", CASES[:4])
 def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, before, after, causal, shared, padded):
     torch.manual_seed(1)

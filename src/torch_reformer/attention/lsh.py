@@ -177,6 +177,10 @@ class LSHSelfAttention(nn.Module):
     Inside the reversible engine the bucket ids of a forward call are stored and reused by its
     recomputation. Causal layers also decode incrementally: ``init_cache``, ``prefill``,
     ``decode_step``.
+
+    Causal layers never read a later token's key or value, but the bucket sort covers the whole
+    sequence, so where later tokens hash decides which earlier keys share a query's chunk: an
+    earlier output can change when a later token does (as in Trax and Hugging Face).
     """
 
     def __init__(
