@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from torch_reformer.attention import chunking
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
     AttentionCache,
@@ -114,6 +115,30 @@ def test_chunked_attention_equals_the_dense_per_chunk_reference(
                                key_mask=key_mask, key_scale=0.5 if not shared else 1.0)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal, padded", [(True, False), (True, True), (False, True), (False, False)])
+def test_masks_set_exactly_the_masked_scores_to_their_constants(dtype, causal, padded):
+    """The arithmetic masks (and float16's boolean ones) against comparisons written out."""
+    generator = torch.Generator().manual_seed(6)
+    count, chunk, window, length = 3, 4, 8, 10
+    query_positions = torch.randint(0, length, (count, chunk), generator=generator)
+    key_positions = torch.cat([query_positions, torch.randint(0, length, (count, window - chunk), generator=generator)], 1)
+    ranks = torch.where(key_positions >= 7, length, key_positions) if padded else None  # positions 7.. are padding
+    part = chunking._Slice(None, None, None, query_positions, key_positions, ranks)
+    scores = (torch.randn(count, chunk, window, generator=generator) * 3).to(dtype)
+    for position_dtype in (torch.float32, torch.float64):
+        spec = chunking.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype)
+        masked = scores.clone()
+        chunking._mask_scores_(masked, part, spec)
+        mask_value, self_mask_value = mask_values(dtype)
+        effective = key_positions if ranks is None else ranks
+        hidden = effective[:, None, :] > (query_positions[:, :, None] if causal else key_positions[:, None, :])
+        own = query_positions[:, :, None] == key_positions[:, None, :]
+        expected = scores.masked_fill(hidden, mask_value).masked_fill(own, self_mask_value)
+        assert torch.equal(masked, expected)
+        assert own.any() and (hidden.any() or not (causal or padded))
 
 
 @pytest.mark.parametrize("rounds", [1, 2])

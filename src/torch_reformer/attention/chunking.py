@@ -152,6 +152,7 @@ class AttentionSpec(NamedTuple):
     key_scale: float
     dropout: float
     chunks_per_slice: int
+    position_dtype: torch.dtype  # float dtype that holds every position exactly (masks are built in it)
 
 
 class _Slice(NamedTuple):
@@ -232,16 +233,53 @@ def _slice_scores(queries: Tensor, keys: Tensor, part: _Slice, spec: AttentionSp
     scores = torch.bmm(slice_queries, slice_keys.transpose(1, 2))  # (S, C, J*C)
     if spec.key_scale != 1.0:
         scores.mul_(spec.key_scale)
+    _mask_scores_(scores, part, spec)
+    return scores, slice_queries, raw_keys, slice_keys
+
+
+def _mask_scores_(scores: Tensor, part: _Slice, spec: AttentionSpec) -> None:
+    """Set the slice's masked scores (S, C, J*C) to their constants in place: keys the query may not
+    see (padding; later positions when causal) to the mask value, then its own position to the
+    self-mask value.
+
+    The masks are 0/1 tensors built by subtracting positions in ``spec.position_dtype`` and applied
+    as ``scores * (1 - m) + m * value``: exact (the positions are whole numbers held exactly, and
+    x * 1 + 0 = x), and on CPU about twice as fast as comparisons and ``masked_fill_`` on boolean
+    masks, which are not vectorised. float16 scores take boolean masks: they can overflow to inf,
+    and inf * 0 would be NaN where ``masked_fill_`` replaces the score.
+    """
     mask_value, self_mask_value = mask_values(scores.dtype)
     query_positions, key_positions, ranks = part.query_positions, part.key_positions, part.key_ranks
-    if spec.causal:
+    dtype = spec.position_dtype
+    if scores.dtype == torch.float16:
+        if spec.causal:
+            ranks = key_positions if ranks is None else ranks
+            scores.masked_fill_(ranks[:, None, :] > query_positions[:, :, None], mask_value)
+        elif ranks is not None:
+            scores.masked_fill_((ranks > key_positions)[:, None, :], mask_value)
+        if spec.self_mask:
+            scores.masked_fill_(query_positions[:, :, None] == key_positions[:, None, :], self_mask_value)
+        return
+    if spec.causal:  # hidden: key rank (its position, or L for padding) after the query's position
         ranks = key_positions if ranks is None else ranks
-        scores.masked_fill_(ranks[:, None, :] > query_positions[:, :, None], mask_value)
-    elif ranks is not None:
-        scores.masked_fill_((ranks > key_positions)[:, None, :], mask_value)
+        hidden = (ranks[:, None, :].to(dtype) - query_positions[:, :, None].to(dtype)).clamp_(0, 1)  # (S, C, J*C)
+        _fill_where_(scores, hidden, mask_value)
+    elif ranks is not None:  # hidden: padding keys, whose rank L exceeds their position
+        _fill_where_(scores, (ranks - key_positions).to(dtype).clamp_(0, 1)[:, None, :], mask_value)  # (S, 1, J*C)
     if spec.self_mask:
-        scores.masked_fill_(query_positions[:, :, None] == key_positions[:, None, :], self_mask_value)
-    return scores, slice_queries, raw_keys, slice_keys
+        distance = (key_positions[:, None, :].to(dtype) - query_positions[:, :, None].to(dtype)).abs_()
+        _fill_where_(scores, distance.clamp_(max=1).neg_().add_(1), self_mask_value)  # 1 at the query's own position
+
+
+def _fill_where_(scores: Tensor, hit: Tensor, value: float) -> None:
+    """``scores[hit == 1] = value`` in place for a 0/1 float ``hit`` broadcastable to ``scores``
+    (``hit`` is overwritten)."""
+    scores.mul_(1 - hit).add_(hit.mul_(value))
+
+
+def _position_dtype(length: int) -> torch.dtype:
+    """A float dtype holding every position up to ``length`` (the padding rank) exactly."""
+    return torch.float32 if length < 2**24 else torch.float64
 
 
 def _exp_shifted_(scores: Tensor) -> Tensor:
@@ -424,7 +462,7 @@ def chunked_attention(
         budget = SLICE_SCORES.get(queries.device.type, SLICE_SCORES_ACCELERATOR)
         chunks_per_slice = max(1, budget // (layout.chunk_length * window))
     spec = AttentionSpec(keys is None, bool(causal), bool(self_mask), float(key_scale), float(dropout),
-                         int(chunks_per_slice))
+                         int(chunks_per_slice), _position_dtype(length))
     seed = None
     if training and dropout > 0:
         seed = int(torch.randint(0, 2**62, (1,)).item())
