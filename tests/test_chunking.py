@@ -176,6 +176,14 @@ def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, bef
     assert torch.autograd.gradcheck(run, tensors)
 
 
+def test_dropout_keep_mask_is_u_at_least_p_scaled():
+    spec = chunking.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32)
+    keep = chunking._dropout_keep((40, 50, 60), 11, 2, spec, torch.empty(0))
+    uniform = torch.rand((40, 50, 60), generator=torch.Generator().manual_seed(13))  # seed + index
+    assert torch.equal(keep, (uniform >= 0.3).float() / 0.7)
+    assert abs((keep > 0).float().mean().item() - 0.7) < 0.01
+
+
 def test_dropout_masks_are_rebuilt_exactly_in_backward():
     batch, heads, rounds, length, width = 1, 2, 2, 16, 4
     _, sorted_positions = random_sorted_positions(batch, heads, rounds, length, seed=3)
