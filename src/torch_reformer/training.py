@@ -559,7 +559,7 @@ class Trainer:
         """Check ``out_dir``, load the checkpoint when ``args.resume`` and write the run's files.
 
         ``train`` calls it when it has not been called; calling it first lets a caller report the
-        run only once a resume has been accepted (a refused one raises here, writing nothing)."""
+        run only once a resume has been accepted (a refused one raises here, before any run file is written)."""
         if self._prepared:
             return
         self._prepare_out_dir()
