@@ -407,3 +407,25 @@ def test_classifier_loss_follows_problem_type():
         model(ids, labels=torch.tensor([0.5, 1.0]))
     model.config.problem_type = "single_label_classification"
     assert model.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize("memory_mode", ["reversible", "checkpoint", "autograd"])
+def test_inference_mode_gives_the_no_grad_outputs(memory_mode):
+    """Tensors made under torch.inference_mode have no version counter; the engine's and the
+    attention cores' in-place guards must not need one."""
+    config = tiny(is_decoder=True, hash_seed=3, memory_mode=memory_mode, chunk_size_feed_forward=8,
+                  chunk_size_lm_head=8)
+    model = ReformerLM(config).eval()
+    ids = _ids(config)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, labels=ids)
+        expected_loss = model(ids, labels=ids, return_logits=False).loss
+    with torch.inference_mode():
+        got = model(ids, attention_mask=mask, labels=ids)
+        got_loss = model(ids, labels=ids, return_logits=False).loss
+        generated = model.generate(ids[:1, :10], 3)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+    assert torch.equal(got_loss, expected_loss)
+    assert generated.shape == (1, 13)

@@ -587,3 +587,13 @@ def test_a_tensor_from_outside_the_blocks_modules_is_refused_rather_than_left_wi
         ReversibleSequential(ScaleByOutside(), nn.Linear(4, 4))(x).sum().backward()
     ReversibleSequential(ScaleByOutside(), nn.Linear(4, 4), memory_mode="autograd")(x).sum().backward()
     assert outside.grad is not None
+
+
+def test_reversible_sequential_runs_under_inference_mode():
+    torch.manual_seed(0)
+    engine = ReversibleSequential(*[nn.Linear(4, 4) for _ in range(3)])
+    inputs = torch.randn(5, 8)
+    with torch.no_grad():
+        expected = engine(inputs)
+    with torch.inference_mode():
+        assert torch.equal(engine(inputs), expected)

@@ -1,4 +1,4 @@
-"""A check shared by the library's hand-written ``torch.autograd.Function`` backward passes."""
+"""Checks shared by the library's hand-written ``torch.autograd.Function`` passes and the engine."""
 
 from __future__ import annotations
 
@@ -19,3 +19,17 @@ def refuse_create_graph(what: str) -> None:
             f"{what} has no second derivative: backward with create_graph=True (double backward, gradient "
             "penalties) is not supported here; use memory_mode='autograd' and chunk sizes of 0 for that"
         )
+
+
+def version_of(tensor: object) -> int | None:
+    """``tensor._version``, the counter of its in-place changes; None for what has none: a non-tensor,
+    or a tensor made under ``torch.inference_mode`` (nothing can run backward through those, so
+    there is nothing to guard)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.is_inference():
+        return None
+    return tensor._version
+
+
+def changed_in_place(tensor: object, version: int | None) -> bool:
+    """Whether ``tensor`` was changed in place since ``version_of`` returned ``version``."""
+    return version is not None and tensor._version != version

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .autograd_checks import refuse_create_graph
+from .autograd_checks import changed_in_place, refuse_create_graph, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
 from .reversible_steps import (
@@ -184,7 +184,7 @@ class _ChainRun:
         self.autocast = _autocast_states(self.device.type)
         self.records: list[_CallRecord | None] = [None] * len(steps)
         self.outputs: list[Tensor] | None = None
-        self.output_versions: list[int] = []
+        self.output_versions: list[int | None] = []
 
     def forward(self, stack: list) -> list:
         for k, step in enumerate(self.steps):
@@ -204,11 +204,11 @@ class _ChainRun:
         as it has rebuilt the step's input from it instead of holding it to the end.
         """
         self.outputs = [output.detach() for output in outputs]
-        self.output_versions = [output._version for output in outputs]
+        self.output_versions = [version_of(output) for output in outputs]
 
     def _take_outputs(self) -> list[Tensor]:
         outputs, self.outputs = self.outputs, None
-        if any(output._version != version for output, version in zip(outputs, self.output_versions)):
+        if any(changed_in_place(output, version) for output, version in zip(outputs, self.output_versions)):
             raise RuntimeError(
                 "an output of the reversible engine was modified in place before the backward pass; "
                 "the engine rebuilds activations from its outputs: clone an output before changing it in place"

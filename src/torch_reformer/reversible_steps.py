@@ -27,6 +27,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from .autograd_checks import changed_in_place, version_of
+
 Coupling = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -236,9 +238,9 @@ class CouplingStep:
 
     def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
         context_items = [stack[i] for i in self.contexts]
-        versions = [item._version if isinstance(item, Tensor) else None for item in context_items]
+        versions = [version_of(item) for item in context_items]
         fn_out = invoke(lambda *items: self.block_output(items, block_kwargs), *context_items)
-        if any(version is not None and item._version != version for item, version in zip(context_items, versions)):
+        if any(changed_in_place(item, version) for item, version in zip(context_items, versions)):
             raise ValueError(
                 f"block {type(self.block).__name__} changed its input in place (e.g. an inplace=True activation "
                 "applied to it); the reversible engine rebuilds activations from unchanged inputs: make that "

@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..autograd_checks import refuse_create_graph
+from ..autograd_checks import changed_in_place, refuse_create_graph, version_of
 
 # dtype -> (mask value, self-mask value). bfloat16 has float32's range, so it keeps float32's
 # constants; float16 tops out near 6.5e4.
@@ -208,7 +208,7 @@ def save_with_output(ctx, tensors: tuple, out: Tensor) -> None:
         ctx.save_for_backward(*tensors, out)
     else:
         ctx.save_for_backward(*tensors)
-        ctx.out, ctx.out_version = out.detach(), out._version
+        ctx.out, ctx.out_version = out.detach(), version_of(out)
 
 
 def saved_and_output(ctx) -> tuple[tuple, Tensor | None]:
@@ -217,7 +217,7 @@ def saved_and_output(ctx) -> tuple[tuple, Tensor | None]:
     if ctx.output_saved:
         return saved[:-1], saved[-1]
     out, ctx.out = ctx.out, None
-    if out is not None and out._version != ctx.out_version:
+    if out is not None and changed_in_place(out, ctx.out_version):
         raise RuntimeError("the output of attention was modified in place before backward; clone it before "
                            "changing it")
     return saved, out
