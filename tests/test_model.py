@@ -429,3 +429,22 @@ def test_inference_mode_gives_the_no_grad_outputs(memory_mode):
     assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
     assert torch.equal(got_loss, expected_loss)
     assert generated.shape == (1, 13)
+
+
+def test_functional_call_is_refused_clearly_where_recomputation_would_use_other_weights():
+    """torch.func.functional_call swaps parameters in for the forward pass only; a rebuilt block
+    would run with the module's own weights, so the engine refuses rather than return gradients
+    of the wrong tensors. memory_mode='autograd' rebuilds nothing and gives the usual gradients."""
+    ids = _ids(tiny(), length=16)
+    for mode in ("reversible", "autograd"):
+        torch.manual_seed(0)
+        model = ReformerLM(tiny(is_decoder=True, hash_seed=3, memory_mode=mode)).double()
+        params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+        loss = torch.func.functional_call(model, params, (ids,), {"labels": ids}).loss
+        if mode == "reversible":
+            with pytest.raises(RuntimeError, match="functional_call"):
+                torch.autograd.grad(loss, list(params.values()))
+            continue
+        swapped = torch.autograd.grad(loss, list(params.values()))
+        direct = torch.autograd.grad(model(ids, labels=ids).loss, list(model.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(swapped, direct))

@@ -101,8 +101,9 @@ def _refuse_unknown_leaves(outputs: Sequence[Tensor], inputs: Sequence[object]) 
             raise RuntimeError(
                 f"a reversible block uses a tensor of shape {tuple(leaf.shape)} that requires grad but is neither "
                 "its input nor a parameter of its modules (a parameter captured by a function, a module outside "
-                "the block, or a tensor inside a keyword argument); the engine would drop its gradient. Make it a "
-                "parameter of a module inside the block, or use memory_mode='autograd'"
+                "the block, a tensor inside a keyword argument, or parameters swapped in for the forward pass only, "
+                "as torch.func.functional_call does); the engine would drop its gradient. Make it a parameter of a "
+                "module inside the block, or use memory_mode='autograd'"
             )
 
 
