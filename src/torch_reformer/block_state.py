@@ -16,8 +16,6 @@ import threading
 from typing import Iterator
 
 
-
-
 class BlockCallState:
     """Scratch dicts of one block call, one per owner, plus whether the call is a rerun."""
 
