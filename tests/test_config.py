@@ -194,3 +194,15 @@ def test_activation_names_match_the_layers():
 
     for name in ACTIVATION_NAMES:
         assert callable(get_activation(name))
+
+
+def test_config_save_and_from_pretrained_folders(tmp_path):
+    config = ReformerConfig.from_preset("tiny", is_decoder=True, num_hashes=3)
+    config.save_pretrained(tmp_path / "run")
+    assert ReformerConfig.from_pretrained(tmp_path / "run") == config
+    assert ReformerConfig.from_pretrained(tmp_path / "run" / "config.json") == config  # a file is read as it is
+    assert ReformerConfig.from_pretrained(tmp_path / "run", num_hashes=1).num_hashes == 1
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        ReformerConfig.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError):
+        ReformerConfig.from_pretrained(tmp_path / "run", num_hashes=0)  # overrides are validated

@@ -34,6 +34,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+CONFIG_NAME = "config.json"  # the config file inside a saved model folder
+
 ATTENTION_TYPES = ("lsh", "local", "full")
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 POSITION_EMBEDDING_TYPES = ("axial", "learned", "none")
@@ -315,6 +317,22 @@ class ReformerConfig:
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {error}") from None
         return cls.from_dict(config_dict)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` into ``directory`` (created when missing), as a saved model holds it."""
+        os.makedirs(directory, exist_ok=True)
+        self.to_json_file(os.path.join(directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> ReformerConfig:
+        """The config of a saved model folder (ours or HF's ``save_pretrained``), any field overridden by
+        keyword; a path to a JSON file is read as it is."""
+        path = directory if os.path.isfile(directory) else os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{os.fspath(directory)} holds no {CONFIG_NAME}: pass a folder written by "
+                                    "save_pretrained or a config JSON file")
+        config = cls.from_json_file(path)
+        return config if not overrides else cls.from_dict({**config.to_dict(), **overrides})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ReformerConfig:

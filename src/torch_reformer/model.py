@@ -38,7 +38,7 @@ from .attention.chunking import require_binary_mask
 from .attention.full import FullSelfAttention
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
-from .config import ReformerConfig
+from .config import CONFIG_NAME, ReformerConfig
 from .layers import (
     AxialPositionalEmbedding,
     ChunkedFeedForward,
@@ -55,7 +55,6 @@ from .serialization import (
     save_safetensors,
 )
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Rows of the LM head processed at once when the loss is requested without logits and the config
 # sets no chunk size: bounds the transient (rows, V) block whatever the sequence length.

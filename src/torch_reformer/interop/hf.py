@@ -49,9 +49,8 @@ from typing import NamedTuple
 import torch
 
 from ..checkpoints import CHECKPOINT_DIR
-from ..config import ReformerConfig
+from ..config import CONFIG_NAME, ReformerConfig
 from ..model import (
-    CONFIG_NAME,
     WEIGHTS_NAME,
     ReformerForMaskedLM,
     ReformerForSequenceClassification,
