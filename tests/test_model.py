@@ -448,3 +448,11 @@ def test_functional_call_is_refused_clearly_where_recomputation_would_use_other_
         swapped = torch.autograd.grad(loss, list(params.values()))
         direct = torch.autograd.grad(model(ids, labels=ids).loss, list(model.parameters()))
         assert all(torch.equal(a, b) for a, b in zip(swapped, direct))
+
+
+def test_num_parameters_counts_all_or_only_trainable():
+    model = ReformerLM(tiny(is_decoder=True))
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_parameters() == total
+    model.reformer.requires_grad_(False)
+    assert model.num_parameters(only_trainable=True) == sum(p.numel() for p in model.lm_head.parameters()) < total

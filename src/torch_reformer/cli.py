@@ -185,7 +185,7 @@ def _run_train(args) -> int:
     trainer.prepare()  # a refused --resume stops here, before the banner and with the run's files untouched
     if trainer.context.is_main:
         lsh = f", {config.num_hashes} hash round(s)" if "lsh" in config.attn_layers else ""
-        print(f"training {model.num_parameters:,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "
+        print(f"training {model.num_parameters():,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "
               f"{dataset.describe()['task']} data, seq-len {dataset.seq_len}, into {out_dir}", flush=True)
     try:
         metrics = trainer.train()

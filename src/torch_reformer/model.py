@@ -247,9 +247,10 @@ class ReformerPreTrainedModel(nn.Module):
             layer.num_hashes = num_hashes
         self.config.num_hashes = num_hashes
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """How many parameter values the model holds (those that require grad with ``only_trainable``),
+        a method as in HF."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""

@@ -196,5 +196,5 @@ def bpc_task(spec: dict) -> dict:
     model = ReformerLM(ReformerConfig(**bpc_config(settings, spec["attention"])))
     _, metrics, seconds = _train(model, dataset, settings, spec["device"], spec["dtype"])
     cells = {"eval bpc": metrics["eval_bpc"], "eval loss (nats)": metrics["eval_loss"],
-             "train seconds": seconds, "parameters": model.num_parameters}
+             "train seconds": seconds, "parameters": model.num_parameters()}
     return {"cells": cells, "corpus": describe_corpus(files), "files": [f.name for f in files]}
