@@ -456,3 +456,14 @@ def test_num_parameters_counts_all_or_only_trainable():
     assert model.num_parameters() == total
     model.reformer.requires_grad_(False)
     assert model.num_parameters(only_trainable=True) == sum(p.numel() for p in model.lm_head.parameters()) < total
+
+
+def test_embedding_accessors_name_the_tables_as_hf_does():
+    lm = ReformerLM(tiny(is_decoder=True))
+    assert lm.get_input_embeddings() is lm.reformer.embeddings.word_embeddings
+    assert lm.get_output_embeddings() is lm.lm_head.decoder
+    assert lm.get_output_embeddings().weight.shape == (lm.config.vocab_size, 2 * lm.config.hidden_size)
+    trunk = ReformerModel(tiny())
+    assert trunk.get_input_embeddings() is trunk.embeddings.word_embeddings and trunk.get_output_embeddings() is None
+    classifier = ReformerForSequenceClassification(tiny(num_labels=3))
+    assert classifier.get_output_embeddings() is None

@@ -236,6 +236,16 @@ class ReformerPreTrainedModel(nn.Module):
 
         return to_hf(self)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The (V, H) token embedding table, as HF's accessor of the same name returns it."""
+        trunk = self if isinstance(self, ReformerModel) else self.reformer
+        return trunk.embeddings.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The LM head's (V, 2H) projection (its bias is ``lm_head.bias``), or None without an LM head."""
+        head = getattr(self, "lm_head", None)
+        return None if head is None else head.decoder
+
     def lsh_layers(self) -> list[LSHSelfAttention]:
         return [m for m in self.modules() if isinstance(m, LSHSelfAttention)]
 
