@@ -374,6 +374,7 @@ def test_generation_restores_the_training_flag():
         (dict(input_ids=torch.tensor([1, 2])), "(batch, length)"),
         (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
         (dict(attention_mask=torch.tensor([[0, 0]])), "at least one real token"),
+        (dict(max_new_tokens=None, max_length=1), "at least the prompt width 2"),
     ],
 )
 def test_bad_requests_raise_clear_errors(kwargs, message):
@@ -382,3 +383,14 @@ def test_bad_requests_raise_clear_errors(kwargs, message):
     request.update(kwargs)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         generate(model, **request)
+
+
+def test_max_length_counts_the_prompt_as_in_transformers():
+    model = tiny_lm()
+    prompt = torch.tensor([[1, 2, 3]])
+    by_length = generate(model, prompt, max_length=7, seed=0)
+    assert torch.equal(by_length, generate(model, prompt, 4, seed=0)) and by_length.shape == (1, 7)
+    assert torch.equal(model.generate(prompt, max_length=3), prompt)
+    for both_or_neither in (dict(max_new_tokens=2, max_length=5), dict()):
+        with pytest.raises(TypeError, match="one of the two"):
+            generate(model, prompt, **both_or_neither)

@@ -195,6 +195,19 @@ def _decoding_options(model: ReformerLM, **settings) -> DecodingOptions:
     )
 
 
+def _new_token_count(input_ids, max_new_tokens, max_length) -> int:
+    """``max_new_tokens``, or transformers' ``max_length`` (prompt width + new tokens) turned into it."""
+    if (max_new_tokens is None) == (max_length is None):
+        raise TypeError("give max_new_tokens (the tokens to add) or max_length (prompt width + tokens to add, as "
+                        "in transformers): one of the two")
+    if max_length is None:
+        return max_new_tokens
+    width = input_ids.shape[-1] if torch.is_tensor(input_ids) else 0
+    if not _is_int(max_length) or max_length < width:
+        raise ValueError(f"max_length must be an int at least the prompt width {width}, got {max_length!r}")
+    return max_length - width
+
+
 def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) -> Tensor:
     """Validate the prompt; returns the (B, L) bool mask of real tokens."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -508,7 +521,7 @@ def _decode_group(model, prompt, max_new_tokens, options, use_cache, generator) 
 def generate(
     model: ReformerLM,
     input_ids: Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -521,8 +534,10 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     length_penalty: float = 1.0,
+    max_length: int | None = None,
 ) -> Tensor:
     """Continue each prompt of ``input_ids`` (B, L) by ``max_new_tokens`` tokens; returns (B, L + T).
+    ``max_length`` (L + T, as in transformers) may be given instead of ``max_new_tokens``.
 
     Greedy decoding by default; ``do_sample=True`` samples after ``temperature``, ``top_k`` and
     ``top_p`` (nucleus) filtering; ``num_beams > 1`` runs beam search (scores divided by the
@@ -546,6 +561,7 @@ def generate(
     )
     if not isinstance(use_cache, bool) or (seed is not None and not _is_int(seed)):
         raise TypeError(f"use_cache must be a bool and seed an int or None, got {use_cache!r} and {seed!r}")
+    max_new_tokens = _new_token_count(input_ids, max_new_tokens, max_length)
     real = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     if max_new_tokens == 0:
         return input_ids.clone()

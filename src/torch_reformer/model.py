@@ -509,7 +509,7 @@ class ReformerLM(_ModelWithTrunk):
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t is scored on token t + 1
         return _lm_output(self, hidden, shifted, return_logits)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
         """Decode continuations: see ``torch_reformer.generation.generate`` for every option."""
         from .generation import generate
 
