@@ -370,3 +370,17 @@ def test_bad_input_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"torch-reformer\[hf\]"):
         interop.to_hf(ReformerLM(interop.config_from_hf(reference.config)))
+
+
+def test_from_pretrained_on_a_transformers_folder_says_to_convert_it(tmp_path):
+    reference = hf_model("lm")
+    reference.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="holds a transformers checkpoint.*reformer convert"):
+        ReformerLM.from_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["transformers_version"]  # still recognised by its weight names
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="holds a transformers checkpoint"):
+        ReformerLM.from_pretrained(tmp_path / "hf")
+    interop.convert_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    assert type(ReformerLM.from_pretrained(tmp_path / "ours")) is ReformerLM

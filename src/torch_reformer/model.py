@@ -285,6 +285,8 @@ class ReformerPreTrainedModel(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         config_dict = _read_config(directory)
+        if "transformers_version" in config_dict:  # written by transformers' save_pretrained
+            raise CheckpointError(_transformers_folder_hint(directory, cls))
         saved_class = _saved_class_name(config_dict)
         target = cls
         if cls not in MODEL_CLASSES.values():  # a base class: build what was saved
@@ -316,6 +318,8 @@ class ReformerPreTrainedModel(nn.Module):
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
+        if any(name.startswith(("encoder.", f"{TRUNK_PREFIX}encoder.")) for name in unexpected):
+            raise CheckpointError(_transformers_folder_hint(source, type(self)))
         if missing or unexpected:
             raise CheckpointError(
                 f"{source} does not fit {type(self).__name__}: missing {missing[:5]}"
@@ -657,6 +661,12 @@ def _read_config(directory) -> dict:
     """The config.json of a saved model as a dict, or ``CheckpointError``."""
     return read_json_object(os.path.join(directory, CONFIG_NAME),
                             f"{directory} holds no {CONFIG_NAME}: it is not a saved torch-reformer model")
+
+
+def _transformers_folder_hint(source, cls: type) -> str:
+    return (f"{source} holds a transformers checkpoint, whose weights are named differently: convert it once with "
+            f"`reformer convert {source} OUT` (or torch_reformer.interop.convert_checkpoint; transformers need not be "
+            f"installed) and load OUT, or build the model from a loaded transformers model with {cls.__name__}.from_hf")
 
 
 def _saved_class_name(config_dict: dict) -> str | None:
