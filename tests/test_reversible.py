@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from torch_reformer.layers import ChunkedFeedForward
 from torch_reformer.reversible import (
     MEMORY_MODES,
     ReversibleSequential,
@@ -597,3 +598,34 @@ def test_reversible_sequential_runs_under_inference_mode():
         expected = engine(inputs)
     with torch.inference_mode():
         assert torch.equal(engine(inputs), expected)
+
+
+class _HalvedFeedForward(ChunkedFeedForward):
+    def forward(self, hidden, **kwargs):
+        return 0.5 * super().forward(hidden)
+
+
+@pytest.mark.parametrize("variant", ["subclass overriding forward", "forward hook", "forward pre-hook"])
+def test_one_pass_rebuild_is_skipped_where_calling_the_block_runs_more(variant):
+    """The feed-forward's one-pass rebuild mirrors ChunkedFeedForward.forward only; with hooks or an
+    overridden forward the engine must call the block, or it rebuilds wrong streams."""
+
+    def block():
+        if variant == "subclass overriding forward":
+            return _HalvedFeedForward(8, 16, chunk_size=3)
+        module = ChunkedFeedForward(8, 16, chunk_size=3)
+        if variant == "forward hook":
+            module.register_forward_hook(lambda mod, args, out: out * 0.5)
+        else:
+            module.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+        return module
+
+    def gradients(mode):
+        torch.manual_seed(0)
+        net = ReversibleSequential(*[block() for _ in range(4)], memory_mode=mode).double()
+        inputs = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
+        net(inputs).pow(2).sum().backward()
+        return [inputs.grad] + [p.grad for p in net.parameters()]
+
+    for got, expected in zip(gradients("reversible"), gradients("autograd")):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -494,6 +494,11 @@ class ChunkedFeedForward(nn.Module):
         return chunked_recompute(fn, hidden, params, self.chunk_size, preserve_rng_state=preserve_rng_state,
                                  backward=backward)
 
+    def one_pass_matches_forward(self) -> bool:
+        """Whether ``rebuild_and_backward`` computes this module's forward: not when a subclass
+        overrides ``forward`` (the engine then rebuilds the block by calling it)."""
+        return type(self).forward is ChunkedFeedForward.forward
+
     def rebuild_and_backward(
         self,
         inputs: Sequence[Tensor],

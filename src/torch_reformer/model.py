@@ -147,10 +147,8 @@ class AttentionBlock(nn.Module):
 
 
 class FeedForwardBlock(ChunkedFeedForward):
-    """The reversible ``g``: the chunked feed-forward; it has no use for the attention mask."""
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(hidden_states)
+    """The reversible ``g``: the chunked feed-forward (its forward ignores the attention mask the
+    engine hands every block)."""
 
 
 class ReformerLayer(nn.Module):

@@ -14,7 +14,10 @@ grad_output, wanted, subtract_from, **block_kwargs) -> gradients of wanted``: it
 ``inputs``, subtracts its output from ``subtract_from`` in place (rebuilding the stream) and
 back-propagates ``grad_output`` in the same pass. The chunked feed-forward offers one, which saves
 the separate rebuild pass the generic path makes. The step uses it for additive couplings with the
-default block call, under the same RNG and autocast replay as any recomputation.
+default block call, under the same RNG and autocast replay as any recomputation, and only while
+calling the block would run nothing else: a block with hooks, or one whose
+``one_pass_matches_forward()`` is False (a subclass that overrides ``forward``), is rebuilt by
+calling it.
 
 ``BackwardWalk`` holds the stack's values and gradients while backward walks the steps in
 reverse, and knows which of them it allocated itself (those may be updated in place).
@@ -173,6 +176,16 @@ def _call_module(block: nn.Module, items: Sequence[object], block_kwargs: dict) 
     return block(*items, **block_kwargs) if block_kwargs else block(*items)
 
 
+def _has_module_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) besides its forward."""
+    from torch.nn.modules import module as module_globals
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    shared = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+              module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
+    return any(own) or any(shared)
+
+
 class ReversibleStep(Protocol):
     """What the engine needs from a step; ``CouplingStep``, ``PermutationStep`` and
     ``InvertibleStep`` implement it.
@@ -287,6 +300,8 @@ class CouplingStep:
         hook = getattr(self.block, "rebuild_and_backward", None)
         if hook is None or not self.additive or self.call_block is not _call_module or grad_output is None:
             return None
+        if _has_module_hooks(self.block) or not getattr(self.block, "one_pass_matches_forward", lambda: True)():
+            return None  # calling the block runs more than the hook mirrors: rebuild it by calling it
         return hook
 
     def backward(self, walk: BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
