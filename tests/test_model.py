@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from torch_reformer.config import ReformerConfig
 from torch_reformer.model import (
@@ -467,3 +468,59 @@ def test_embedding_accessors_name_the_tables_as_hf_does():
     assert trunk.get_input_embeddings() is trunk.embeddings.word_embeddings and trunk.get_output_embeddings() is None
     classifier = ReformerForSequenceClassification(tiny(num_labels=3))
     assert classifier.get_output_embeddings() is None
+
+
+class _LowRankAdapter(nn.Module):
+    """A LoRA-style wrapper: base(x) + x A^T B^T, with .weight/.bias read through to the base."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) * 0.1)
+        self.up = nn.Parameter(torch.randn(base.out_features, rank, dtype=base.weight.dtype) * 0.1)
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.down.T @ self.up.T
+
+
+def _with_adapters(mode):
+    torch.manual_seed(0)
+    config = tiny(is_decoder=True, hash_seed=3, memory_mode=mode, chunk_size_feed_forward=8, chunk_size_lm_head=8)
+    model = ReformerLM(config).double()
+    plain = ReformerLM(config).double()
+    plain.load_state_dict(model.state_dict())
+    for layer in model.reformer.layers:
+        layer.feed_forward.dense = _LowRankAdapter(layer.feed_forward.dense)
+        attention = layer.attention.self_attention
+        attention.value = _LowRankAdapter(attention.value)
+    model.lm_head.decoder = _LowRankAdapter(model.lm_head.decoder)
+    return model, plain
+
+
+def test_replaced_or_hooked_submodules_take_part_in_every_path():
+    """The fused paths read the submodules' weights; an adapter, a quantised layer or a hook put on
+    a submodule must still run (it used to be bypassed silently), with exact gradients."""
+    ids = _ids(tiny(), length=24)
+    grads = {}
+    for mode in ("reversible", "autograd"):
+        model, plain = _with_adapters(mode)
+        loss = model(ids, labels=ids, return_logits=False).loss
+        assert not torch.allclose(loss, plain(ids, labels=ids, return_logits=False).loss)
+        with_logits = model(ids, labels=ids)
+        torch.testing.assert_close(with_logits.loss, loss, rtol=1e-12, atol=1e-12)
+        loss.backward()
+        grads[mode] = [p.grad for p in model.parameters()]
+        assert all(g is not None for g in grads[mode])
+    for got, expected in zip(grads["reversible"], grads["autograd"]):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    model = ReformerLM(tiny(is_decoder=True)).eval()
+    seen = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)):
+            module.register_forward_hook(lambda mod, args, out, name=name: seen.append(name))
+    with torch.no_grad():
+        model(ids)
+    assert {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))} == set(seen)

@@ -33,3 +33,20 @@ def version_of(tensor: object) -> int | None:
 def changed_in_place(tensor: object, version: int | None) -> bool:
     """Whether ``tensor`` was changed in place since ``version_of`` returned ``version``."""
     return version is not None and tensor._version != version
+
+
+def has_module_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) besides its forward."""
+    from torch.nn.modules import module as module_globals
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    shared = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+              module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
+    return any(own) or any(shared)
+
+
+def computes_as_built(module: torch.nn.Module | None, built_as: type) -> bool:
+    """Whether a fused path may use ``module``'s weights instead of calling it: it is still exactly
+    a ``built_as`` (not replaced by an adapter, a quantised layer or a subclass) and has no hooks.
+    Otherwise the caller must call the module, so what was put in its place takes part."""
+    return type(module) is built_as and not has_module_hooks(module)

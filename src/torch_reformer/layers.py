@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autograd_checks import refuse_create_graph
+from .autograd_checks import computes_as_built, refuse_create_graph
 from .config import ACTIVATION_NAMES
 
 # ---------------------------------------------------------------------------- activations
@@ -483,11 +483,22 @@ class ChunkedFeedForward(nn.Module):
         )
         return fn, params
 
+    def computes_as_built(self) -> bool:
+        """Whether the chunked paths may use the submodules' weights directly: none of them was
+        replaced (an adapter, a quantised layer) or carries hooks."""
+        return (computes_as_built(self.layer_norm, nn.LayerNorm) and computes_as_built(self.dense, nn.Linear)
+                and computes_as_built(self.output, nn.Linear))
+
     def forward(self, hidden: Tensor, **ignored_kwargs) -> Tensor:
         width = self.layer_norm.normalized_shape[0]
         if hidden.shape[-1] != width:
             raise ValueError(f"the feed-forward takes inputs of width {width} (hidden_size) in the last axis, got "
                              f"shape {tuple(hidden.shape)}")
+        if not self.computes_as_built():  # call what replaced or hooks the submodules, unchunked
+            dropout = self.dropout if self.training else 0.0
+            inner = self.dense(self.layer_norm(hidden))  # (..., F)
+            inner = self.activation(F.dropout(inner, dropout, training=dropout > 0))
+            return F.dropout(self.output(inner), dropout, training=dropout > 0)
         fn, params = self._function_and_params()
         preserve_rng_state = self.training and self.dropout > 0
         backward = partial(feed_forward_backward_by_chunks, **fn.keywords)
@@ -497,7 +508,7 @@ class ChunkedFeedForward(nn.Module):
     def one_pass_matches_forward(self) -> bool:
         """Whether ``rebuild_and_backward`` computes this module's forward: not when a subclass
         overrides ``forward`` (the engine then rebuilds the block by calling it)."""
-        return type(self).forward is ChunkedFeedForward.forward
+        return type(self).forward is ChunkedFeedForward.forward and self.computes_as_built()
 
     def rebuild_and_backward(
         self,
@@ -694,7 +705,15 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if not computes_as_built(self.decoder, nn.Linear):  # an adapter, a quantised layer or hooks
+            return self.decoder(hidden) + self.bias
         return F.linear(hidden, self.decoder.weight, self.bias)
 
     def loss(self, hidden: Tensor, labels: Tensor, chunk_size: int = 0, ignore_index: int = -100) -> Tensor:
+        if not computes_as_built(self.decoder, nn.Linear):  # the fused loss would bypass the replacement
+            check_class_labels(labels, self.bias.shape[0], ignore_index)
+            logits = self(hidden).flatten(0, -2)  # (N, V)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            summed = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+            return summed / (labels != ignore_index).sum().clamp(min=1)
         return lm_head_loss(hidden, self.decoder.weight, self.bias, labels, chunk_size, ignore_index)

@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from .autograd_checks import changed_in_place, version_of
+from .autograd_checks import changed_in_place, has_module_hooks, version_of
 
 Coupling = Callable[[Tensor, Tensor], Tensor]
 
@@ -176,16 +176,6 @@ def _call_module(block: nn.Module, items: Sequence[object], block_kwargs: dict) 
     return block(*items, **block_kwargs) if block_kwargs else block(*items)
 
 
-def _has_module_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own or global ones) besides its forward."""
-    from torch.nn.modules import module as module_globals
-
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    shared = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
-              module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
-    return any(own) or any(shared)
-
-
 class ReversibleStep(Protocol):
     """What the engine needs from a step; ``CouplingStep``, ``PermutationStep`` and
     ``InvertibleStep`` implement it.
@@ -300,7 +290,7 @@ class CouplingStep:
         hook = getattr(self.block, "rebuild_and_backward", None)
         if hook is None or not self.additive or self.call_block is not _call_module or grad_output is None:
             return None
-        if _has_module_hooks(self.block) or not getattr(self.block, "one_pass_matches_forward", lambda: True)():
+        if has_module_hooks(self.block) or not getattr(self.block, "one_pass_matches_forward", lambda: True)():
             return None  # calling the block runs more than the hook mirrors: rebuild it by calling it
         return hook
 

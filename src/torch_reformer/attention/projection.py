@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd_checks import refuse_create_graph
+from ..autograd_checks import computes_as_built, refuse_create_graph
 
 
 class _NormalizedProjections(torch.autograd.Function):
@@ -62,11 +62,13 @@ def project(hidden: Tensor, linears: Sequence[nn.Linear], input_norm: nn.LayerNo
     """``[linear(input_norm(hidden)) for linear in linears]``, (B, L, E) -> [(B, L, out_i)].
 
     With ``input_norm`` (an ``nn.LayerNorm`` over the last axis, with affine weights) and bias-free
-    ``linears``, the normalised input is recomputed in backward rather than kept.
+    ``linears``, the normalised input is recomputed in backward rather than kept. Modules that were
+    replaced (adapters, quantised layers) or carry hooks are called as they are instead.
     """
     fusable = (
-        input_norm is not None and input_norm.weight is not None and input_norm.bias is not None
-        and len(input_norm.normalized_shape) == 1 and all(linear.bias is None for linear in linears)
+        computes_as_built(input_norm, nn.LayerNorm) and input_norm.weight is not None
+        and input_norm.bias is not None and len(input_norm.normalized_shape) == 1
+        and all(computes_as_built(linear, nn.Linear) and linear.bias is None for linear in linears)
     )
     if not fusable:
         normed = hidden if input_norm is None else input_norm(hidden)
