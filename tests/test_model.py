@@ -524,3 +524,14 @@ def test_replaced_or_hooked_submodules_take_part_in_every_path():
     with torch.no_grad():
         model(ids)
     assert {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))} == set(seen)
+
+
+def test_models_built_from_one_config_do_not_change_each_other(tmp_path):
+    config = tiny(is_decoder=True)
+    teacher, student = ReformerLM(config), ReformerLM(config)
+    teacher.set_num_hashes(4)
+    assert teacher.config.num_hashes == 4 and teacher.reformer.config is teacher.config
+    assert config.num_hashes == student.config.num_hashes == 2
+    assert {layer.num_hashes for layer in student.lsh_layers()} == {2}
+    student.save_pretrained(tmp_path / "student")
+    assert ReformerLM.from_pretrained(tmp_path / "student").config.num_hashes == 2

@@ -25,6 +25,7 @@ Shapes: B batch, L sequence length, H ``hidden_size``, V ``vocab_size``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -192,13 +193,19 @@ class ReformerEmbeddings(nn.Module):
 
 
 class ReformerPreTrainedModel(nn.Module):
-    """Weight initialisation, save/load and helpers shared by the trunk and every head."""
+    """Weight initialisation, save/load and helpers shared by the trunk and every head.
+
+    A model keeps its own copy of the config (a head and its trunk share one), so models built from
+    one config do not change each other. The layers take their sizes, attention settings and
+    dropout rates from it at construction; ``set_num_hashes`` changes the hash rounds of the layers
+    and the config together. ``memory_mode`` and ``kept_graph_layers`` are read on every call.
+    """
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
         if not isinstance(config, ReformerConfig):
             raise TypeError(f"expected a ReformerConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = copy.deepcopy(config)
 
     def init_weights(self) -> None:
         """HF's initialisation: normal(0, initializer_range) for linear/embedding weights, zero biases,
@@ -476,7 +483,8 @@ class ReformerModel(ReformerPreTrainedModel):
 class _ModelWithTrunk(ReformerPreTrainedModel):
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        self.reformer = ReformerModel(config)
+        self.reformer = ReformerModel(self.config)
+        self.reformer.config = self.config  # one config for the head and its trunk
 
 
 class ReformerLM(_ModelWithTrunk):
