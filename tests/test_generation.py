@@ -3,6 +3,7 @@ cached decoding against the full forward pass, batching with padding, seeds, err
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -285,9 +286,7 @@ def _attend_to_stored(block, stored: torch.Tensor, config: ReformerConfig) -> to
     padded = _model_padded_length(config, length)
     mask = (torch.arange(padded) < length).expand(stored.shape[0], padded)
     inputs = torch.nn.functional.pad(stored, (0, 0, 0, padded - length))
-    attention = block.self_attention
-    rotations = dict(rotations=attention.fixed_rotations) if block.kind == "lsh" else {}
-    return block.dropout(attention(inputs, mask, **rotations))[:, :length]
+    return block.dropout(block.self_attention(inputs, mask))[:, :length]  # LSH: the generation's fixed hashing
 
 
 @torch.no_grad()
@@ -333,17 +332,25 @@ def test_cached_beam_search_and_sampling_equal_uncached():
 # ---------------------------------------------------------------------------------------- hashing
 
 
-def test_fixed_hashing_fixes_rotations_and_restores_the_layers():
+def test_fixed_hashing_holds_in_the_calling_thread_and_leaves_the_layers_alone():
     model = tiny_lm(attn_layers=("lsh",), hash_seed=None, num_buckets=None, lsh_attn_chunk_length=4)
     layer = model.reformer.layers[0].attention.self_attention
+    seen_elsewhere = []
+
+    def other_thread():
+        seen_elsewhere.append((layer.bucket_spec(8), layer._rotations(None)))
+
     with fixed_hashing(model, 40, torch.Generator().manual_seed(0)):
         # Chosen once from the longest length (40 tokens, 10 chunks: 16 buckets as 4 x 4), for every length.
-        assert layer.num_buckets == auto_num_buckets(40, 4) == [4, 4]
-        assert layer.bucket_spec(8) == [4, 4]
-        first = layer.fixed_rotations.clone()
+        assert layer.bucket_spec(8) == auto_num_buckets(40, 4) == [4, 4]
+        first = layer._rotations(None).clone()
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
     with fixed_hashing(model, 40, torch.Generator().manual_seed(0)):
-        assert torch.equal(layer.fixed_rotations, first)
-    assert layer.num_buckets is None and getattr(layer, "fixed_rotations", None) is None
+        assert torch.equal(layer._rotations(None), first)
+    assert seen_elsewhere == [(auto_num_buckets(8, 4), None)]  # another thread hashes as without generation
+    assert layer.num_buckets is None and layer.fixed_rotations is None and layer._rotations(None) is None
     assert first.shape == (2, 16, 2, 4)  # (heads, head size, hashes, 4/2 + 4/2)
 
 

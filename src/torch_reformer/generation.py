@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .attention.hashing import rotation_width
-from .attention.lsh import LSHSelfAttention
+from .attention.lsh import LSHSelfAttention, hashing_fixed_in_this_thread
 from .model import ReformerLM
 
 __all__ = [
@@ -259,25 +259,23 @@ def fixed_hashing(model: ReformerLM, max_length: int, generator: torch.Generator
     The bucket count is the configured one, or (``num_buckets=None``) the automatic choice for
     the padded ``max_length``. Rotations come from the layer's ``hash_seed`` when it has one (the
     numbers every forward pass would draw), else from ``generator`` (the global RNG when None).
-    The layers' ``num_buckets`` and ``fixed_rotations`` are restored on exit.
+    The setting holds in the calling thread only (``hashing_fixed_in_this_thread``): the layers
+    are not modified, so other threads using the same model are unaffected.
     """
     weight = next(model.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     length = padded_length(model, max_length)
-    saved = [(layer, layer.num_buckets, layer.fixed_rotations) for layer in _lsh_layers(model)]
-    try:
-        for layer, _, _ in saved:
-            layer.num_buckets = layer.bucket_spec(length)
-            if layer.hash_seed is not None:
-                rotations = layer.draw_rotations(length, device=weight.device, dtype=dtype)
-            else:
-                shape = (layer.num_heads, layer.head_size, layer.num_hashes, rotation_width(layer.num_buckets))
-                rotations = torch.randn(shape, generator=generator, device=weight.device, dtype=dtype)
-            layer.fixed_rotations = rotations  # (H, D, R, F)
+    settings = {}
+    for layer in _lsh_layers(model):
+        num_buckets = layer.bucket_spec(length)
+        if layer.hash_seed is not None:
+            rotations = layer.draw_rotations(length, device=weight.device, dtype=dtype)
+        else:
+            shape = (layer.num_heads, layer.head_size, layer.num_hashes, rotation_width(num_buckets))
+            rotations = torch.randn(shape, generator=generator, device=weight.device, dtype=dtype)
+        settings[layer] = (num_buckets, rotations)  # rotations (H, D, R, F)
+    with hashing_fixed_in_this_thread(settings):
         yield
-    finally:
-        for layer, num_buckets, rotations in saved:
-            layer.num_buckets, layer.fixed_rotations = num_buckets, rotations
 
 
 # ---------------------------------------------------------------------------------------- cached steps

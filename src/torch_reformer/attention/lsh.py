@@ -18,6 +18,10 @@ The numbers match Hugging Face's ``LSHSelfAttention`` for the same weights and r
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +53,28 @@ from torch_reformer.attention.hashing import (
 )
 from torch_reformer.attention.projection import project
 from torch_reformer.block_state import next_call_index, saved_state
+
+
+_thread_hashing = threading.local()  # .by_layer: {id(layer): (layer, num_buckets, rotations)}
+
+
+@contextlib.contextmanager
+def hashing_fixed_in_this_thread(settings: dict[LSHSelfAttention, tuple]) -> Iterator[None]:
+    """Within the block and in the calling thread only, each layer of ``settings`` hashes with the
+    given ``(num_buckets, rotations)`` instead of its attributes (generation fixes hashing this way,
+    so other threads running the same model are unaffected)."""
+    previous = getattr(_thread_hashing, "by_layer", {})
+    _thread_hashing.by_layer = {**previous, **{id(layer): (layer, *fixed) for layer, fixed in settings.items()}}
+    try:
+        yield
+    finally:
+        _thread_hashing.by_layer = previous
+
+
+def _thread_fixed(layer: LSHSelfAttention) -> tuple | None:
+    """(num_buckets, rotations) fixed for ``layer`` in this thread, or None."""
+    entry = getattr(_thread_hashing, "by_layer", {}).get(id(layer))
+    return None if entry is None else entry[1:]
 
 
 def _attend_in_layout(
@@ -172,8 +198,9 @@ class LSHSelfAttention(nn.Module):
 
     ``num_hashes`` and ``num_buckets`` are plain attributes and may be changed between calls;
     ``num_buckets=None`` picks the count from each call's (padded) length. Rotations come from
-    the ``rotations`` argument, else the ``fixed_rotations`` attribute (set by generation to
-    keep hashing fixed), else ``hash_seed`` through a private generator, else the global RNG.
+    the ``rotations`` argument, else hashing fixed for the calling thread
+    (``hashing_fixed_in_this_thread``, which generation uses), else the ``fixed_rotations``
+    attribute, else ``hash_seed`` through a private generator, else the global RNG.
     Inside the reversible engine the bucket ids of a forward call are stored and reused by its
     recomputation. Causal layers also decode incrementally: ``init_cache``, ``prefill``,
     ``decode_step``.
@@ -225,6 +252,9 @@ class LSHSelfAttention(nn.Module):
 
     def bucket_spec(self, length: int) -> int | list[int]:
         """The bucket count used for a (padded) sequence of ``length``."""
+        fixed = _thread_fixed(self)
+        if fixed is not None:
+            return fixed[0]
         if self.num_buckets is None:
             return auto_num_buckets(length, self.chunk_length)
         return self.num_buckets
@@ -277,7 +307,9 @@ class LSHSelfAttention(nn.Module):
         )
 
     def _rotations(self, rotations: Tensor | None) -> Tensor | None:
-        rotations = self.fixed_rotations if rotations is None else rotations
+        if rotations is None:
+            fixed = _thread_fixed(self)
+            rotations = self.fixed_rotations if fixed is None else fixed[1]
         if rotations is not None and (rotations.dim() != 4 or rotations.shape[2] != self.num_hashes):
             raise ValueError(
                 f"rotations have shape {tuple(rotations.shape)}; expected (num_heads, head_size, num_hashes, "
