@@ -535,3 +535,21 @@ def test_models_built_from_one_config_do_not_change_each_other(tmp_path):
     assert {layer.num_hashes for layer in student.lsh_layers()} == {2}
     student.save_pretrained(tmp_path / "student")
     assert ReformerLM.from_pretrained(tmp_path / "student").config.num_hashes == 2
+
+
+@pytest.mark.parametrize("memory_mode", ["reversible", "checkpoint"])
+@pytest.mark.parametrize("change", ["eval", "num_hashes"])
+def test_changes_between_forward_and_backward_are_refused(memory_mode, change):
+    """A rebuild runs the layers again; switching train/eval or the hash rounds in between would
+    rebuild something else and give wrong gradients without a word."""
+    model = ReformerLM(tiny(is_decoder=True, memory_mode=memory_mode, kept_graph_layers=0)).train()
+    ids = _ids(model.config)
+    loss = model(ids, labels=ids).loss
+    if change == "eval":
+        model.eval()
+        message = "switched between train and eval"
+    else:
+        model.set_num_hashes(4)
+        message = "LSH layer settings changed"
+    with pytest.raises(RuntimeError, match=message):
+        loss.backward()

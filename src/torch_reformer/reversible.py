@@ -86,12 +86,26 @@ def _autocast_states(device_type: str) -> tuple[tuple[str, bool, torch.dtype], .
 class _CallRecord:
     """What a forward block call needs to be replayed exactly."""
 
-    __slots__ = ("cpu_rng", "device_rng", "state")
+    __slots__ = ("cpu_rng", "device_rng", "state", "modes")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, modules: Sequence[nn.Module]) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.state = BlockCallState()
+        self.modes = _training_modes(modules)
+
+
+def _training_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
+    """The train/eval flag of every module under ``modules``, in a fixed order."""
+    return tuple(sub.training for module in modules for sub in module.modules())
+
+
+def _refuse_mode_change(modes: tuple[bool, ...], modules: Sequence[nn.Module]) -> None:
+    if _training_modes(modules) != modes:
+        raise RuntimeError(
+            "a block was switched between train and eval mode after the forward pass and before backward; "
+            "its rebuild would compute something else (dropout): call backward before model.train()/eval()"
+        )
 
 
 @contextlib.contextmanager
@@ -124,6 +138,7 @@ def _replaying(
     modules: Sequence[nn.Module],
 ) -> Iterator[None]:
     """Re-enter a forward call's RNG, autocast and scratch state; undo their side effects after."""
+    _refuse_mode_change(record.modes, modules)
     outer_cpu_rng = torch.get_rng_state()
     outer_device_rng = torch.cuda.get_rng_state(device) if record.device_rng is not None else None
     torch.set_rng_state(record.cpu_rng)
@@ -191,7 +206,7 @@ class _ChainRun:
             if not step.replays_randomness:
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
                 continue
-            record = self.records[k] = _CallRecord(self.device)
+            record = self.records[k] = _CallRecord(self.device, step.modules)
             with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
         return stack
@@ -268,9 +283,12 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
 
     def invoke(fn: Callable[..., object], *args: object) -> object:
         state = BlockCallState()
+        modes = _training_modes(modules)
 
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
+            if recomputing:
+                _refuse_mode_change(modes, modules)
             state.calls += 1
             buffers = _scratch_buffers(modules) if recomputing else contextlib.nullcontext()
             with buffers, activated(state, recomputing):

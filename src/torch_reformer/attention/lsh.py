@@ -52,7 +52,7 @@ from torch_reformer.attention.hashing import (
     total_buckets,
 )
 from torch_reformer.attention.projection import project
-from torch_reformer.block_state import next_call_index, saved_state
+from torch_reformer.block_state import is_recomputing, next_call_index, saved_state
 
 
 _thread_hashing = threading.local()  # .by_layer: {id(layer): (layer, num_buckets, rotations)}
@@ -324,6 +324,11 @@ class LSHSelfAttention(nn.Module):
         key = ("bucket_ids", next_call_index(self))  # a layer called twice in one block keeps two sets
         stored = None if state is None else state.get(key)
         reuse = stored is not None and stored[0] == signature
+        if stored is not None and not reuse and is_recomputing():
+            raise RuntimeError(
+                f"LSH layer settings changed between the forward pass and its rebuild in backward (hashes, buckets "
+                f"or length: {stored[0]} then {signature}); call backward before changing num_hashes or num_buckets"
+            )
         if rotations is None and (not reuse or self.hash_seed is None):
             # A rerun that reuses its bucket ids still draws from the global RNG, so every later
             # random draw of this call (attention dropout) sees the stream the first run saw.
