@@ -483,7 +483,7 @@ class ChunkedFeedForward(nn.Module):
         )
         return fn, params
 
-    def computes_as_built(self) -> bool:
+    def fused_paths_apply(self) -> bool:
         """Whether the chunked paths may use the submodules' weights directly: none of them was
         replaced (an adapter, a quantised layer) or carries hooks."""
         return (computes_as_built(self.layer_norm, nn.LayerNorm) and computes_as_built(self.dense, nn.Linear)
@@ -494,7 +494,7 @@ class ChunkedFeedForward(nn.Module):
         if hidden.shape[-1] != width:
             raise ValueError(f"the feed-forward takes inputs of width {width} (hidden_size) in the last axis, got "
                              f"shape {tuple(hidden.shape)}")
-        if not self.computes_as_built():  # call what replaced or hooks the submodules, unchunked
+        if not self.fused_paths_apply():  # call what replaced or hooks the submodules, unchunked
             dropout = self.dropout if self.training else 0.0
             inner = self.dense(self.layer_norm(hidden))  # (..., F)
             inner = self.activation(F.dropout(inner, dropout, training=dropout > 0))
@@ -508,7 +508,7 @@ class ChunkedFeedForward(nn.Module):
     def one_pass_matches_forward(self) -> bool:
         """Whether ``rebuild_and_backward`` computes this module's forward: not when a subclass
         overrides ``forward`` (the engine then rebuilds the block by calling it)."""
-        return type(self).forward is ChunkedFeedForward.forward and self.computes_as_built()
+        return type(self).forward is ChunkedFeedForward.forward and self.fused_paths_apply()
 
     def rebuild_and_backward(
         self,
@@ -659,6 +659,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def mean_token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of logits (..., V) against labels (...), averaged over the labels that are not
+    ``ignore_index`` (0, not NaN, when none is scored); the softmax runs in at least float32."""
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    summed = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return summed / (labels != ignore_index).sum().clamp(min=1)
+
+
 def lm_head_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -680,11 +689,7 @@ def lm_head_loss(
     _check_loss_inputs(hidden, weight, bias, labels, chunk_size)
     check_class_labels(labels, weight.shape[0], ignore_index)
     if chunk_size == 0:
-        logits = F.linear(hidden, weight, bias)  # (B, L, V)
-        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-        flat_logits = logits.reshape(-1, logits.shape[-1]).to(compute_dtype)  # (N, V)
-        summed = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
-        return summed / (labels != ignore_index).sum().clamp(min=1)
+        return mean_token_cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index)
     rows = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
@@ -712,8 +717,5 @@ class LMHead(nn.Module):
     def loss(self, hidden: Tensor, labels: Tensor, chunk_size: int = 0, ignore_index: int = -100) -> Tensor:
         if not computes_as_built(self.decoder, nn.Linear):  # the fused loss would bypass the replacement
             check_class_labels(labels, self.bias.shape[0], ignore_index)
-            logits = self(hidden).flatten(0, -2)  # (N, V)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            summed = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
-            return summed / (labels != ignore_index).sum().clamp(min=1)
+            return mean_token_cross_entropy(self(hidden), labels, ignore_index)
         return lm_head_loss(hidden, self.decoder.weight, self.bias, labels, chunk_size, ignore_index)

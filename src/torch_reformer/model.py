@@ -46,6 +46,7 @@ from .layers import (
     LearnedPositionalEmbedding,
     LMHead,
     check_class_labels,
+    mean_token_cross_entropy,
 )
 from .reversible import reversible_forward
 from .serialization import (
@@ -645,13 +646,7 @@ def _lm_output(model, hidden: torch.Tensor, labels: torch.Tensor | None, return_
     loss = None
     if labels is not None:
         if logits is not None:
-            scores = logits.flatten(0, 1)
-            if scores.dtype in (torch.float16, torch.bfloat16):
-                scores = scores.float()  # the softmax of a half-precision logit row loses too much
-            targets = labels.reshape(-1)
-            # Mean over scored tokens; a batch with none scored gives 0 (not NaN), as the chunked path.
-            per_token = F.cross_entropy(scores, targets, ignore_index=-100, reduction="none")
-            loss = per_token.sum() / (targets != -100).sum().clamp(min=1)
+            loss = mean_token_cross_entropy(logits, labels)  # 0 (not NaN) with no token scored, as the chunked path
         else:
             chunk = model.config.chunk_size_lm_head or DEFAULT_LOSS_CHUNK_ROWS
             loss = model.lm_head.loss(hidden, labels, chunk_size=chunk)
