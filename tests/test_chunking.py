@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from torch_reformer.attention import chunking
+from torch_reformer.attention.cache import AttentionCache
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
-    AttentionCache,
     chunk_layout,
     chunked_attention,
     mask_values,

@@ -1,6 +1,5 @@
 """Datasets: duplication sequences, byte windows, held-out split, streaming reads, data order, BPE."""
 
-import os
 import resource
 
 import numpy as np

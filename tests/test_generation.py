@@ -22,7 +22,6 @@ from torch_reformer.generation import (
     fixed_hashing,
     generate,
     sample_pick,
-    sample_tokens,
 )
 from torch_reformer.model import ReformerLM
 

@@ -41,7 +41,7 @@ def visible_counts(bucket_ids, chunk_length, before, after):
 
 def reference_attention(qk, values, counts, causal, key_mask):
     """Dense shared-QK attention where key k counts counts[..., q, k] times for query q in each round."""
-    dtype, (batch, heads, length, head_size) = qk.dtype, qk.shape
+    dtype, (batch, _, length, head_size) = qk.dtype, qk.shape
     mask_value, self_mask_value = mask_values(dtype)
     keys = qk / torch.sqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(head_size)
     scores = (qk @ keys.transpose(-1, -2))[:, :, None]  # (B, H, 1, L, L)

@@ -12,9 +12,9 @@ from torch_reformer.model import (
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
-    ReformerModelOutput,
     ReformerPreTrainedModel,
 )
+from torch_reformer.outputs import ReformerModelOutput
 from torch_reformer.serialization import CheckpointError
 
 

@@ -18,9 +18,8 @@ from .model import (
     ReformerForSequenceClassification,
     ReformerLM,
     ReformerModel,
-    ReformerModelOutput,
-    ReformerOutput,
 )
+from .outputs import ReformerModelOutput, ReformerOutput
 from .reversible import (
     MEMORY_MODES,
     ReversibleSequential,

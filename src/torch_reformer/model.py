@@ -29,25 +29,17 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention.chunking import require_binary_mask
-from .attention.full import FullSelfAttention
-from .attention.local import LocalSelfAttention
+from .attention.checks import require_binary_mask
 from .attention.lsh import LSHSelfAttention
+from .blocks import ReformerEmbeddings, ReformerLayer
 from .config import CONFIG_NAME, ReformerConfig
-from .layers import (
-    AxialPositionalEmbedding,
-    ChunkedFeedForward,
-    LearnedPositionalEmbedding,
-    LMHead,
-    check_class_labels,
-    mean_token_cross_entropy,
-)
+from .layers import AxialPositionalEmbedding, LMHead, check_class_labels, mean_token_cross_entropy
+from .outputs import ReformerModelOutput, ReformerOutput
 from .reversible import reversible_forward
 from .serialization import (
     CheckpointError,
@@ -61,136 +53,6 @@ WEIGHTS_NAME = "model.safetensors"
 # Rows of the LM head processed at once when the loss is requested without logits and the config
 # sets no chunk size: bounds the transient (rows, V) block whatever the sequence length.
 DEFAULT_LOSS_CHUNK_ROWS = 1024
-
-
-class _IndexedOutput:
-    """HF-style access to a dataclass of tensors: ``output[i]`` indexes the fields that are not
-    None, in declaration order, and ``output["name"]`` reads a field by name."""
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        """The fields that are not None, in declaration order."""
-        values = (getattr(self, field.name) for field in fields(self))
-        return tuple(value for value in values if value is not None)
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            names = [field.name for field in fields(self)]
-            if index not in names:
-                raise KeyError(f"{index!r}: {type(self).__name__} has the fields {names}")
-            return getattr(self, index)
-        return self.to_tuple()[index]
-
-
-@dataclass
-class ReformerOutput(_IndexedOutput):
-    """What the heads return. ``loss`` is None without labels; ``logits`` None when not requested.
-
-    ``hidden_states`` is the trunk's final (B, L, 2H) output (after the last LayerNorm). As with
-    HF's outputs, ``output[i]`` indexes the fields that are not None (``output[0]`` is the loss when
-    labels were given, the logits otherwise) and ``output["logits"]`` reads a field by name.
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: torch.Tensor | None = None
-
-
-@dataclass
-class ReformerModelOutput(_IndexedOutput):
-    """What ``ReformerModel`` returns, as HF's trunk does: ``last_hidden_state`` (B, L, 2H), the
-    final LayerNorm's output (``output[0]`` is the same tensor)."""
-
-    last_hidden_state: torch.Tensor
-
-
-def _make_attention(config: ReformerConfig, kind: str) -> nn.Module:
-    common = dict(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        head_size=config.attention_head_size,
-        causal=config.is_decoder,
-    )
-    if kind == "lsh":
-        return LSHSelfAttention(
-            **common,
-            num_hashes=config.num_hashes,
-            num_buckets=config.num_buckets,
-            chunk_length=config.lsh_attn_chunk_length,
-            num_chunks_before=config.lsh_num_chunks_before,
-            num_chunks_after=config.lsh_num_chunks_after,
-            dropout=config.lsh_attention_probs_dropout_prob,
-            hash_seed=config.hash_seed,
-        )
-    if kind == "local":
-        return LocalSelfAttention(
-            **common,
-            chunk_length=config.local_attn_chunk_length,
-            num_chunks_before=config.local_num_chunks_before,
-            num_chunks_after=config.local_num_chunks_after,
-            dropout=config.local_attention_probs_dropout_prob,
-        )
-    # "full" has no probability dropout of its own in HF's config: it shares the local one.
-    return FullSelfAttention(**common, dropout=config.local_attention_probs_dropout_prob)
-
-
-class AttentionBlock(nn.Module):
-    """The reversible ``f``: ``Dropout(W_o · Attn(LayerNorm(x)))``, (B, L, H) -> (B, L, H)."""
-
-    def __init__(self, config: ReformerConfig, kind: str):
-        super().__init__()
-        self.kind = kind
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attention = _make_attention(config, kind)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # The layer norm runs inside the attention's projections, which recompute it in backward.
-        return self.dropout(self.self_attention(hidden_states, attention_mask=attention_mask, input_norm=self.layer_norm))
-
-
-class FeedForwardBlock(ChunkedFeedForward):
-    """The reversible ``g``: the chunked feed-forward (its forward ignores the attention mask the
-    engine hands every block)."""
-
-
-class ReformerLayer(nn.Module):
-    """One reversible layer: an attention block (f) and a feed-forward block (g)."""
-
-    def __init__(self, config: ReformerConfig, kind: str):
-        super().__init__()
-        self.attention = AttentionBlock(config, kind)
-        self.feed_forward = FeedForwardBlock(
-            hidden_size=config.hidden_size,
-            feed_forward_size=config.feed_forward_size,
-            hidden_act=config.hidden_act,
-            dropout=config.hidden_dropout_prob,
-            layer_norm_eps=config.layer_norm_eps,
-            chunk_size=config.chunk_size_feed_forward,
-        )
-
-
-class ReformerEmbeddings(nn.Module):
-    """``dropout(word_emb(ids)) + pos_emb(position_ids)``: (B, L) ids -> (B, L, H)."""
-
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        kind = config.position_embedding_type
-        if kind == "axial":
-            self.position_embeddings = AxialPositionalEmbedding(
-                config.axial_pos_shape, config.axial_pos_embds_dim, init_std=config.axial_norm_std
-            )
-        elif kind == "learned":
-            self.position_embeddings = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
-        else:
-            self.position_embeddings = None
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        embeddings = self.dropout(self.word_embeddings(input_ids))
-        if self.position_embeddings is not None:
-            embeddings = embeddings + self.position_embeddings(position_ids)
-        return embeddings
 
 
 class ReformerPreTrainedModel(nn.Module):

@@ -34,13 +34,10 @@ a refused resume leaves the folder as it was. Resuming with another tokenizer is
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -63,11 +60,11 @@ from .checkpoints import (
     save_checkpoint,
     write_json,
 )
+from .distributed import all_reduce_sum, init_distributed
+from .run_log import LineReporter, RunLog
 from .serialization import CheckpointError, atomic_write_bytes
 
 SCHEDULES = ("cosine", "rsqrt", "constant")
-_CSV_FIELDS = ("step", "lr", "train_loss", "grad_norm", "tokens_per_second", "elapsed_seconds",
-               "eval_loss", "eval_accuracy", "eval_bpc")
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,47 +172,6 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.op
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
 
 
-# ------------------------------------------------------------------------------------------ distributed
-
-
-@dataclass
-class DistributedContext:
-    """Where this process sits in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed() -> DistributedContext:
-    """Join the ``torchrun`` process group (env://; NCCL with GPUs, gloo on CPU) when WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistributedContext(rank=rank, world_size=world_size, device=device)
-
-
-def _all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    if context.active:
-        values = values.to(context.device)
-        dist.all_reduce(values)
-    return values.cpu()
-
-
 def _config_differences(saved: dict, current: dict) -> list[str]:
     ignored = {"architectures"}
     keys = sorted((set(saved) | set(current)) - ignored)
@@ -224,74 +180,6 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
         for key in keys
         if saved.get(key) != current.get(key)
     ]
-
-
-# ---------------------------------------------------------------------------------------------- logging
-
-
-class LineReporter:
-    """Plain progress lines on stdout every ``log_every`` steps (and after each evaluation)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-
-    def start(self, first_step: int, total_steps: int) -> None:
-        self.total_steps = total_steps
-
-    def step(self, step: int, loss: float, tokens_per_second: float) -> None:
-        pass  # lines are written per log row only
-
-    def update(self, record: dict) -> None:
-        parts = [f"step {record['step']}/{self.total_steps}"]
-        for key, fmt in (("train_loss", ".4f"), ("eval_loss", ".4f"), ("eval_accuracy", ".4f"),
-                         ("eval_bpc", ".4f"), ("lr", ".2e"), ("tokens_per_second", ".0f")):
-            if record.get(key) is not None:
-                parts.append(f"{key} {record[key]:{fmt}}")
-        self.message(" | ".join(parts))
-
-    def message(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class RunLog:
-    """``log.csv`` (+ TensorBoard when installed) and ``metrics.json`` of a run; used on rank 0 only."""
-
-    def __init__(self, out_dir: Path, resumed_step: int):
-        self.csv_path, self.metrics_path = out_dir / "log.csv", out_dir / "metrics.json"
-        kept = []
-        if resumed_step and self.csv_path.is_file():  # drop rows a killed run logged after its checkpoint
-            with open(self.csv_path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resumed_step]
-        self.handle = open(self.csv_path, "w", newline="")
-        self.writer = csv.DictWriter(self.handle, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(kept)
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-        except ImportError:
-            SummaryWriter = None
-        if SummaryWriter is not None:
-            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resumed_step + 1)
-
-    def row(self, record: dict) -> None:
-        self.writer.writerow(record)
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, float):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def write_metrics(self, metrics: dict) -> None:
-        write_json(self.metrics_path, metrics)
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -372,7 +260,7 @@ class Trainer:
                     out = self.train_model(input_ids.to(ctx.device), labels=labels.to(ctx.device), return_logits=False)
                 (out.loss / args.grad_accum).backward()
             loss_sum += out.loss.detach().double().cpu()
-        loss = float(_all_reduce_sum(loss_sum, ctx)) / (args.grad_accum * ctx.world_size)
+        loss = float(all_reduce_sum(loss_sum, ctx)) / (args.grad_accum * ctx.world_size)
         max_norm = args.clip_grad_norm if args.clip_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -430,7 +318,7 @@ class Trainer:
             if args.eval_num_hashes is not None:
                 model.set_num_hashes(trained_hashes)
             model.train(was_training)
-        totals = _all_reduce_sum(totals, ctx)
+        totals = all_reduce_sum(totals, ctx)
         metrics = {"eval_loss": float(totals[0] / totals[1])}
         if want_accuracy:
             metrics["eval_accuracy"] = float(totals[2] / totals[1])

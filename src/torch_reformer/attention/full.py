@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torch_reformer.attention.chunking import (
-    AttentionCache,
+from torch_reformer.attention.cache import AttentionCache
+from torch_reformer.attention.checks import (
     check_attention_inputs,
     check_causal_for_decoding,
     check_decode_inputs,
     check_layer_sizes,
-    merge_heads,
-    split_heads,
 )
+from torch_reformer.attention.chunking import merge_heads, split_heads
 from torch_reformer.attention.projection import project
 
 

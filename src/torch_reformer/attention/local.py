@@ -26,13 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from torch_reformer.attention.banded import banded_attention, banded_attention_applies
-from torch_reformer.attention.chunking import (
-    AttentionCache,
+from torch_reformer.attention.cache import AttentionCache
+from torch_reformer.attention.checks import (
     check_attention_inputs,
     check_causal_for_decoding,
-    check_decode_inputs,
     check_chunking,
+    check_decode_inputs,
     check_layer_sizes,
+)
+from torch_reformer.attention.chunking import (
     chunk_layout,
     chunked_attention,
     mask_values,

@@ -25,14 +25,16 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from torch_reformer.attention.chunking import (
-    AttentionCache,
-    ChunkLayout,
+from torch_reformer.attention.cache import AttentionCache
+from torch_reformer.attention.checks import (
     check_attention_inputs,
     check_causal_for_decoding,
-    check_decode_inputs,
     check_chunking,
+    check_decode_inputs,
     check_layer_sizes,
+)
+from torch_reformer.attention.chunking import (
+    ChunkLayout,
     chunk_layout,
     chunked_attention,
     mask_values,
