@@ -4,7 +4,7 @@
   product, any ``position_ids``) and ``LearnedPositionalEmbedding``.
 - ``chunked``: ``chunked_recompute`` / ``backward_by_chunks``, position-wise functions run in
   chunks along the sequence in forward and backward.
-- ``feed_forward``: ``ChunkedFeedForward``, whose (B, L, F) intermediate never exists whole.
+- ``chunked_feed_forward``: ``ChunkedFeedForward``, whose (B, L, F) intermediate never exists whole.
 - ``lm_head``: ``LMHead`` and ``lm_head_loss``, the LM head fused with cross-entropy so the
   loss never needs (N, V) logits.
 - ``activations``: ``get_activation`` maps HF activation names to functions.
@@ -12,7 +12,7 @@
 
 from .activations import get_activation
 from .chunked import backward_by_chunks, chunked_recompute
-from .feed_forward import ChunkedFeedForward, feed_forward, feed_forward_backward_by_chunks
+from .chunked_feed_forward import ChunkedFeedForward, feed_forward, feed_forward_backward_by_chunks
 from .lm_head import LMHead, check_class_labels, lm_head_loss, mean_token_cross_entropy
 from .positions import (
     AxialPositionalEmbedding,
