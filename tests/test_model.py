@@ -433,16 +433,16 @@ def test_inference_mode_gives_the_no_grad_outputs(memory_mode):
 
 
 def test_functional_call_is_refused_clearly_where_recomputation_would_use_other_weights():
-    """torch.func.functional_call swaps parameters in for the forward pass only; a rebuilt block
-    would run with the module's own weights, so the engine refuses rather than return gradients
-    of the wrong tensors. memory_mode='autograd' rebuilds nothing and gives the usual gradients."""
+    """torch.func.functional_call swaps parameters in for the forward pass only; a rebuilt or
+    recomputed block would run with the module's own weights, so both modes that rebuild refuse
+    rather than return gradients of the wrong tensors. memory_mode='autograd' rebuilds nothing and gives the usual gradients."""
     ids = _ids(tiny(), length=16)
-    for mode in ("reversible", "autograd"):
+    for mode in ("reversible", "checkpoint", "autograd"):
         torch.manual_seed(0)
         model = ReformerLM(tiny(is_decoder=True, hash_seed=3, memory_mode=mode)).double()
         params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
         loss = torch.func.functional_call(model, params, (ids,), {"labels": ids}).loss
-        if mode == "reversible":
+        if mode != "autograd":
             with pytest.raises(RuntimeError, match="functional_call"):
                 torch.autograd.grad(loss, list(params.values()))
             continue
@@ -537,19 +537,78 @@ def test_models_built_from_one_config_do_not_change_each_other(tmp_path):
     assert ReformerLM.from_pretrained(tmp_path / "student").config.num_hashes == 2
 
 
+def _hook_adding_one(module, inputs, output):
+    return output + 1
+
+
+def _scale_in_place(weight):
+    with torch.no_grad():
+        weight.mul_(2)  # what an optimizer step or weight clipping does
+
+
+_CHANGES_BETWEEN_FORWARD_AND_BACKWARD = {
+    "eval": (lambda model, hook: model.eval(), "switched between train and eval"),
+    "num_hashes": (lambda model, hook: model.set_num_hashes(4), "LSH layer settings changed"),
+    "hook added": (lambda model, hook: model.reformer.layers[0].feed_forward.register_forward_hook(_hook_adding_one),
+                   "forward hooks of a block were added or removed"),
+    "hook removed": (lambda model, hook: hook.remove(), "forward hooks of a block were added or removed"),
+    "weight changed in place": (lambda model, hook: _scale_in_place(model.reformer.layers[0].feed_forward.dense.weight),
+                                "changed in place after the forward pass"),
+    "weight frozen": (lambda model, hook: model.reformer.layers[0].attention.requires_grad_(False),
+                      "requires_grad of a block's parameter changed"),
+}
+
+
 @pytest.mark.parametrize("memory_mode", ["reversible", "checkpoint"])
-@pytest.mark.parametrize("change", ["eval", "num_hashes"])
+@pytest.mark.parametrize("change", sorted(_CHANGES_BETWEEN_FORWARD_AND_BACKWARD))
 def test_changes_between_forward_and_backward_are_refused(memory_mode, change):
-    """A rebuild runs the layers again; switching train/eval or the hash rounds in between would
-    rebuild something else and give wrong gradients without a word."""
+    """A rebuild runs the layers again as they are at backward time. Switching train/eval, the hash
+    rounds, the forward hooks, a parameter's values or its requires_grad in between would rebuild
+    something else and give wrong gradients without a word; each is refused, and the message warns
+    that .grad may already hold part of this backward pass."""
     model = ReformerLM(tiny(is_decoder=True, memory_mode=memory_mode, kept_graph_layers=0)).train()
+    hook = model.reformer.layers[1].attention.register_forward_hook(_hook_adding_one)
     ids = _ids(model.config)
     loss = model(ids, labels=ids).loss
-    if change == "eval":
-        model.eval()
-        message = "switched between train and eval"
-    else:
-        model.set_num_hashes(4)
-        message = "LSH layer settings changed"
-    with pytest.raises(RuntimeError, match=message):
+    make_change, message = _CHANGES_BETWEEN_FORWARD_AND_BACKWARD[change]
+    make_change(model, hook)
+    with pytest.raises(RuntimeError, match=message) as refused:
         loss.backward()
+    assert "zero them before running it again" in str(refused.value)
+
+
+@pytest.mark.parametrize("memory_mode", ["reversible", "checkpoint"])
+def test_a_block_that_constrains_its_weights_in_forward_matches_autograd(memory_mode):
+    """Changes a block makes to its own parameters while it runs are part of its forward: only
+    changes after the forward call are refused. A feed-forward whose pre-hook clamps its weight in
+    place gets autograd's gradients."""
+    def clamp_weight(module, inputs):
+        with torch.no_grad():
+            module.dense.weight.clamp_(-0.01, 0.01)
+
+    ids = _ids(tiny())
+    grads = {}
+    for mode in (memory_mode, "autograd"):
+        torch.manual_seed(0)
+        model = ReformerLM(tiny(is_decoder=True, hash_seed=3, memory_mode=mode, kept_graph_layers=0)).double()
+        model.reformer.layers[0].feed_forward.register_forward_pre_hook(clamp_weight)
+        model(ids, labels=ids).loss.backward()
+        grads[mode] = [p.grad for p in model.parameters()]
+    for ours, reference in zip(grads[memory_mode], grads["autograd"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_hooks_on_a_whole_layer_are_refused_with_the_blocks_to_hook_instead():
+    model = ReformerLM(tiny(is_decoder=True))
+    for register in (model.reformer.layers[0].register_forward_hook, model.reformer.layers[0].register_forward_pre_hook):
+        with pytest.raises(RuntimeError, match="layer.attention .* layer.feed_forward"):
+            register(lambda *args: None)
+
+
+def test_double_backward_is_refused_in_every_memory_mode():
+    for mode in ("reversible", "checkpoint", "autograd"):
+        model = ReformerLM(tiny(is_decoder=True, memory_mode=mode))
+        ids = _ids(model.config)
+        embeddings = model.get_input_embeddings().weight
+        with pytest.raises(RuntimeError, match="differentiable once only"):
+            torch.autograd.grad(model(ids, labels=ids).loss, embeddings, create_graph=True)

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.modules import module as module_globals
 
 
-def refuse_create_graph(what: str) -> None:
+# What refusals of double backward in the attention layers say instead.
+ATTENTION_ONCE_ONLY = "the Reformer's attention layers are differentiable once only, in every memory mode"
+
+# Appended to errors raised inside a backward pass: autograd may already have added other
+# gradients of the same pass (the head's, the kept layers') to ``.grad``.
+PARTIAL_BACKWARD_NOTE = (" (this backward pass may already have added some gradients to .grad: zero them before running "
+                         "it again)")
+
+
+def refuse_create_graph(what: str, instead: str = "") -> None:
     """Raise when called from a backward that runs with ``create_graph=True``.
 
     Autograd turns grad mode on inside backward exactly when the caller asked for a graph of the
     gradients (double backward, gradient penalties). The chunked, fused and reversible Functions
     form their gradients by hand or by recomputation, so their backward is not differentiable:
     rather than return first-order gradients whose second derivatives would silently be wrong,
-    they refuse.
+    they refuse. ``instead`` says what computes the same thing twice-differentiably, if anything.
     """
     if torch.is_grad_enabled():
         raise RuntimeError(
             f"{what} has no second derivative: backward with create_graph=True (double backward, gradient "
-            "penalties) is not supported here; use memory_mode='autograd' and chunk sizes of 0 for that"
+            f"penalties) is not supported{'; ' + instead if instead else ''}"
         )
 
 
@@ -37,8 +47,6 @@ def changed_in_place(tensor: object, version: int | None) -> bool:
 
 def has_module_hooks(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` would run hooks (its own or global ones) besides its forward."""
-    from torch.nn.modules import module as module_globals
-
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
     shared = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
               module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)

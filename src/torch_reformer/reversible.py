@@ -50,9 +50,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
 from torch.utils.checkpoint import checkpoint
 
-from .autograd_checks import changed_in_place, refuse_create_graph, version_of
+from .autograd_checks import PARTIAL_BACKWARD_NOTE, changed_in_place, refuse_create_graph, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
 from .reversible_steps import (
@@ -86,26 +87,82 @@ def _autocast_states(device_type: str) -> tuple[tuple[str, bool, torch.dtype], .
 class _CallRecord:
     """What a forward block call needs to be replayed exactly."""
 
-    __slots__ = ("cpu_rng", "device_rng", "state", "modes")
+    __slots__ = ("cpu_rng", "device_rng", "state", "modules_state")
 
     def __init__(self, device: torch.device, modules: Sequence[nn.Module]) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.state = BlockCallState()
-        self.modes = _training_modes(modules)
+        self.modules_state = _ModulesState(modules)
 
 
-def _training_modes(modules: Sequence[nn.Module]) -> tuple[bool, ...]:
-    """The train/eval flag of every module under ``modules``, in a fixed order."""
-    return tuple(sub.training for module in modules for sub in module.modules())
+def _forward_hook_keys(submodules: Sequence[nn.Module]) -> tuple:
+    """The handles of every forward hook a call of these modules runs, global ones included."""
+    shared = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
+    return shared + tuple((tuple(sub._forward_pre_hooks), tuple(sub._forward_hooks)) for sub in submodules)
 
 
-def _refuse_mode_change(modes: tuple[bool, ...], modules: Sequence[nn.Module]) -> None:
-    if _training_modes(modules) != modes:
-        raise RuntimeError(
-            "a block was switched between train and eval mode after the forward pass and before backward; "
-            "its rebuild would compute something else (dropout): call backward before model.train()/eval()"
-        )
+def _parameter_states(submodules: Sequence[nn.Module]) -> tuple[tuple[int, int | None, bool], ...]:
+    """(identity, in-place version, requires_grad) of every parameter the modules hold."""
+    return tuple(
+        (id(param), version_of(param), param.requires_grad)
+        for sub in submodules for param in sub._parameters.values() if param is not None
+    )
+
+
+class _ModulesState:
+    """What a block's rebuild depends on besides its inputs, taken when its forward call starts.
+
+    A rebuild re-runs the block's modules as they are at backward time. If their train/eval
+    flags, forward hooks or parameters (replaced, changed in place, frozen or unfrozen) differ
+    from the forward call's, it would compute something else and the gradients would be wrong
+    without a word, so ``refuse_changes`` raises instead. Plain autograd catches the in-place
+    case itself; the engine must check for it because it saves no activations.
+    """
+
+    __slots__ = ("modes", "hooks", "params")
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        submodules = _submodules(modules)
+        self.modes = tuple(sub.training for sub in submodules)
+        self.hooks = _forward_hook_keys(submodules)
+        self.params = _parameter_states(submodules)
+
+    def record_parameters(self, modules: Sequence[nn.Module]) -> None:
+        """Take the parameters' state again once the forward call is done: what a block does to its
+        own parameters while it runs (a constraint applied in place) is part of its forward."""
+        self.params = _parameter_states(_submodules(modules))
+
+    def refuse_changes(self, modules: Sequence[nn.Module]) -> None:
+        submodules = _submodules(modules)
+        if tuple(sub.training for sub in submodules) != self.modes:
+            _refuse("a block was switched between train and eval mode after the forward pass and before backward; "
+                    "its rebuild would compute something else (dropout): call backward before model.train()/eval(), "
+                    "or use memory_mode='autograd' to mix train- and eval-mode forward passes in one loss")
+        if _forward_hook_keys(submodules) != self.hooks:
+            _refuse("forward hooks of a block were added or removed after the forward pass and before backward "
+                    "(a hook that removes itself, for instance); its rebuild would run other hooks: change hooks "
+                    "before the forward pass or after backward, or use memory_mode='autograd'")
+        params = _parameter_states(submodules)
+        if [state[0] for state in params] != [state[0] for state in self.params]:
+            _refuse("a block's parameters were swapped between the forward pass and backward (parameters passed "
+                    "for the forward pass only, as torch.func.functional_call does, or a parameter reassigned); "
+                    "its rebuild would use other tensors: use memory_mode='autograd' for that")
+        if [state[1] for state in params] != [state[1] for state in self.params]:
+            _refuse("a parameter of a block was changed in place after the forward pass and before backward (an "
+                    "optimizer step, weight clipping, an average update); its rebuild would use the new values: "
+                    "call backward first")
+        if [state[2] for state in params] != [state[2] for state in self.params]:
+            _refuse("requires_grad of a block's parameter changed after the forward pass and before backward; the "
+                    "forward pass decided which gradients to compute: set requires_grad before the forward pass")
+
+
+def _submodules(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    return [sub for module in modules for sub in module.modules()]
+
+
+def _refuse(message: str) -> None:
+    raise RuntimeError(message + PARTIAL_BACKWARD_NOTE)
 
 
 @contextlib.contextmanager
@@ -138,7 +195,7 @@ def _replaying(
     modules: Sequence[nn.Module],
 ) -> Iterator[None]:
     """Re-enter a forward call's RNG, autocast and scratch state; undo their side effects after."""
-    _refuse_mode_change(record.modes, modules)
+    record.modules_state.refuse_changes(modules)
     outer_cpu_rng = torch.get_rng_state()
     outer_device_rng = torch.cuda.get_rng_state(device) if record.device_rng is not None else None
     torch.set_rng_state(record.cpu_rng)
@@ -209,6 +266,7 @@ class _ChainRun:
             record = self.records[k] = _CallRecord(self.device, step.modules)
             with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
+            record.modules_state.record_parameters(step.modules)
         return stack
 
     def keep_outputs(self, outputs: list[Tensor]) -> None:
@@ -224,10 +282,8 @@ class _ChainRun:
     def _take_outputs(self) -> list[Tensor]:
         outputs, self.outputs = self.outputs, None
         if any(changed_in_place(output, version) for output, version in zip(outputs, self.output_versions)):
-            raise RuntimeError(
-                "an output of the reversible engine was modified in place before the backward pass; "
-                "the engine rebuilds activations from its outputs: clone an output before changing it in place"
-            )
+            _refuse("an output of the reversible engine was modified in place before the backward pass; "
+                    "the engine rebuilds activations from its outputs: clone an output before changing it in place")
         return outputs
 
     def backward(self, grads: list[Tensor | None]) -> tuple[list, list]:
@@ -259,13 +315,14 @@ class _ReversibleChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor | None) -> tuple:
-        refuse_create_graph("the reversible engine (memory_mode 'reversible')")
+        refuse_create_graph(
+            "the reversible engine (memory_mode 'reversible')",
+            "memory_mode='autograd' supports it for blocks that do (the Reformer's attention layers do not)",
+        )
         run: _ChainRun | None = ctx.run
         if run is None:
-            raise RuntimeError(
-                "the reversible engine's backward runs once per forward (retain_graph is not supported); "
-                "run the forward again or use memory_mode='autograd'"
-            )
+            _refuse("the reversible engine's backward runs once per forward (retain_graph is not supported); "
+                    "run the forward again or use memory_mode='autograd'")
         stream_grads, param_grads = run.backward(list(grad_outputs))
         ctx.run = None
         needs = ctx.needs_input_grad[1 : 1 + run.n_items]
@@ -283,18 +340,20 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
 
     def invoke(fn: Callable[..., object], *args: object) -> object:
         state = BlockCallState()
-        modes = _training_modes(modules)
+        modules_state = _ModulesState(modules)
 
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
             if recomputing:
-                _refuse_mode_change(modes, modules)
+                modules_state.refuse_changes(modules)
             state.calls += 1
             buffers = _scratch_buffers(modules) if recomputing else contextlib.nullcontext()
             with buffers, activated(state, recomputing):
                 return fn(*items)
 
-        return checkpoint(call_with_state, *args, use_reentrant=False)
+        result = checkpoint(call_with_state, *args, use_reentrant=False)
+        modules_state.record_parameters(modules)
+        return result
 
     return invoke
 
@@ -470,6 +529,11 @@ class ReversibleSequential(nn.Module):
     output streams are concatenated back along ``split_dim``. Keyword arguments of
     ``forward`` are passed to every block. The last ``autograd_tail`` blocks keep their
     autograd graph instead of being rebuilt (see ``run_reversible_steps``).
+
+    With ``memory_mode="reversible"`` the blocks run without autograd in the forward pass: a
+    tensor a block creates besides its output (an auxiliary loss kept on the module, a value a
+    hook captures) carries no gradient. Losses built from such tensors need ``"checkpoint"`` or
+    ``"autograd"``.
     """
 
     def __init__(

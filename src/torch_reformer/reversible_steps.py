@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from .autograd_checks import changed_in_place, has_module_hooks, version_of
+from .autograd_checks import PARTIAL_BACKWARD_NOTE, changed_in_place, has_module_hooks, version_of
 
 Coupling = Callable[[Tensor, Tensor], Tensor]
 
@@ -106,7 +106,7 @@ def _refuse_unknown_leaves(outputs: Sequence[Tensor], inputs: Sequence[object]) 
                 "its input nor a parameter of its modules (a parameter captured by a function, a module outside "
                 "the block, a tensor inside a keyword argument, or parameters swapped in for the forward pass only, "
                 "as torch.func.functional_call does); the engine would drop its gradient. Make it a parameter of a "
-                "module inside the block, or use memory_mode='autograd'"
+                "module inside the block, or use memory_mode='autograd'" + PARTIAL_BACKWARD_NOTE
             )
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..autograd_checks import refuse_create_graph
+from ..autograd_checks import ATTENTION_ONCE_ONLY, refuse_create_graph
 from .chunking import saved_and_output, save_with_output
 
 # Window elements per part (B' * H * S * J * C * D, for keys and again for values). At 16K tokens on
@@ -208,7 +208,7 @@ class _BandedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
-        refuse_create_graph("local attention")
+        refuse_create_graph("local attention", ATTENTION_ONCE_ONLY)
         (queries, keys, values, logsumexp), out = saved_and_output(ctx)
         plan = ctx.plan
         if out is None:  # backward already ran once on this graph (retain_graph=True)

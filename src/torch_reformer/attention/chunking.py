@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..autograd_checks import changed_in_place, refuse_create_graph, version_of
+from ..autograd_checks import ATTENTION_ONCE_ONLY, changed_in_place, refuse_create_graph, version_of
 
 # dtype -> (mask value, self-mask value). bfloat16 has float32's range, so it keeps float32's
 # constants; float16 tops out near 6.5e4.
@@ -396,7 +396,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        refuse_create_graph("chunked LSH/local attention")
+        refuse_create_graph("chunked LSH/local attention", ATTENTION_ONCE_ONLY)
         (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out = saved_and_output(ctx)
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
         if out is None:  # backward already ran once on this graph (retain_graph=True)

@@ -54,6 +54,7 @@ from torch_reformer.attention.hashing import (
     total_buckets,
 )
 from torch_reformer.attention.projection import project
+from torch_reformer.autograd_checks import PARTIAL_BACKWARD_NOTE
 from torch_reformer.block_state import is_recomputing, next_call_index, saved_state
 
 
@@ -330,6 +331,7 @@ class LSHSelfAttention(nn.Module):
             raise RuntimeError(
                 f"LSH layer settings changed between the forward pass and its rebuild in backward (hashes, buckets "
                 f"or length: {stored[0]} then {signature}); call backward before changing num_hashes or num_buckets"
+                + PARTIAL_BACKWARD_NOTE
             )
         if rotations is None and (not reuse or self.hash_seed is None):
             # A rerun that reuses its bucket ids still draws from the global RNG, so every later

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd_checks import computes_as_built, refuse_create_graph
+from ..autograd_checks import ATTENTION_ONCE_ONLY, computes_as_built, refuse_create_graph
 
 
 class _NormalizedProjections(torch.autograd.Function):
@@ -33,7 +33,7 @@ class _NormalizedProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        refuse_create_graph("the fused attention projections")
+        refuse_create_graph("the fused attention projection", ATTENTION_ONCE_ONLY)
         hidden, norm_weight, norm_bias, *weights = ctx.saved_tensors
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         needs = ctx.needs_input_grad

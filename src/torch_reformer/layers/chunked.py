@@ -61,7 +61,7 @@ class _ChunkedRecompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_create_graph("the chunked feed-forward (chunk_size > 0)")
+        refuse_create_graph("the chunked feed-forward (chunk_size > 0)", "chunk_size=0 computes it with plain autograd")
         hidden, *params = ctx.saved_tensors
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         forked_devices = [hidden.device] if hidden.device.type == "cuda" else []

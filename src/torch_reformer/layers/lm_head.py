@@ -116,7 +116,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        refuse_create_graph("the chunked LM-head loss (chunk_size > 0)")
+        refuse_create_graph("the chunked LM-head loss (chunk_size > 0)", "a loss computed from the logits is")
         saved = iter(ctx.saved_tensors)
         grads = []
         for has_grad, dtype in zip(ctx.has_grad, ctx.dtypes):
