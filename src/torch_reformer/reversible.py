@@ -122,17 +122,22 @@ class _ModulesState:
 
     __slots__ = ("modes", "hooks", "params")
 
+    # The snapshots run eagerly under torch.compile: tracing them would guard on every parameter's
+    # shape and version and recompile for each.
+    @torch.compiler.disable
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         submodules = _submodules(modules)
         self.modes = tuple(sub.training for sub in submodules)
         self.hooks = _forward_hook_keys(submodules)
         self.params = _parameter_states(submodules)
 
+    @torch.compiler.disable
     def record_parameters(self, modules: Sequence[nn.Module]) -> None:
         """Take the parameters' state again once the forward call is done: what a block does to its
         own parameters while it runs (a constraint applied in place) is part of its forward."""
         self.params = _parameter_states(_submodules(modules))
 
+    @torch.compiler.disable
     def refuse_changes(self, modules: Sequence[nn.Module]) -> None:
         submodules = _submodules(modules)
         if tuple(sub.training for sub in submodules) != self.modes:
