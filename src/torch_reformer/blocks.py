@@ -71,8 +71,9 @@ class FeedForwardBlock(ChunkedFeedForward):
 class ReformerLayer(nn.Module):
     """One reversible layer: an attention block (f) and a feed-forward block (g).
 
-    The engine calls the two blocks, never the layer as a whole, so the layer refuses forward
-    hooks (they would never run) and says which blocks to hook instead.
+    Like ``nn.ModuleList``, the layer is a container: the engine calls its two blocks, never the
+    layer as a whole, so forward hooks belong on ``attention`` or ``feed_forward`` (a hook on the
+    layer itself never runs).
     """
 
     def __init__(self, config: ReformerConfig, kind: str):
@@ -86,20 +87,6 @@ class ReformerLayer(nn.Module):
             layer_norm_eps=config.layer_norm_eps,
             chunk_size=config.chunk_size_feed_forward,
         )
-
-    def register_forward_hook(self, *args, **kwargs):
-        raise _not_called_as_a_whole()
-
-    def register_forward_pre_hook(self, *args, **kwargs):
-        raise _not_called_as_a_whole()
-
-
-def _not_called_as_a_whole() -> RuntimeError:
-    return RuntimeError(
-        "a ReformerLayer is never called as a whole, so a forward hook on it would never run: the engine calls "
-        "its two blocks, layer.attention (whose output updates the first stream) and layer.feed_forward (the "
-        "second); register the hook on one of those"
-    )
 
 
 class ReformerEmbeddings(nn.Module):
