@@ -193,6 +193,31 @@ def test_reversible_serial_gradients_equal_autograd(mode):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+class ScaleWithWrongReverse(ReversibleLayer):
+    """``(x, y) -> (2x, y)`` whose reverse forgets to halve: rebuilding with it would be wrong."""
+
+    n_in = n_out = 2
+
+    def stack_call(self, items):
+        return (2 * items[0], items[1])
+
+    def stack_reverse(self, items):
+        return items
+
+
+def test_a_reverse_that_does_not_undo_the_forward_is_refused_at_the_first_forward():
+    x1, x2 = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    layer = ScaleWithWrongReverse()
+    with pytest.raises(ValueError, match="ScaleWithWrongReverse.stack_reverse does not undo its forward"):
+        ReversibleSerial(layer, memory_mode="reversible")((x1.requires_grad_(), x2))
+    # Modes that never call reverse do not check it; a correct reverse passes and is checked once.
+    y1, _ = ReversibleSerial(ScaleWithWrongReverse(), memory_mode="autograd")((x1, x2))
+    torch.testing.assert_close(y1, 2 * x1)
+    affine = AffineCoupling(5).double()
+    ReversibleSerial(affine, memory_mode="reversible")((x1, x2))[0].sum().backward()
+    assert affine._reverse_checked
+
+
 def test_reversible_serial_and_reversible_sequential_share_the_engine():
     torch.manual_seed(0)
     f, g = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()

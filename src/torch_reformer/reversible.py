@@ -269,9 +269,13 @@ class _ChainRun:
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
                 continue
             record = self.records[k] = _CallRecord(self.device, step.modules)
+            inputs = stack
             with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
             record.modules_state.record_parameters(step.modules)
+            check_inverse = getattr(step, "check_inverse", None)
+            if check_inverse is not None:
+                check_inverse(inputs, stack, lambda: _replaying(record, self.device, self.autocast, step.modules))
         return stack
 
     def keep_outputs(self, outputs: list[Tensor]) -> None:

@@ -59,6 +59,12 @@ def _grad_leaf(value: object) -> object:
     return value
 
 
+def _within_inverse_tolerance(error: float, scale: float, dtype: torch.dtype) -> bool:
+    """Whether rebuilding values up to ``scale`` with ``error`` is an exact inverse up to rounding."""
+    tolerance = min(0.1, max(1e-3, 100 * torch.finfo(dtype).eps))
+    return error <= tolerance * scale
+
+
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -268,8 +274,7 @@ class CouplingStep:
             rebuilt = self.coupling_inverse(updated, fn_out)
             scale = float(stream.abs().max()) + float(fn_out.abs().max()) + 1e-30
             error = float((rebuilt - stream).abs().max())
-        tolerance = min(0.1, max(1e-3, 100 * torch.finfo(stream.dtype).eps))
-        if not error <= tolerance * scale:
+        if not _within_inverse_tolerance(error, scale, stream.dtype):
             raise ValueError(
                 f"coupling_inverse does not undo coupling_forward for block {type(self.block).__name__}: "
                 f"rebuilding the stream from the block's output is off by {error:.3g} (values up to {scale:.3g}); "
@@ -392,6 +397,28 @@ class InvertibleStep:
     def forward(self, stack: list, block_kwargs: dict, invoke: Invoke) -> list:
         outputs = invoke(lambda *items: self._outputs(items), *stack[: self.n_items])
         return list(outputs) + stack[self.n_items :]
+
+    def check_inverse(self, inputs: Sequence[object], outputs: Sequence[object], replay: Callable) -> None:
+        """Once per layer: ``reverse(apply(x))`` must give x back, or backward would rebuild wrong
+        inputs and return wrong gradients without a word. ``replay`` re-enters the forward call's
+        RNG and buffer state, as the rebuild in backward does."""
+        module = self.modules[0]
+        if getattr(module, "_reverse_checked", False):
+            return
+        with replay(), torch.no_grad():
+            rebuilt = self.reverse(*outputs[: self.n_items])
+            for index, (original, again) in enumerate(zip(inputs[: self.n_items], rebuilt)):
+                if not (isinstance(original, Tensor) and isinstance(again, Tensor)) or original.numel() == 0:
+                    continue
+                scale = float(original.abs().max()) + 1e-30
+                error = float((again - original).abs().max()) if again.shape == original.shape else float("inf")
+                if not _within_inverse_tolerance(error, scale, original.dtype):
+                    raise ValueError(
+                        f"{type(module).__name__}.stack_reverse does not undo its forward: input {index} comes "
+                        f"back off by {error:.3g} (values up to {scale:.3g}); backward rebuilds inputs with it, so "
+                        "it must be the exact inverse"
+                    )
+        module._reverse_checked = True
 
     def backward(self, walk: BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list:
         n = self.n_items
