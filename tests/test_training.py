@@ -350,12 +350,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model.reformer.register_forward_hook(poison)
     trainer = Trainer(model, tiny_args(tmp_path, steps=8, save_every=2, eval_every=0), data.DuplicationTask(16, 16),
                       reporter=quiet())
-    with pytest.raises(training.TrainingDiverged, match="step 5.*step-4"):
+    with pytest.raises(training.TrainingDiverged, match="step 5.*diverged-step-4.*last good checkpoint is .*step-2"):
         trainer.train()
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-4", "step-2"]
+    # The weights of step 4 gave the non-finite loss: their checkpoint is moved aside, not resumed from.
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-2"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    saved = ReformerLM.from_pretrained(tmp_path / "checkpoints" / "step-4").state_dict()
+    saved = ReformerLM.from_pretrained(tmp_path / "checkpoints" / "diverged-step-4").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # step 5 never updated
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_divergence_keeps_a_good_checkpoint_whatever_keep_says(tmp_path):
+    """With --keep 1 the checkpoint before the newest is pruned only once the newest one's weights
+    have given a finite loss, so when they do not, a good checkpoint is still there to resume from."""
+    model = tiny_model()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 4 and module.training:
+            output.last_hidden_state = output.last_hidden_state * float("nan")
+        return output
+
+    model.reformer.register_forward_hook(poison)
+    args = tiny_args(tmp_path, steps=6, save_every=1, eval_every=0, keep_checkpoints=1)
+    with pytest.raises(training.TrainingDiverged, match="step 4.*last good checkpoint is .*step-2"):
+        Trainer(model, args, data.DuplicationTask(16, 16), reporter=quiet()).train()
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-2"]
+    assert (tmp_path / "checkpoints" / "diverged-step-3").is_dir()
+
+
+def test_weights_that_give_a_non_finite_evaluation_loss_are_not_saved(tmp_path):
+    """A learning rate this large makes the first update overflow the next forward pass: the final
+    evaluation is NaN, so the run stops as diverged instead of finishing with a NaN checkpoint."""
+    args = tiny_args(tmp_path, steps=1, lr=1e30, warmup_steps=0, clip_grad_norm=None)
+    with pytest.raises(training.TrainingDiverged, match="evaluation loss at step 1 is nan.*no good checkpoint"):
+        Trainer(tiny_model(), args, data.DuplicationTask(16, 16), reporter=quiet()).train()
+    assert checkpoints.list_checkpoints(tmp_path / "checkpoints") == []
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 

@@ -20,8 +20,12 @@ the folder is assembled under a temporary name and renamed into place, so a cras
 half-written ``step-N``. Resuming verifies the manifest and falls back, with a warning, to the newest
 checkpoint that verifies.
 
-A non-finite loss or gradient norm stops training before the optimizer step, with ``TrainingDiverged``;
-the weights and the checkpoints on disk are those of the last good step. SIGINT (Ctrl-C) or SIGTERM
+A non-finite loss or gradient norm stops training before the optimizer step, with ``TrainingDiverged``,
+and so does a non-finite evaluation loss. A checkpoint counts as good once a later loss computed with
+its weights is finite: when the weights of the newest checkpoint give the non-finite loss, that
+checkpoint is moved aside to ``checkpoints/diverged-step-N`` (rename it back to use it), so
+``--resume`` starts from the last good one, and old checkpoints are pruned (``--keep``) only once the
+newest is confirmed, so a divergence never leaves only bad ones. SIGINT (Ctrl-C) or SIGTERM
 stops training at the end of the current step: the step is checkpointed, ``metrics.json`` says
 ``"status": "interrupted"`` and ``TrainingInterrupted`` is raised; ``resume`` continues from there. A
 second Ctrl-C interrupts at once.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import threading
@@ -68,7 +73,8 @@ SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN/inf; the weights were left at the last good step."""
+    """The loss, the gradients or the evaluation loss became NaN/inf; the weights were not updated
+    further, and a checkpoint of the weights that gave it was moved aside (see the module docstring)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -230,6 +236,9 @@ class Trainer:
         self.reporter = (reporter or LineReporter()) if ctx.is_main else None
         self.step, self.history, self.last_checkpoint = 0, [], None
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
+        # A checkpoint is unconfirmed until a later loss computed with its weights is finite; old
+        # checkpoints are pruned only once the newest one is confirmed.
+        self.unconfirmed_checkpoint: Path | None = None
         self._prepared = False
 
     # ---------------------------------------------------------------- one step
@@ -265,18 +274,40 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            where = "no checkpoint was written yet"
-            if self.last_checkpoint is not None:
-                where = f"the last good checkpoint is {self.last_checkpoint}"
-            raise TrainingDiverged(
-                f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); the weights were not "
-                f"updated and {where}: train again (or --resume) with a lower --lr or with --clip"
-            )
+            raise self._diverged(f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm})")
+        self._confirm_checkpoint()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error for weights that gave a non-finite loss or gradient. A checkpoint of those weights
+        (written after the previous step) is moved aside to ``diverged-step-N``, so ``--resume`` starts
+        from the last good one."""
+        moved = ""
+        if self.unconfirmed_checkpoint is not None:
+            aside = self.unconfirmed_checkpoint.with_name(f"diverged-{self.unconfirmed_checkpoint.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.unconfirmed_checkpoint, aside)
+            moved = f"; its checkpoint holds those weights and was moved to {aside}"
+            self.unconfirmed_checkpoint = None
+            self.last_checkpoint = next(iter(list_checkpoints(self.checkpoints_dir)), None)
+        where = "no good checkpoint was written" if self.last_checkpoint is None else (
+            f"the last good checkpoint is {self.last_checkpoint}")
+        return TrainingDiverged(
+            f"{what}: the weights after step {self.step} give non-finite values{moved}; the weights were not "
+            f"updated further and {where}: train again (or --resume) with a lower --lr or with --clip"
+        )
+
+    def _confirm_checkpoint(self) -> None:
+        """The newest checkpoint's weights just gave a finite loss: prune the checkpoints beyond --keep."""
+        if self.unconfirmed_checkpoint is None:
+            return
+        self.unconfirmed_checkpoint = None
+        for old in list_checkpoints(self.checkpoints_dir)[self.args.keep_checkpoints :]:
+            shutil.rmtree(old)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
@@ -338,8 +369,10 @@ class Trainer:
         return requested
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path | None:
-        """Checkpoint the current step (every rank's RNG state included); rank 0 writes, prunes old ones."""
+    def save_checkpoint(self, confirmed: bool = False) -> Path | None:
+        """Checkpoint the current step (every rank's RNG state included); rank 0 writes it. Old checkpoints
+        beyond ``keep_checkpoints`` are pruned once this one is ``confirmed`` (its weights gave a finite
+        evaluation loss) or the next step's loss is finite, so a divergence never leaves only bad ones."""
         ctx = self.context
         rng_by_rank = [capture_rng_states()]
         if ctx.active:
@@ -351,9 +384,9 @@ class Trainer:
             state = {"format_version": 1, "step": self.step, "world_size": ctx.world_size,
                      "args": dataclasses.asdict(self.args), "data": self.dataset.describe(), "history": self.history}
             path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self.optimizer, rng_by_rank, state)
-            for old in list_checkpoints(self.checkpoints_dir)[self.args.keep_checkpoints :]:
-                shutil.rmtree(old)
-            self.last_checkpoint = path
+            self.last_checkpoint = self.unconfirmed_checkpoint = path
+            if confirmed:
+                self._confirm_checkpoint()
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.step, path)
         self.saved_step = self.step
@@ -403,6 +436,7 @@ class Trainer:
         self.step = loaded["trainer_state"]["step"]
         self.history = loaded["trainer_state"]["history"]
         self.last_checkpoint, self.saved_step = value, self.step
+        self.unconfirmed_checkpoint = value if ctx.is_main else None  # until a step shows its weights are good
         if ctx.is_main:  # newer checkpoints failed to verify; the continued run rewrites those steps
             for unusable in list_checkpoints(self.checkpoints_dir):
                 if int(unusable.name[5:]) > self.step:
@@ -492,8 +526,11 @@ class Trainer:
                 record = {"step": self.step, "lr": learning_rate(self.step, args), "train_loss": loss,
                           "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
                           "elapsed_seconds": time.perf_counter() - started}
-                if (args.eval_every and self.step % args.eval_every == 0) or final:
+                evaluated = (args.eval_every and self.step % args.eval_every == 0) or final
+                if evaluated:
                     record.update(self.evaluate())
+                    if not math.isfinite(record["eval_loss"]):
+                        raise self._diverged(f"the evaluation loss at step {self.step} is {record['eval_loss']}")
                     evaluation = {k: v for k, v in record.items() if k.startswith("eval")}
                     self.history.append({"step": self.step, **evaluation})
                 if "eval_loss" in record or self.step % args.log_every == 0 or final:
@@ -505,7 +542,7 @@ class Trainer:
                         run_log.write_metrics(metrics)
                         self.reporter.update(record)
                 if (args.save_every and self.step % args.save_every == 0) or final:
-                    self.save_checkpoint()
+                    self.save_checkpoint(confirmed=bool(evaluated))
                 if not final and self._stop_requested(stop):
                     if self.saved_step != self.step:
                         self.save_checkpoint()
