@@ -258,6 +258,15 @@ def test_convert_round_trips_through_hf_format(tmp_path, capsys):
     code, _, err = run(["convert", str(run_folder), str(tmp_path / "y")], capsys)
     assert_one_line_error(code, err)
     assert "training run folder" in err
+    # A destination that holds anything (here the run folder) is refused and left as it was.
+    before = sorted((p.relative_to(run_folder), p.stat().st_mtime_ns) for p in run_folder.rglob("*"))
+    code, _, err = run(["convert", str(tmp_path / "hf"), str(run_folder)], capsys)
+    assert_one_line_error(code, err)
+    assert "not an empty folder" in err
+    assert sorted((p.relative_to(run_folder), p.stat().st_mtime_ns) for p in run_folder.rglob("*")) == before
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(["convert", str(tmp_path / "hf"), str(tmp_path / "empty")], capsys)
+    assert code == 0 and "-> ReformerLM" in out, err
 
 
 def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):

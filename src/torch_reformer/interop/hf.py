@@ -242,11 +242,15 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     write ``memory_mode``. The class comes from its ``architectures`` (for an HF file without it,
     from the tensor names). HF weights are read from ``model.safetensors`` (or its shards), else
     from ``pytorch_model.bin`` (loaded with ``weights_only=True``); ours are read and written as
-    safetensors. Raises ``CheckpointError`` for anything missing, corrupt or inconsistent.
+    safetensors. ``dst_dir`` must be new or empty. Raises ``CheckpointError`` for anything missing,
+    corrupt or inconsistent.
     """
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
         raise ValueError(f"source and destination are the same folder {src_dir!r}: pass another destination")
+    if os.path.exists(dst_dir) and (not os.path.isdir(dst_dir) or os.listdir(dst_dir)):
+        raise ValueError(f"destination {dst_dir!r} already exists and is not an empty folder; converting would "
+                         "overwrite what it holds (a model, a run, a checkpoint): pass a new or empty folder")
     if os.path.isdir(os.path.join(src_dir, CHECKPOINT_DIR)) and not os.path.isfile(os.path.join(src_dir, WEIGHTS_NAME)):
         raise CheckpointError(f"{src_dir} is a training run folder: convert one of its checkpoints, e.g. "
                               f"{os.path.join(src_dir, CHECKPOINT_DIR, 'step-N')}")
