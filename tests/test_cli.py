@@ -3,6 +3,7 @@ SPEC §10 ending as one line on stderr with a non-zero exit status."""
 
 import io
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -221,6 +222,14 @@ def test_generate_is_reproducible_by_default_and_points_hf_folders_to_convert(tm
     code, _, err = run(["generate", "--checkpoint", hf_like, "--prompt", "hi"], capsys)
     assert_one_line_error(code, err)
     assert "reformer convert" in err
+    # A checkpoint copied out of its run still knows its task from its trainer_state.json.
+    copied = tmp_path / "copied"
+    shutil.copytree(next((out / "checkpoints").iterdir()), copied)
+    greedy = ["--prompt", "0 3 4 5", "--max-new-tokens", "3"]
+    from_run = run(["generate", "--checkpoint", out, *greedy], capsys)
+    from_copy = run(["generate", "--checkpoint", copied, *greedy], capsys)
+    assert from_run[0] == from_copy[0] == 0 and from_run[1] == from_copy[1]
+    assert all(token.isdigit() for token in from_copy[1].split())
 
 
 def test_generate_rejects_out_of_range_and_too_long_prompts(tmp_path, capsys):

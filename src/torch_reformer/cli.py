@@ -292,15 +292,33 @@ def _is_hf_folder(path: Path) -> bool:
     return isinstance(config, dict) and "model_type" in config
 
 
-def _prompt_codec(run_dir: Path):
-    """(encode, decode, eos id) for the run's data: duplication ids, bytes or the saved BPE tokenizer."""
+def _trained_task(model_dir: Path, run_dir: Path) -> str:
+    """The task the model was trained on: from the run's data.json, else from the checkpoint's own
+    trainer_state.json (a checkpoint copied out of its run), else bytes (a plain saved model)."""
     import json
 
+    for path, read in ((run_dir / "data.json", lambda d: d), (model_dir / "trainer_state.json", lambda d: d["data"])):
+        if path.is_file():
+            try:
+                return str(read(json.loads(path.read_text(encoding="utf-8"))).get("task", "bytes"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{path} is not a readable run description: is the folder damaged?") from None
+    return "bytes"
+
+
+def _prompt_codec(model_dir: Path, run_dir: Path):
+    """(encode, decode, eos id) for the run's data: duplication ids, bytes or the saved BPE tokenizer."""
     from . import data
 
-    task = "bytes"
-    if (run_dir / "data.json").is_file():
-        task = json.loads((run_dir / "data.json").read_text(encoding="utf-8")).get("task", "bytes")
+    task = _trained_task(model_dir, run_dir)
+    if task == "bpe":
+        found = [folder / "tokenizer.json" for folder in (run_dir, model_dir) if (folder / "tokenizer.json").is_file()]
+        if not found:
+            raise ValueError(f"{model_dir} was trained on BPE tokens, and its tokenizer.json (a file of the run folder) "
+                             "is not next to it: generate from the run folder, or copy the run's tokenizer.json into "
+                             f"{model_dir}")
+        tokenizer = data.BPETokenizer(found[0])
+        return tokenizer.encode, tokenizer.decode, tokenizer.eos_token_id
     if task == "duplication":
         def encode(text):
             try:
@@ -308,7 +326,7 @@ def _prompt_codec(run_dir: Path):
             except ValueError:
                 raise ValueError(f"a duplication-task prompt is token ids separated by spaces, got {text!r}") from None
         return encode, lambda ids: " ".join(str(int(i)) for i in ids), None
-    tokenizer = data.BPETokenizer(run_dir / "tokenizer.json") if task == "bpe" else data.ByteTokenizer()
+    tokenizer = data.ByteTokenizer()
     return tokenizer.encode, tokenizer.decode, tokenizer.eos_token_id
 
 
@@ -319,7 +337,7 @@ def _run_generate(args) -> int:
 
     model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
     model = ReformerLM.from_pretrained(model_dir).eval()
-    encode, decode, eos_token_id = _prompt_codec(run_dir)
+    encode, decode, eos_token_id = _prompt_codec(model_dir, run_dir)
     prompt_ids = encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
