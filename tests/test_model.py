@@ -209,6 +209,27 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == model.config
 
 
+def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    """Weights and config are written together: a failure in between must not leave one save's
+    weights beside another's config (same shapes, so it would load without a word)."""
+    import torch_reformer.model as model_module
+
+    first = ReformerLM(tiny(is_decoder=True, num_hashes=4, hash_seed=7))
+    first.save_pretrained(tmp_path)
+    second = ReformerLM(tiny(is_decoder=True, num_hashes=2, hash_seed=42))
+
+    def failing_dumps(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_module.json, "dumps", failing_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = ReformerLM.from_pretrained(tmp_path)
+    assert (loaded.config.num_hashes, loaded.config.hash_seed) == (4, 7)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in first.state_dict().items())
+
+
 def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
     config = tiny(is_decoder=True)
     ReformerLM(config).save_pretrained(tmp_path / "m")

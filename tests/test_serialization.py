@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from torch_reformer.serialization import CheckpointError, load_safetensors, save_safetensors
+from torch_reformer.serialization import CheckpointError, atomic_write_files, load_safetensors, save_safetensors
 
 
 def _sample_tensors():
@@ -102,3 +102,19 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
         save_safetensors({"x": torch.zeros(2), "y": Unsavable()}, path)
     assert torch.equal(load_safetensors(path)["x"], torch.ones(2))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path):
+    (tmp_path / "a").write_bytes(b"old a")
+    (tmp_path / "b").write_bytes(b"old b")
+
+    def failing_chunks():
+        yield b"new b, half"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_files({tmp_path / "a": [b"new a"], tmp_path / "b": failing_chunks()})
+    assert (tmp_path / "a").read_bytes() == b"old a" and (tmp_path / "b").read_bytes() == b"old b"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+    atomic_write_files({tmp_path / "a": [b"new ", b"a"], tmp_path / "b": [b"new b"]})
+    assert (tmp_path / "a").read_bytes() == b"new a" and (tmp_path / "b").read_bytes() == b"new b"

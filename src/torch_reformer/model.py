@@ -41,13 +41,7 @@ from .config import CONFIG_NAME, ReformerConfig
 from .layers import AxialPositionalEmbedding, LMHead, check_class_labels, mean_token_cross_entropy
 from .outputs import ReformerModelOutput, ReformerOutput
 from .reversible import reversible_forward
-from .serialization import (
-    CheckpointError,
-    atomic_write_bytes,
-    load_safetensors,
-    read_json_object,
-    save_safetensors,
-)
+from .serialization import CheckpointError, atomic_write_files, load_safetensors, read_json_object, safetensors_chunks
 
 WEIGHTS_NAME = "model.safetensors"
 # Rows of the LM head processed at once when the loss is requested without logits and the config
@@ -135,9 +129,11 @@ class ReformerPreTrainedModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
-        save_safetensors(self.state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), [text.encode("utf-8")])
+        atomic_write_files({  # both or neither: never weights of one save beside the config of another
+            os.path.join(directory, WEIGHTS_NAME): safetensors_chunks(self.state_dict(), metadata={"format": "pt"}),
+            os.path.join(directory, CONFIG_NAME): [text.encode("utf-8")],
+        })
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, **config_overrides):

@@ -45,19 +45,36 @@ class CheckpointError(ValueError):
 
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     """Write an iterable of byte strings to ``path`` through a temporary file and a rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    atomic_write_files({path: chunks})
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, object]) -> None:
+    """Write several files (``path -> iterable of byte strings``) that belong together.
+
+    Every file is written in full to a temporary name first; only then are they renamed into
+    place, back to back. So a failure while writing (a full disk, an exception) leaves every
+    destination as it was, never a new file beside an old one (weights of one save with the
+    config of another).
+    """
+    pending: list[tuple[str, str]] = []
     try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
+        for path, chunks in files.items():
+            path = os.fspath(path)
+            fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+            pending.append((tmp_path, path))
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+        while pending:
+            tmp_path, path = pending[0]
+            os.replace(tmp_path, path)
+            pending.pop(0)
     except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+        for tmp_path, _ in pending:
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
         raise
 
 
@@ -65,6 +82,11 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Save a flat ``name -> tensor`` mapping to ``path`` in the safetensors format."""
+    atomic_write_bytes(path, safetensors_chunks(tensors, metadata))
+
+
+def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[bytes]:
+    """The bytes of a safetensors file holding ``tensors``, as chunks to write one after another."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -85,7 +107,7 @@ def save_safetensors(
         offset += len(raw)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data section to 8 bytes
-    atomic_write_bytes(path, [struct.pack("<Q", len(header_bytes)), header_bytes, *payloads])
+    return [struct.pack("<Q", len(header_bytes)), header_bytes, *payloads]
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

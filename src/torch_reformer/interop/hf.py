@@ -58,7 +58,7 @@ from ..model import (
     ReformerModel,
     ReformerPreTrainedModel,
 )
-from ..serialization import CheckpointError, atomic_write_bytes, load_safetensors, read_json_object, save_safetensors
+from ..serialization import CheckpointError, atomic_write_files, load_safetensors, read_json_object, safetensors_chunks
 
 # Our class name -> HF class name; both libraries' names appear in config.json "architectures".
 HF_CLASS_NAMES = {
@@ -283,9 +283,11 @@ def _convert_ours_to_hf(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
     state = load_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
     hf_state = our_state_to_hf(state, _shapes_of(OUR_CLASSES[our_name], config), source=f"checkpoint {src_dir}")
     os.makedirs(dst_dir, exist_ok=True)
-    save_safetensors(hf_state, os.path.join(dst_dir, "model.safetensors"), metadata={"format": "pt"})
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(os.path.join(dst_dir, CONFIG_NAME), [text.encode("utf-8")])
+    atomic_write_files({
+        os.path.join(dst_dir, "model.safetensors"): safetensors_chunks(hf_state, metadata={"format": "pt"}),
+        os.path.join(dst_dir, CONFIG_NAME): [text.encode("utf-8")],
+    })
     return Conversion("torch_reformer", our_name, hf_class_name)
 
 
