@@ -204,6 +204,25 @@ def test_corrupt_checkpoint_is_reported_and_resume_falls_back(tmp_path):
         checkpoints.newest_valid_checkpoint(tmp_path / "checkpoints")
 
 
+@pytest.mark.parametrize("files", [[], {"model.safetensors": 5}, {}, "all"])
+def test_a_malformed_manifest_is_a_damaged_checkpoint(tmp_path, files):
+    """Hand-edited manifests (a list, a bare size, no entries) are damage like any other: the
+    checkpoint fails to verify with a CheckpointError, so resuming falls back to an older one."""
+    Trainer(tiny_model(), tiny_args(tmp_path, steps=2, save_every=1), data.DuplicationTask(16, 16),
+            reporter=quiet()).train()
+    manifest_path = tmp_path / "checkpoints" / "step-2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if files == "all":  # every entry but one present and well formed
+        del manifest["files"]["trainer_state.json"]
+    else:
+        manifest["files"] = files
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="corrupt manifest.json"):
+        checkpoints.verify_checkpoint(manifest_path.parent)
+    with pytest.warns(UserWarning, match="trying an older checkpoint"):
+        assert checkpoints.newest_valid_checkpoint(tmp_path / "checkpoints").name == "step-1"
+
+
 def test_resume_warns_when_the_data_order_cannot_continue(tmp_path):
     Trainer(tiny_model(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
     trainer = Trainer(tiny_model(), tiny_args(tmp_path, steps=3, resume=True, batch_size=4),

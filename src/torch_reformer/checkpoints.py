@@ -23,6 +23,9 @@ from .serialization import CheckpointError, atomic_write_bytes, load_safetensors
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+# What every checkpoint holds besides its manifest.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.safetensors",
+                    "trainer_state.json")
 
 
 def _sha256(path: Path) -> str:
@@ -107,6 +110,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST} ({err})") from None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    )
+    if not well_formed:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}: 'files' must map each file name to its "
+                              "'bytes' and 'sha256'")
+    unlisted = sorted(set(CHECKPOINT_FILES) - set(files))
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}: it does not list {', '.join(unlisted)}")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
