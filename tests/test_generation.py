@@ -77,6 +77,17 @@ def test_temperature_and_top_k():
     assert torch.equal(apply_top_k(logits, 4), logits)
 
 
+def test_sampling_at_a_tiny_temperature_picks_the_largest_logit():
+    """logits / 1e-45 would overflow to +inf; the warp shifts each row by its maximum first, so the
+    sampling distribution is the softmax's limit (the largest logits) instead of NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 0.5, 0.0, -2.0]])
+    generator = torch.Generator().manual_seed(0)
+    options = DecodingOptions(do_sample=True, temperature=1e-45)
+    picks = [sample_pick(options.warp(logits), generator).tolist() for _ in range(20)]
+    assert all(row[0] == 1 for row in picks)
+    assert {row[1] for row in picks} == {0, 1}  # tied maxima share the probability
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
     logits = probs.log()

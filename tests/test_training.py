@@ -409,6 +409,15 @@ def test_weights_that_give_a_non_finite_evaluation_loss_are_not_saved(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
+def test_learning_rate_settings_that_cannot_train_are_refused_or_warned_about(tmp_path):
+    for overrides, message in (({"lr": 1e40}, "lr must be a positive number below"),
+                               ({"min_lr_ratio": -5.0}, "min_lr_ratio"), ({"min_lr_ratio": 2.0}, "min_lr_ratio")):
+        with pytest.raises(ValueError, match=message):
+            tiny_args(tmp_path, **overrides).validate()
+    with pytest.warns(UserWarning, match="never reaches lr"):
+        tiny_args(tmp_path, steps=200, warmup_steps=1000).validate()
+
+
 def test_inputs_that_do_not_fit_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="multiple of 4"):
         Trainer(tiny_model(), tiny_args(tmp_path, batch_size=6, grad_accum=4), data.DuplicationTask(16, 16))

@@ -93,8 +93,15 @@ class DecodingOptions:
     pad_token_id: int = 0
 
     def warp(self, logits: Tensor) -> Tensor:
-        """Temperature, then top-k, then top-p (the sampling distribution's shape)."""
-        return apply_top_p(apply_top_k(apply_temperature(logits, self.temperature), self.top_k), self.top_p)
+        """Temperature, then top-k, then top-p (the sampling distribution's shape).
+
+        Each row is first shifted by its largest finite logit, which changes none of the three: then
+        a tiny temperature sends the other logits to -inf instead of overflowing the largest ones to
+        +inf (where sampling would meet inf - inf).
+        """
+        row_max = logits.max(dim=-1, keepdim=True).values  # (N, 1)
+        shifted = logits - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        return apply_top_p(apply_top_k(apply_temperature(shifted, self.temperature), self.top_k), self.top_p)
 
 
 # ---------------------------------------------------------------------------------------- loops

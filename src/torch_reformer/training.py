@@ -145,8 +145,15 @@ class TrainingArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        float32_max = torch.finfo(torch.float32).max  # the optimizer scales float32 updates by lr
+        if not (math.isfinite(self.lr) and 0 < self.lr < float32_max):
+            raise ValueError(f"lr must be a positive number below {float32_max:.3g}, got {self.lr!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio (the cosine schedule's final lr / lr) must lie in [0, 1], got "
+                             f"{self.min_lr_ratio!r}")
+        if self.warmup_steps >= self.steps and not self.resume:
+            warnings.warn(f"warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate rises for the "
+                          f"whole run and never reaches lr={self.lr:g}", stacklevel=2)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
