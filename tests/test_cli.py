@@ -86,6 +86,20 @@ def test_train_on_text_reports_bits_per_character(tmp_path, capsys):
     assert metrics["eval_bpc"] > 0 and "eval_accuracy" not in metrics
     assert json.loads((tmp_path / "text" / "data.json").read_text())["task"] == "bytes"
     assert ReformerConfig.from_json_file(tmp_path / "text" / "config.json").vocab_size == 258
+    # A corpus that grew since the checkpoint is noticed when resuming.
+    corpus.write_text("Some text to model, byte by byte. " * 31)
+    with pytest.warns(UserWarning, match="data_bytes"):
+        code, _, err = run([*TINY_TRAIN[:1], "--data", corpus, "--seq-len", "32", "--steps", "4", "--batch-size", "4",
+                            "--eval-every", "4", "--out", tmp_path / "text", "--resume"], capsys)
+    assert code == 0, err
+
+
+def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "corpus.txt").write_text("Some text to model, byte by byte. " * 30)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run([*TINY_TRAIN[:1], "--data", ".", "--seq-len", "32", "--steps", "2", "--batch-size", "4"], capsys)
+    assert_one_line_error(code, err)
+    assert "inside the data folder" in err and not (tmp_path / "runs").exists()
 
 
 def test_tokenizer_train_then_train_with_it(tmp_path, capsys):

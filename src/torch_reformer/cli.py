@@ -163,6 +163,9 @@ def _run_train(args) -> int:
 
     default_out = "runs/duplication" if args.data is None else f"runs/{Path(args.data).resolve().name or 'text'}"
     out_dir = Path(args.out or default_out)
+    if args.data is not None and Path(args.data).is_dir() and out_dir.resolve().is_relative_to(Path(args.data).resolve()):
+        raise ValueError(f"the run folder {out_dir} is inside the data folder {args.data}, so the run's own files would "
+                         "be read as training text: pass --out outside it")
     _check_seq_len_fits_config(args)
     dataset = _build_dataset(args, out_dir)
     config = build_config(args, dataset.seq_len, dataset.vocab_size, dataset.pad_token_id, dataset.eos_token_id)

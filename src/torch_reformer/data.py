@@ -333,7 +333,8 @@ def byte_text_dataset(path: str | os.PathLike, seq_len: int, seed: int = 0, eval
     return TextDataset(
         ByteSource(files), seq_len, BYTE_VOCAB_SIZE, byte_characters_per_token(), seed=seed,
         eval_fraction=eval_fraction, eval_size=eval_size, pad_token_id=BYTE_PAD_ID, eos_token_id=BYTE_EOS_ID,
-        description={"task": "bytes", "data": os.path.abspath(path)},
+        description={"task": "bytes", "data": os.path.abspath(path),
+                     "bytes": sum(os.path.getsize(file) for file in files)},  # resuming notices a changed corpus
     )
 
 

@@ -349,8 +349,10 @@ def generate(
     in the sequence. A row that emits one of ``eos_token_id`` stops and is filled with
     ``pad_token_id`` (default: the config's, else the eos id); ``eos_token_id=None`` never stops
     early. ``attention_mask`` (B, L) marks real tokens (1) and padding (0), left or right: each
-    row is continued exactly as its real tokens would be alone, and the new tokens follow its last
-    real token. ``seed`` makes sampling (and LSH rotations without ``hash_seed``) reproducible
+    row is computed exactly as its real tokens would be alone, so greedy decoding and beam search
+    continue it as they would alone, and the new tokens follow its last real token. Sampling
+    draws every row from one generator, so a sampled row also depends on the rows decoded with it
+    (the same ``seed`` and batch give the same tokens). ``seed`` makes sampling (and LSH rotations without ``hash_seed``) reproducible
     through a private generator; the global RNG is never used for sampling. ``use_cache=False``
     recomputes the whole sequence at every step: much slower, the same tokens unless an LSH layer
     feeds a later layer (see the module docstring).
