@@ -27,7 +27,9 @@ stack's input needs none). Before each block
 call it records the RNG state (CPU, and CUDA for CUDA tensors) and the autocast state;
 the recomputation replays both, so dropout masks and random draws (LSH rotations) are
 identical, and it puts the global RNG back afterwards. Buffers (BatchNorm running
-statistics) are restored after a recomputation so they are updated once per step.
+statistics) are restored after a recomputation so they are updated once per step. Anything
+else a rebuild depends on (train/eval flags, forward hooks, the parameters' identity, values and
+``requires_grad``) is recorded with the call, and a rebuild that would find it changed is refused.
 
 The last ``autograd_tail`` steps may run with plain autograd after the chain: backward needs
 their activations first, so keeping their graph from the forward pass instead of rebuilding
@@ -111,7 +113,8 @@ def _parameter_states(submodules: Sequence[nn.Module]) -> tuple[tuple[int, int |
 
 
 class _ModulesState:
-    """What a block's rebuild depends on besides its inputs, taken when its forward call starts.
+    """What a block's rebuild depends on besides its inputs, taken when its forward call starts
+    (the parameters' state again when it ends).
 
     A rebuild re-runs the block's modules as they are at backward time. If their train/eval
     flags, forward hooks or parameters (replaced, changed in place, frozen or unfrozen) differ
