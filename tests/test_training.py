@@ -418,6 +418,19 @@ def test_learning_rate_settings_that_cannot_train_are_refused_or_warned_about(tm
         tiny_args(tmp_path, steps=200, warmup_steps=1000).validate()
 
 
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """The floor is 4 fp32 (rows, seq_len, hidden) tensors: a micro-batch above the available memory
+    is a clear error at construction instead of the kernel killing the process mid-step."""
+    args = tiny_args(tmp_path, batch_size=8, grad_accum=2)
+    hidden = tiny_model().config.hidden_size
+    floor = 4 * (8 // 2) * 16 * hidden * 4
+    monkeypatch.setattr(training, "_available_memory", lambda device: floor - 1)
+    with pytest.raises(ValueError, match=f"4 fp32 tensors of 4 x 16 x {hidden}.*--grad-accum"):
+        Trainer(tiny_model(), args, data.DuplicationTask(16, 16), reporter=quiet())
+    monkeypatch.setattr(training, "_available_memory", lambda device: floor)
+    Trainer(tiny_model(), args, data.DuplicationTask(16, 16), reporter=quiet())
+
+
 def test_inputs_that_do_not_fit_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="multiple of 4"):
         Trainer(tiny_model(), tiny_args(tmp_path, batch_size=6, grad_accum=4), data.DuplicationTask(16, 16))

@@ -185,6 +185,34 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.op
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas))
 
 
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate: free GPU memory, or Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory_floor(hidden_size: int, rows: int, seq_len: int, device: torch.device) -> None:
+    """Refuse a micro-batch whose smallest possible footprint exceeds the available memory, rather
+    than let the kernel kill the process mid-step: the backward pass holds at least the two fp32
+    streams of width ``hidden_size`` and their gradients for every token."""
+    floor = 4 * rows * seq_len * hidden_size * 4
+    available = _available_memory(device)
+    if available is not None and floor > available:
+        raise ValueError(
+            f"a training step needs more than {floor / 2**30:.1f} GiB here (at least 4 fp32 tensors of {rows} x "
+            f"{seq_len} x {hidden_size}) and {available / 2**30:.1f} GiB is available: use a shorter --seq-len, a "
+            "smaller --batch-size or a larger --grad-accum"
+        )
+
+
 def _config_differences(saved: dict, current: dict) -> list[str]:
     ignored = {"architectures"}
     keys = sorted((set(saved) | set(current)) - ignored)
@@ -230,6 +258,7 @@ class Trainer:
         if dataset.vocab_size > config.vocab_size:
             raise ValueError(f"the data has {dataset.vocab_size} token ids but the model's vocab_size is "
                              f"{config.vocab_size}: raise vocab_size in the config")
+        _check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx.device)
         self.model = model.to(ctx.device)
         self.train_model = self.model
         if ctx.active:
