@@ -1,0 +1,168 @@
+"""Replaying a block call in the reversible engine's backward pass exactly as the forward ran it.
+
+Before each block call the engine records a ``CallRecord``: the RNG states (CPU, and the CUDA
+device's for CUDA tensors), a ``BlockCallState`` for what the block saves for its rebuild (LSH
+bucket ids) and a ``ModulesState`` snapshot of what else the rebuild depends on (train/eval
+flags, forward hooks, the parameters' identity, values and ``requires_grad``). ``replaying``
+re-enters that state for the rebuild: it refuses a rebuild whose modules changed, replays the
+RNG and autocast state, lets the rebuild update scratch copies of the buffers (so BatchNorm
+statistics are updated once per step, by the forward) and puts the global RNG back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from .autograd_checks import PARTIAL_BACKWARD_NOTE, version_of
+from .block_state import BlockCallState, activated
+
+
+def autocast_states(device_type: str) -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """(device type, enabled, dtype) for the tensors' device type and for the CPU."""
+    device_types = dict.fromkeys((device_type, "cpu"))
+    return tuple(
+        (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in device_types
+    )
+
+
+class CallRecord:
+    """What a forward block call needs to be replayed exactly."""
+
+    __slots__ = ("cpu_rng", "device_rng", "state", "modules_state")
+
+    def __init__(self, device: torch.device, modules: Sequence[nn.Module]) -> None:
+        self.cpu_rng = torch.get_rng_state()
+        self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.state = BlockCallState()
+        self.modules_state = ModulesState(modules)
+
+
+def _forward_hook_keys(submodules: Sequence[nn.Module]) -> tuple:
+    """The handles of every forward hook a call of these modules runs, global ones included."""
+    shared = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
+    return shared + tuple((tuple(sub._forward_pre_hooks), tuple(sub._forward_hooks)) for sub in submodules)
+
+
+def _parameter_states(submodules: Sequence[nn.Module]) -> tuple[tuple[int, int | None, bool], ...]:
+    """(identity, in-place version, requires_grad) of every parameter the modules hold."""
+    return tuple(
+        (id(param), version_of(param), param.requires_grad)
+        for sub in submodules for param in sub._parameters.values() if param is not None
+    )
+
+
+class ModulesState:
+    """What a block's rebuild depends on besides its inputs, taken when its forward call starts
+    (the parameters' state again when it ends).
+
+    A rebuild re-runs the block's modules as they are at backward time. If their train/eval
+    flags, forward hooks or parameters (replaced, changed in place, frozen or unfrozen) differ
+    from the forward call's, it would compute something else and the gradients would be wrong
+    without a word, so ``refuse_changes`` raises instead. Plain autograd catches the in-place
+    case itself; the engine must check for it because it saves no activations.
+    """
+
+    __slots__ = ("modes", "hooks", "params")
+
+    # The snapshots run eagerly under torch.compile: tracing them would guard on every parameter's
+    # shape and version and recompile for each.
+    @torch.compiler.disable
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        submodules = _submodules(modules)
+        self.modes = tuple(sub.training for sub in submodules)
+        self.hooks = _forward_hook_keys(submodules)
+        self.params = _parameter_states(submodules)
+
+    @torch.compiler.disable
+    def record_parameters(self, modules: Sequence[nn.Module]) -> None:
+        """Take the parameters' state again once the forward call is done: what a block does to its
+        own parameters while it runs (a constraint applied in place) is part of its forward."""
+        self.params = _parameter_states(_submodules(modules))
+
+    @torch.compiler.disable
+    def refuse_changes(self, modules: Sequence[nn.Module]) -> None:
+        submodules = _submodules(modules)
+        if tuple(sub.training for sub in submodules) != self.modes:
+            refuse_in_backward("a block was switched between train and eval mode after the forward pass and before backward; "
+                    "its rebuild would compute something else (dropout): call backward before model.train()/eval(), "
+                    "or use memory_mode='autograd' to mix train- and eval-mode forward passes in one loss")
+        if _forward_hook_keys(submodules) != self.hooks:
+            refuse_in_backward("forward hooks of a block were added or removed after the forward pass and before backward "
+                    "(a hook that removes itself, for instance); its rebuild would run other hooks: change hooks "
+                    "before the forward pass or after backward, or use memory_mode='autograd'")
+        params = _parameter_states(submodules)
+        if [state[0] for state in params] != [state[0] for state in self.params]:
+            refuse_in_backward("a block's parameters were swapped between the forward pass and backward (parameters passed "
+                    "for the forward pass only, as torch.func.functional_call does, or a parameter reassigned); "
+                    "its rebuild would use other tensors: use memory_mode='autograd' for that")
+        if [state[1] for state in params] != [state[1] for state in self.params]:
+            refuse_in_backward("a parameter of a block was changed in place after the forward pass and before backward (an "
+                    "optimizer step, weight clipping, an average update); its rebuild would use the new values: "
+                    "call backward first")
+        if [state[2] for state in params] != [state[2] for state in self.params]:
+            refuse_in_backward("requires_grad of a block's parameter changed after the forward pass and before backward; the "
+                    "forward pass decided which gradients to compute: set requires_grad before the forward pass")
+
+
+def _submodules(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    return [sub for module in modules for sub in module.modules()]
+
+
+def refuse_in_backward(message: str) -> None:
+    raise RuntimeError(message + PARTIAL_BACKWARD_NOTE)
+
+
+@contextlib.contextmanager
+def scratch_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Let a rerun update copies of the modules' buffers, then put the originals back.
+
+    The originals are rebound rather than copied into, so the rerun's graph (which may
+    have saved a buffer, as BatchNorm does) stays valid and the statistics are updated
+    once per step, by the forward.
+    """
+    originals = []
+    for module in modules:
+        for owner in module.modules():
+            for name, buffer in owner._buffers.items():
+                if buffer is not None:
+                    originals.append((owner, name, buffer))
+                    owner._buffers[name] = buffer.clone()
+    try:
+        yield
+    finally:
+        for owner, name, buffer in originals:
+            owner._buffers[name] = buffer
+
+
+@contextlib.contextmanager
+def replaying(
+    record: CallRecord,
+    device: torch.device,
+    autocast_states: tuple[tuple[str, bool, torch.dtype], ...],
+    modules: Sequence[nn.Module],
+) -> Iterator[None]:
+    """Re-enter a forward call's RNG, autocast and scratch state; undo their side effects after."""
+    record.modules_state.refuse_changes(modules)
+    outer_cpu_rng = torch.get_rng_state()
+    outer_device_rng = torch.cuda.get_rng_state(device) if record.device_rng is not None else None
+    torch.set_rng_state(record.cpu_rng)
+    if record.device_rng is not None:
+        torch.cuda.set_rng_state(record.device_rng, device)
+    try:
+        with contextlib.ExitStack() as contexts:
+            for device_type, enabled, dtype in autocast_states:
+                contexts.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            contexts.enter_context(torch.enable_grad())
+            contexts.enter_context(scratch_buffers(modules))
+            contexts.enter_context(activated(record.state, recomputing=True))
+            yield
+    finally:
+        # Put the global generators back where the caller's code left them.
+        torch.set_rng_state(outer_cpu_rng)
+        if outer_device_rng is not None:
+            torch.cuda.set_rng_state(outer_device_rng, device)
