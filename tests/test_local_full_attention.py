@@ -115,6 +115,25 @@ def test_query_whose_window_is_all_padding_averages_its_window():
     torch.testing.assert_close(out[:, :, 8:12], expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gradients_of_queries_whose_window_is_all_padding(dtype, atol):
+    """Such a query's log-sum-exp is about the mask constant (-1e9; spacing 64 in float32), so
+    probabilities rebuilt from it in backward would each be 1 instead of 1/window: the value
+    gradients came out window-size times too large. Checked with every output scored, padded ones
+    included, against the dense reference in float64."""
+    queries, keys, values = qkv(2, 2, 16, 5)
+    key_mask = torch.ones(2, 16, dtype=torch.bool)
+    key_mask[0, 4:12] = False  # row 0: positions 8-11 see only padding (chunk 4, one chunk before)
+    key_mask[1] = False  # row 1: every window is padding
+    inputs = [x.detach().to(dtype).requires_grad_() for x in (queries, keys, values)]
+    out = local_attention(*inputs, chunk_length=4, num_chunks_before=1, key_mask=key_mask)
+    expected = reference_local(queries, keys, values, banded_counts(16, 4, 1, 0), False, key_mask)
+    probe = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out.double() * probe).sum(), inputs)
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * probe).sum(), (queries, keys, values))):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("length, chunk", [(37, 8), (6, 8), (97, 8)])
 def test_local_module_pads_internally(length, chunk):
     torch.manual_seed(0)

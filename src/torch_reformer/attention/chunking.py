@@ -352,7 +352,7 @@ def _round_weights(logsumexp: Tensor, row_max: Tensor, row_sum: Tensor, query_ro
     return weight.div_(row_sum.index_select(0, query_rows).view(shape))
 
 
-def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, logsumexp, slice_grad, shift, keep):
+def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, slice_grad, shift, keep):
     """Gradients of one slice from its recomputed probabilities.
 
     ``slice_grad`` (S, C, D) is the gradient of the slots' outputs, ``shift`` (S, C) the
@@ -364,7 +364,9 @@ def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, lo
     keys_in = queries if spec.shared_qk else keys
     scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
     slice_max = _exp_shifted_(scores)
-    probs = scores.div_((logsumexp - slice_max).exp_()[..., None])  # (S, C, J*C)
+    # Normalised by the recomputed sum, exactly as forward did: exp(lse - max) would lose the sum of
+    # a row that sees no key, whose lse is about the mask constant (-1e9, spacing 64 in float32).
+    probs = scores.div_(scores.sum(dim=-1, keepdim=True))  # (S, C, J*C)
     slice_values = values.index_select(0, part.key_rows).view(probs.shape[0], -1, width)
     grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
     dropped = probs
@@ -422,8 +424,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 shift = shift * round_weight
             keep = None if seed is None else _dropout_keep((count, chunk, part.key_rows.shape[0] // count), seed,
                                                            index, spec, queries)
-            grad_q, grad_k, grad_v = _slice_backward(queries, keys, values, part, spec, logsumexp, slice_grad,
-                                                     shift, keep)
+            grad_q, grad_k, grad_v = _slice_backward(queries, keys, values, part, spec, slice_grad, shift, keep)
             # index_add_ accumulates repeated rows (a key serves several chunks) like
             # index_put_(accumulate=True), and is faster on CPU.
             grad_values.index_add_(0, part.key_rows, grad_v)
