@@ -187,10 +187,13 @@ class ReformerConfig:
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}: pass e.g. 0.0 (no dropout) or 0.1")
         for name in ("axial_norm_std", "initializer_range"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} is a standard deviation and must be >= 0, got {getattr(self, name)}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}: pass e.g. 1e-12")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} is a standard deviation and must be a finite number >= 0, got "
+                                 f"{getattr(self, name)}")
+        if not 0 < self.layer_norm_eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {self.layer_norm_eps}: pass e.g. 1e-12")
+        if self.eos_token_id == ():
+            raise ValueError("eos_token_id is an empty list: pass None for no end-of-sequence token")
         self._check_choices()
         self._check_attention()
         if self.position_embedding_type == "axial":

@@ -286,6 +286,7 @@ class LSHSelfAttention(nn.Module):
         """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         _check_hashing(self.num_hashes, self.num_buckets)
+        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)  # they may be set after construction
         length = hidden_states.shape[1]
         hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
         qk, values = self._project(hidden_states, input_norm)  # (B, H, L_padded, D) each
