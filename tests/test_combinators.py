@@ -218,6 +218,28 @@ def test_a_reverse_that_does_not_undo_the_forward_is_refused_at_the_first_forwar
     assert affine._reverse_checked
 
 
+class DoubleAndCarryMask(ReversibleLayer):
+    """``(x, mask) -> (2x, mask)``: a layer whose stack carries a non-float item."""
+
+    n_in = n_out = 2
+
+    def stack_call(self, items):
+        return (2 * items[0], items[1])
+
+    def stack_reverse(self, items):
+        return (items[0] / 2, items[1])
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_the_reverse_check_compares_non_float_items_exactly(mask_dtype):
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([1, 0, 1, 1, 0]).to(mask_dtype)
+    y, kept = ReversibleSerial(DoubleAndCarryMask(), memory_mode="reversible")((x, mask))
+    assert torch.equal(kept, mask)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
 def test_reversible_serial_and_reversible_sequential_share_the_engine():
     torch.manual_seed(0)
     f, g = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()

@@ -134,15 +134,20 @@ def test_gradients_of_queries_whose_window_is_all_padding(dtype, atol):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=atol)
 
 
-def test_chunking_attributes_set_after_construction_are_checked_when_called():
-    layer = LocalSelfAttention(8, 2, 4, chunk_length=4)
+@pytest.mark.parametrize("kind", ["local", "lsh"])
+def test_chunking_attributes_set_after_construction_are_checked_when_called(kind):
+    from torch_reformer.attention.lsh import LSHSelfAttention
+
+    layer = (LocalSelfAttention(8, 2, 4, chunk_length=4, causal=True) if kind == "local"
+             else LSHSelfAttention(8, 2, 4, chunk_length=4, causal=True, hash_seed=0))
     x = torch.randn(1, 12, 8)
     for name, value, message in (("num_chunks_before", -1, "num_chunks_before must be an int >= 0"),
                                  ("chunk_length", 0, "chunk_length must be a positive int")):
         original = getattr(layer, name)
         setattr(layer, name, value)
-        with pytest.raises(ValueError, match=message):
-            layer(x)
+        for call in (lambda: layer(x), lambda: layer.padded_length(12)):
+            with pytest.raises(ValueError, match=message):
+                call()
         setattr(layer, name, original)
     assert layer(x).shape == x.shape
 

@@ -359,11 +359,12 @@ def _compiled_matches_eager(config, backend):
         torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
 
 
-@pytest.mark.parametrize("attn_layers", [("local", "lsh"), ("full", "local")])
-def test_torch_compile_traces_forward_and_backward(attn_layers):
+@pytest.mark.parametrize("attn_layers, memory_mode", [(("local", "lsh"), "reversible"), (("full", "local"), "reversible"),
+                                                      (("local", "lsh"), "checkpoint")])
+def test_torch_compile_traces_forward_and_backward(attn_layers, memory_mode):
     # aot_eager runs AOTAutograd's tracing of forward and backward (where saved tensors and
     # version counters behave differently from eager) without a C++ compiler.
-    _compiled_matches_eager(tiny(is_decoder=True, attn_layers=attn_layers), "aot_eager")
+    _compiled_matches_eager(tiny(is_decoder=True, attn_layers=attn_layers, memory_mode=memory_mode), "aot_eager")
 
 
 @pytest.mark.slow

@@ -629,3 +629,33 @@ def test_one_pass_rebuild_is_skipped_where_calling_the_block_runs_more(variant):
 
     for got, expected in zip(gradients("reversible"), gradients("autograd")):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _clamp_weight_in_place(module, inputs):
+    with torch.no_grad():
+        module.weight.clamp_(-0.3, 0.3)
+
+
+def test_blocks_that_change_their_own_weights_while_running_are_not_refused():
+    """A pre-hook that clamps a weight in place is part of the block's forward, and every rebuild
+    runs it again (the generic path of a custom coupling rebuilds twice): none of that is a change
+    made between forward and backward, and the gradients are autograd's."""
+    torch.manual_seed(0)
+    blocks = [nn.Linear(4, 4).double(), nn.Linear(4, 4).double()]
+    for block in blocks:
+        block.register_forward_pre_hook(_clamp_weight_in_place)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    grads = {}
+    for mode in ("reversible", "checkpoint", "autograd"):
+        with torch.no_grad():
+            for block in blocks:
+                block.weight.copy_(torch.linspace(-1, 1, 16, dtype=torch.float64).view(4, 4))
+        net = ReversibleSequential(*blocks, memory_mode=mode,
+                                   coupling_forward=lambda x, f: x + 2 * f, coupling_inverse=lambda y, f: y - 2 * f)
+        leaf = x.clone().requires_grad_()
+        net(leaf).pow(2).sum().backward()
+        grads[mode] = [leaf.grad] + [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+    for mode in ("reversible", "checkpoint"):
+        for ours, reference in zip(grads[mode], grads["autograd"]):
+            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)

@@ -15,6 +15,11 @@ PARTIAL_BACKWARD_NOTE = (" (this backward pass may already have added some gradi
                          "it again)")
 
 
+def refuse_in_backward(message: str) -> None:
+    """Raise ``message`` from inside a backward pass, with ``PARTIAL_BACKWARD_NOTE``."""
+    raise RuntimeError(message + PARTIAL_BACKWARD_NOTE)
+
+
 def refuse_create_graph(what: str, instead: str = "") -> None:
     """Raise when called from a backward that runs with ``create_graph=True``.
 

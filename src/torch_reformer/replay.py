@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from .autograd_checks import PARTIAL_BACKWARD_NOTE, version_of
+from .autograd_checks import refuse_in_backward, version_of
 from .block_state import BlockCallState, activated
 
 
@@ -31,15 +31,16 @@ def autocast_states(device_type: str) -> tuple[tuple[str, bool, torch.dtype], ..
 
 
 class CallRecord:
-    """What a forward block call needs to be replayed exactly."""
+    """What a forward block call needs to be replayed exactly. ``modules_state`` is taken once the
+    call is done (see ``ModulesState``)."""
 
     __slots__ = ("cpu_rng", "device_rng", "state", "modules_state")
 
-    def __init__(self, device: torch.device, modules: Sequence[nn.Module]) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.state = BlockCallState()
-        self.modules_state = ModulesState(modules)
+        self.modules_state: ModulesState | None = None
 
 
 def _forward_hook_keys(submodules: Sequence[nn.Module]) -> tuple:
@@ -49,72 +50,81 @@ def _forward_hook_keys(submodules: Sequence[nn.Module]) -> tuple:
 
 
 def _parameter_states(submodules: Sequence[nn.Module]) -> tuple[tuple[int, int | None, bool], ...]:
-    """(identity, in-place version, requires_grad) of every parameter the modules hold."""
+    """(identity, in-place version, requires_grad) of every parameter the modules hold (a lazy
+    module's parameters count once they are initialised)."""
     return tuple(
         (id(param), version_of(param), param.requires_grad)
-        for sub in submodules for param in sub._parameters.values() if param is not None
+        for sub in submodules for param in sub._parameters.values()
+        if param is not None and not isinstance(param, nn.parameter.UninitializedParameter)
     )
 
 
 class ModulesState:
-    """What a block's rebuild depends on besides its inputs, taken when its forward call starts
-    (the parameters' state again when it ends).
+    """What a block's rebuild depends on besides its inputs: its modules' train/eval flags, forward
+    hooks and parameters (identity, in-place version, ``requires_grad``).
 
-    A rebuild re-runs the block's modules as they are at backward time. If their train/eval
-    flags, forward hooks or parameters (replaced, changed in place, frozen or unfrozen) differ
-    from the forward call's, it would compute something else and the gradients would be wrong
-    without a word, so ``refuse_changes`` raises instead. Plain autograd catches the in-place
-    case itself; the engine must check for it because it saves no activations.
+    It is taken when the block's forward call is done, so what a block does to itself while it runs
+    (a constraint applied to a weight in place, a lazy module's initialisation) is part of its
+    forward, and taken again after every rebuild, which does the same. A rebuild re-runs the
+    modules as they are at backward time; if they changed in between, it would compute something
+    else and the gradients would be wrong without a word, so ``refuse_changes`` raises instead.
+    (Plain autograd catches the in-place case itself; the engine must check for it because it
+    saves no activations.) The snapshots run eagerly under torch.compile: traced, they would
+    guard on every parameter's shape and version and recompile for each.
     """
 
     __slots__ = ("modes", "hooks", "params")
 
-    # The snapshots run eagerly under torch.compile: tracing them would guard on every parameter's
-    # shape and version and recompile for each.
     @torch.compiler.disable
     def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.record(modules)
+
+    @torch.compiler.disable
+    def record(self, modules: Sequence[nn.Module]) -> None:
+        """Take the modules' state as it is now."""
         submodules = _submodules(modules)
         self.modes = tuple(sub.training for sub in submodules)
         self.hooks = _forward_hook_keys(submodules)
         self.params = _parameter_states(submodules)
 
     @torch.compiler.disable
-    def record_parameters(self, modules: Sequence[nn.Module]) -> None:
-        """Take the parameters' state again once the forward call is done: what a block does to its
-        own parameters while it runs (a constraint applied in place) is part of its forward."""
-        self.params = _parameter_states(_submodules(modules))
-
-    @torch.compiler.disable
     def refuse_changes(self, modules: Sequence[nn.Module]) -> None:
+        """Raise, saying what changed and what to do, unless the modules are as last recorded."""
         submodules = _submodules(modules)
         if tuple(sub.training for sub in submodules) != self.modes:
-            refuse_in_backward("a block was switched between train and eval mode after the forward pass and before backward; "
-                    "its rebuild would compute something else (dropout): call backward before model.train()/eval(), "
-                    "or use memory_mode='autograd' to mix train- and eval-mode forward passes in one loss")
+            refuse_in_backward(
+                "a block was switched between train and eval mode after the forward pass and before backward; its "
+                "rebuild would compute something else (dropout): call backward before model.train()/eval(), or use "
+                "memory_mode='autograd' to mix train- and eval-mode forward passes in one loss"
+            )
         if _forward_hook_keys(submodules) != self.hooks:
-            refuse_in_backward("forward hooks of a block were added or removed after the forward pass and before backward "
-                    "(a hook that removes itself, for instance); its rebuild would run other hooks: change hooks "
-                    "before the forward pass or after backward, or use memory_mode='autograd'")
+            refuse_in_backward(
+                "forward hooks of a block were added or removed after the forward pass and before backward; its "
+                "rebuild would run other hooks: change hooks before the forward pass or after backward, or use "
+                "memory_mode='autograd'"
+            )
         params = _parameter_states(submodules)
         if [state[0] for state in params] != [state[0] for state in self.params]:
-            refuse_in_backward("a block's parameters were swapped between the forward pass and backward (parameters passed "
-                    "for the forward pass only, as torch.func.functional_call does, or a parameter reassigned); "
-                    "its rebuild would use other tensors: use memory_mode='autograd' for that")
+            refuse_in_backward(
+                "a block's parameters were swapped between the forward pass and backward (parameters passed for the "
+                "forward pass only, as torch.func.functional_call does, or a parameter reassigned); its rebuild "
+                "would use other tensors: use memory_mode='autograd' for that"
+            )
         if [state[1] for state in params] != [state[1] for state in self.params]:
-            refuse_in_backward("a parameter of a block was changed in place after the forward pass and before backward (an "
-                    "optimizer step, weight clipping, an average update); its rebuild would use the new values: "
-                    "call backward first")
+            refuse_in_backward(
+                "a parameter of a block was changed in place after the forward pass and before backward (an "
+                "optimizer step, weight clipping, an average update); its rebuild would use the new values: call "
+                "backward first"
+            )
         if [state[2] for state in params] != [state[2] for state in self.params]:
-            refuse_in_backward("requires_grad of a block's parameter changed after the forward pass and before backward; the "
-                    "forward pass decided which gradients to compute: set requires_grad before the forward pass")
+            refuse_in_backward(
+                "requires_grad of a block's parameter changed after the forward pass and before backward; the "
+                "forward pass decided which gradients to compute: set requires_grad before the forward pass"
+            )
 
 
 def _submodules(modules: Sequence[nn.Module]) -> list[nn.Module]:
     return [sub for module in modules for sub in module.modules()]
-
-
-def refuse_in_backward(message: str) -> None:
-    raise RuntimeError(message + PARTIAL_BACKWARD_NOTE)
 
 
 @contextlib.contextmanager
@@ -166,3 +176,4 @@ def replaying(
         torch.set_rng_state(outer_cpu_rng)
         if outer_device_rng is not None:
             torch.cuda.set_rng_state(outer_device_rng, device)
+    record.modules_state.record(modules)  # the rebuild ran the block's hooks again, as its forward did

@@ -54,10 +54,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .autograd_checks import changed_in_place, refuse_create_graph, version_of
+from .autograd_checks import changed_in_place, refuse_create_graph, refuse_in_backward, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
-from .replay import CallRecord, ModulesState, autocast_states, refuse_in_backward, replaying, scratch_buffers
+from .replay import CallRecord, ModulesState, autocast_states, replaying, scratch_buffers
 from .reversible_steps import (
     Coupling,
     CouplingStep,
@@ -119,11 +119,11 @@ class _ChainRun:
             if not step.replays_randomness:
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
                 continue
-            record = self.records[k] = CallRecord(self.device, step.modules)
+            record = self.records[k] = CallRecord(self.device)
             inputs = stack
             with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
-            record.modules_state.record_parameters(step.modules)
+            record.modules_state = ModulesState(step.modules)
             check_inverse = getattr(step, "check_inverse", None)
             if check_inverse is not None:
                 check_inverse(inputs, stack, lambda: replaying(record, self.device, self.autocast, step.modules))
@@ -148,6 +148,9 @@ class _ChainRun:
 
     def backward(self, grads: list[Tensor | None]) -> tuple[list, list]:
         walk = BackwardWalk(self._take_outputs(), list(grads))
+        for step, record in zip(self.steps, self.records):  # refuse before any rebuild if anything changed
+            if record is not None:
+                record.modules_state.refuse_changes(step.modules)
         param_grads: list[Tensor | None] = [None] * len(self.params)
         for k in reversed(range(len(self.steps))):
             step, record = self.steps[k], self.records[k]
@@ -200,19 +203,20 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
 
     def invoke(fn: Callable[..., object], *args: object) -> object:
         state = BlockCallState()
-        modules_state = ModulesState(modules)
+        modules_state: list[ModulesState] = []  # taken once the forward call is done
 
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
-            if recomputing:
-                modules_state.refuse_changes(modules)
+            if recomputing and modules_state:
+                modules_state[0].refuse_changes(modules)
             state.calls += 1
             buffers = scratch_buffers(modules) if recomputing else contextlib.nullcontext()
             with buffers, activated(state, recomputing):
                 return fn(*items)
 
         result = checkpoint(call_with_state, *args, use_reentrant=False)
-        modules_state.record_parameters(modules)
+        if not torch.compiler.is_compiling():  # a graph break here would break dynamo's checkpoint tracing
+            modules_state.append(ModulesState(modules))
         return result
 
     return invoke

@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from .autograd_checks import PARTIAL_BACKWARD_NOTE, changed_in_place, has_module_hooks, version_of
+from .autograd_checks import changed_in_place, has_module_hooks, refuse_in_backward, version_of
 
 Coupling = Callable[[Tensor, Tensor], Tensor]
 
@@ -107,12 +107,12 @@ def _refuse_unknown_leaves(outputs: Sequence[Tensor], inputs: Sequence[object]) 
         if leaf is None:
             pending.extend(next_node for next_node, _ in node.next_functions)
         elif id(leaf) not in known:
-            raise RuntimeError(
+            refuse_in_backward(
                 f"a reversible block uses a tensor of shape {tuple(leaf.shape)} that requires grad but is neither "
                 "its input nor a parameter of its modules (a parameter captured by a function, a module outside "
                 "the block, a tensor inside a keyword argument, or parameters swapped in for the forward pass only, "
                 "as torch.func.functional_call does); the engine would drop its gradient. Make it a parameter of a "
-                "module inside the block, or use memory_mode='autograd'" + PARTIAL_BACKWARD_NOTE
+                "module inside the block, or use memory_mode='autograd'"
             )
 
 
@@ -410,9 +410,15 @@ class InvertibleStep:
             for index, (original, again) in enumerate(zip(inputs[: self.n_items], rebuilt)):
                 if not (isinstance(original, Tensor) and isinstance(again, Tensor)) or original.numel() == 0:
                     continue
-                scale = float(original.abs().max()) + 1e-30
-                error = float((again - original).abs().max()) if again.shape == original.shape else float("inf")
-                if not _within_inverse_tolerance(error, scale, original.dtype):
+                if not original.is_floating_point():  # masks, ids: exactly or not at all
+                    exact = again.shape == original.shape and torch.equal(again, original)
+                    error, scale = (0.0, 1.0) if exact else (float("inf"), 1.0)
+                    tolerance_dtype = torch.float32
+                else:
+                    scale = float(original.abs().max()) + 1e-30
+                    error = float((again - original).abs().max()) if again.shape == original.shape else float("inf")
+                    tolerance_dtype = original.dtype
+                if not _within_inverse_tolerance(error, scale, tolerance_dtype):
                     raise ValueError(
                         f"{type(module).__name__}.stack_reverse does not undo its forward: input {index} comes "
                         f"back off by {error:.3g} (values up to {scale:.3g}); backward rebuilds inputs with it, so "

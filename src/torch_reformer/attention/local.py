@@ -152,7 +152,10 @@ class LocalSelfAttention(nn.Module):
         )
 
     def padded_length(self, length: int) -> int:
-        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple."""
+        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple.
+        Every call goes through here, so the chunking attributes are checked here: they may have been
+        set since construction."""
+        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)
         return length if length <= self.chunk_length else -(-length // self.chunk_length) * self.chunk_length
 
     def forward(
@@ -165,7 +168,6 @@ class LocalSelfAttention(nn.Module):
         """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         length = hidden_states.shape[1]
-        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)  # they may be set after construction
         hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
         out = self._attend(*self._project(hidden_states, input_norm), key_mask)
         return self.output(merge_heads(out[:, :, :length]))
@@ -200,7 +202,6 @@ class LocalSelfAttention(nn.Module):
         """Attend over a prompt (B, n, hidden) as ``forward`` does and store its keys and values."""
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         length = hidden_states.shape[1]
-        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)  # they may be set after construction
         padded_length = self.padded_length(length) if padded_length is None else padded_length
         hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
         queries, keys, values = self._project(hidden_states)  # (B, H, P, D)

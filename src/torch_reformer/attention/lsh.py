@@ -54,7 +54,7 @@ from torch_reformer.attention.hashing import (
     total_buckets,
 )
 from torch_reformer.attention.projection import project
-from torch_reformer.autograd_checks import PARTIAL_BACKWARD_NOTE
+from torch_reformer.autograd_checks import refuse_in_backward
 from torch_reformer.block_state import is_recomputing, next_call_index, saved_state
 
 
@@ -250,7 +250,10 @@ class LSHSelfAttention(nn.Module):
         )
 
     def padded_length(self, length: int) -> int:
-        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple."""
+        """The length this layer computes on: ``length`` if it fits one chunk, else the next chunk multiple.
+        Every call goes through here, so the chunking attributes are checked here: they may have been
+        set since construction."""
+        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)
         return length if length <= self.chunk_length else -(-length // self.chunk_length) * self.chunk_length
 
     def bucket_spec(self, length: int) -> int | list[int]:
@@ -286,7 +289,6 @@ class LSHSelfAttention(nn.Module):
         """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         _check_hashing(self.num_hashes, self.num_buckets)
-        check_chunking(self.chunk_length, self.num_chunks_before, self.num_chunks_after)  # they may be set after construction
         length = hidden_states.shape[1]
         hidden_states, key_mask = pad_sequence(hidden_states, key_mask, self.padded_length(length))
         qk, values = self._project(hidden_states, input_norm)  # (B, H, L_padded, D) each
@@ -329,10 +331,9 @@ class LSHSelfAttention(nn.Module):
         stored = None if state is None else state.get(key)
         reuse = stored is not None and stored[0] == signature
         if stored is not None and not reuse and is_recomputing():
-            raise RuntimeError(
+            refuse_in_backward(
                 f"LSH layer settings changed between the forward pass and its rebuild in backward (hashes, buckets "
                 f"or length: {stored[0]} then {signature}); call backward before changing num_hashes or num_buckets"
-                + PARTIAL_BACKWARD_NOTE
             )
         if rotations is None and (not reuse or self.hash_seed is None):
             # A rerun that reuses its bucket ids still draws from the global RNG, so every later
