@@ -212,19 +212,23 @@ def test_save_load_round_trip(tmp_path):
 def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
     """Weights and config are written together: a failure in between must not leave one save's
     weights beside another's config (same shapes, so it would load without a word)."""
-    import torch_reformer.model as model_module
+    import torch_reformer.serialization as serialization
 
     first = ReformerLM(tiny(is_decoder=True, num_hashes=4, hash_seed=7))
     first.save_pretrained(tmp_path)
     second = ReformerLM(tiny(is_decoder=True, num_hashes=2, hash_seed=42))
+    synced = []
 
-    def failing_dumps(*args, **kwargs):
-        raise OSError("disk full")
+    def fsync_failing_on_the_second_file(fd):  # the weights are written, the config is not
+        synced.append(fd)
+        if len(synced) == 2:
+            raise OSError("disk full")
 
-    monkeypatch.setattr(model_module.json, "dumps", failing_dumps)
+    monkeypatch.setattr(serialization.os, "fsync", fsync_failing_on_the_second_file)
     with pytest.raises(OSError, match="disk full"):
         second.save_pretrained(tmp_path)
     monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     loaded = ReformerLM.from_pretrained(tmp_path)
     assert (loaded.config.num_hashes, loaded.config.hash_seed) == (4, 7)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in first.state_dict().items())

@@ -95,7 +95,7 @@ class DecodingOptions:
     def warp(self, logits: Tensor) -> Tensor:
         """Temperature, then top-k, then top-p (the sampling distribution's shape).
 
-        Each row is first shifted by its largest finite logit, which changes none of the three: then
+        Each row is first shifted by its maximum (when that is finite), which changes none of the three: then
         a tiny temperature sends the other logits to -inf instead of overflowing the largest ones to
         +inf (where sampling would meet inf - inf).
         """

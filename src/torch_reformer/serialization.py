@@ -53,8 +53,8 @@ def atomic_write_files(files: Mapping[str | os.PathLike, object]) -> None:
 
     Every file is written in full to a temporary name first; only then are they renamed into
     place, back to back. So a failure while writing (a full disk, an exception) leaves every
-    destination as it was, never a new file beside an old one (weights of one save with the
-    config of another).
+    destination as it was, rather than a new file beside an old one (weights of one save with
+    the config of another); only a crash between the renames themselves could still mix them.
     """
     pending: list[tuple[str, str]] = []
     try:

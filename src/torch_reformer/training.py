@@ -253,8 +253,12 @@ class Trainer:
             moved = f"; its checkpoint holds those weights and was moved to {aside}"
             self.unconfirmed_checkpoint = None
             self.last_checkpoint = next(iter(list_checkpoints(self.checkpoints_dir)), None)
-        where = "no good checkpoint was written" if self.last_checkpoint is None else (
-            f"the last good checkpoint is {self.last_checkpoint}")
+        if not self.context.is_main:  # rank 0 writes, moves and names the checkpoints
+            where = "rank 0 names the last good checkpoint"
+        elif self.last_checkpoint is None:
+            where = "no good checkpoint was written"
+        else:
+            where = f"the last good checkpoint is {self.last_checkpoint}"
         return TrainingDiverged(
             f"{what}: the weights after step {self.step} give non-finite values{moved}; the weights were not "
             f"updated further and {where}: train again (or --resume) with a lower --lr or with --clip"
@@ -408,7 +412,8 @@ class Trainer:
         now["batch_size"] = self.args.batch_size
         before = {f"data_{k}": v for k, v in saved.get("data", {}).items()}
         before["batch_size"] = saved["args"]["batch_size"]
-        changed = sorted(key for key in now if before.get(key) != now[key])
+        # A key the saved run did not record (written by an older version) is not a change.
+        changed = sorted(key for key in now if key in before and before[key] != now[key])
         if changed:
             warnings.warn(f"resuming with a different {', '.join(changed)} than the checkpoint's run: "
                           "the data order will not continue the original one", stacklevel=3)

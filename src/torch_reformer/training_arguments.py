@@ -53,8 +53,8 @@ class TrainingArguments:
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"min_lr_ratio (the cosine schedule's final lr / lr) must lie in [0, 1], got "
                              f"{self.min_lr_ratio!r}")
-        if self.warmup_steps >= self.steps and not self.resume:
-            warnings.warn(f"warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate rises for the "
+        if self.warmup_steps > self.steps and not self.resume:
+            warnings.warn(f"warmup_steps {self.warmup_steps} > steps {self.steps}: the learning rate rises for the "
                           f"whole run and never reaches lr={self.lr:g}", stacklevel=2)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
