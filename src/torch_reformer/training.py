@@ -64,7 +64,7 @@ from .checkpoints import (
     save_checkpoint,
     write_json,
 )
-from .distributed import all_reduce_sum, init_distributed
+from .distributed import DistributedContext, all_reduce_sum, init_distributed
 from .run_log import LineReporter, RunLog
 from .training_arguments import TrainingArguments, build_optimizer, learning_rate
 from .serialization import CheckpointError, atomic_write_bytes
@@ -122,17 +122,23 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_memory_floor(hidden_size: int, rows: int, seq_len: int, device: torch.device) -> None:
+def _check_memory_floor(hidden_size: int, rows: int, seq_len: int, context: DistributedContext) -> None:
     """Refuse a micro-batch whose smallest possible footprint exceeds the available memory, rather
     than let the kernel kill the process mid-step: the backward pass holds at least the two fp32
-    streams of width ``hidden_size`` and their gradients for every token."""
+    streams of width ``hidden_size`` and their gradients for every token. In a multi-process job
+    every process refuses when one does (a process left alone would wait for the others forever)."""
     floor = 4 * rows * seq_len * hidden_size * 4
-    available = _available_memory(device)
-    if available is not None and floor > available:
+    available = _available_memory(context.device)
+    short = available is not None and floor > available
+    if context.active:
+        short = bool(all_reduce_sum(torch.tensor([float(short)]), context).item())
+    if short:
+        where = ("another process of this job has less available" if available is None or floor <= available
+                 else f"{available / 2**30:.1f} GiB is available")
         raise ValueError(
             f"a training step needs more than {floor / 2**30:.1f} GiB here (at least 4 fp32 tensors of {rows} x "
-            f"{seq_len} x {hidden_size}) and {available / 2**30:.1f} GiB is available: use a shorter --seq-len, a "
-            "smaller --batch-size or a larger --grad-accum"
+            f"{seq_len} x {hidden_size}) and {where}: use a shorter --seq-len, a smaller --batch-size or a larger "
+            "--grad-accum"
         )
 
 
@@ -181,7 +187,7 @@ class Trainer:
         if dataset.vocab_size > config.vocab_size:
             raise ValueError(f"the data has {dataset.vocab_size} token ids but the model's vocab_size is "
                              f"{config.vocab_size}: raise vocab_size in the config")
-        _check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx.device)
+        _check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx)
         self.model = model.to(ctx.device)
         self.train_model = self.model
         if ctx.active:

@@ -415,10 +415,10 @@ class _ChunkedAttention(torch.autograd.Function):
         grad_values = torch.zeros_like(values)
         for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
             count, chunk = part.query_positions.shape
-            logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(count, chunk)
             slice_grad = grad_out.index_select(0, part.query_rows).view(count, chunk, width)
             shift = grad_dot_out.index_select(0, part.query_rows).view(count, chunk)
-            if row_max is not None:
+            if row_max is not None:  # several rounds: each slot's share of its row's merged output
+                logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(count, chunk)
                 round_weight = _round_weights(logsumexp, row_max, row_sum, part.query_rows)
                 slice_grad = slice_grad * round_weight[..., None]
                 shift = shift * round_weight
