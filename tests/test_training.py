@@ -356,17 +356,23 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
 # ------------------------------------------------------------------------------------------- failures
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def poisoned_model(call: int):
+    """A tiny model whose ``call``-th trunk forward (a training step, when eval runs no earlier) gives NaN."""
     model = tiny_model()
     calls = {"n": 0}
 
     def poison(module, inputs, output):
         calls["n"] += 1
-        if calls["n"] == 5 and module.training:
+        if calls["n"] == call and module.training:
             output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
     model.reformer.register_forward_hook(poison)
+    return model
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = poisoned_model(5)
     trainer = Trainer(model, tiny_args(tmp_path, steps=8, save_every=2, eval_every=0), data.DuplicationTask(16, 16),
                       reporter=quiet())
     with pytest.raises(training.TrainingDiverged, match="step 5.*diverged-step-4.*last good checkpoint is .*step-2"):
@@ -382,16 +388,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_divergence_keeps_a_good_checkpoint_whatever_keep_says(tmp_path):
     """With --keep 1 the checkpoint before the newest is pruned only once the newest one's weights
     have given a finite loss, so when they do not, a good checkpoint is still there to resume from."""
-    model = tiny_model()
-    calls = {"n": 0}
-
-    def poison(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == 4 and module.training:
-            output.last_hidden_state = output.last_hidden_state * float("nan")
-        return output
-
-    model.reformer.register_forward_hook(poison)
+    model = poisoned_model(4)
     args = tiny_args(tmp_path, steps=6, save_every=1, eval_every=0, keep_checkpoints=1)
     with pytest.raises(training.TrainingDiverged, match="step 4.*last good checkpoint is .*step-2"):
         Trainer(model, args, data.DuplicationTask(16, 16), reporter=quiet()).train()
