@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_reformer import checkpoints, data, training
+from torch_reformer import checkpoints, data, run_guards, training
 from torch_reformer.config import ReformerConfig
 from torch_reformer.model import ReformerLM
 from torch_reformer.serialization import CheckpointError
@@ -421,10 +421,10 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, 
     args = tiny_args(tmp_path, batch_size=8, grad_accum=2)
     hidden = tiny_model().config.hidden_size
     floor = 4 * (8 // 2) * 16 * hidden * 4
-    monkeypatch.setattr(training, "_available_memory", lambda device: floor - 1)
+    monkeypatch.setattr(run_guards, "available_memory", lambda device: floor - 1)
     with pytest.raises(ValueError, match=f"4 fp32 tensors of 4 x 16 x {hidden}.*--grad-accum"):
         Trainer(tiny_model(), args, data.DuplicationTask(16, 16), reporter=quiet())
-    monkeypatch.setattr(training, "_available_memory", lambda device: floor)
+    monkeypatch.setattr(run_guards, "available_memory", lambda device: floor)
     Trainer(tiny_model(), args, data.DuplicationTask(16, 16), reporter=quiet())
 
 

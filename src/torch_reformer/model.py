@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention.checks import require_binary_mask
 from .attention.lsh import LSHSelfAttention
 from .blocks import ReformerEmbeddings, ReformerLayer
 from .config import CONFIG_NAME, ReformerConfig
 from .layers import AxialPositionalEmbedding, LMHead, check_class_labels, mean_token_cross_entropy
+from .model_inputs import check_inputs, pad_inputs
 from .outputs import ReformerModelOutput, ReformerOutput
 from .reversible import reversible_forward
 from .serialization import CheckpointError, atomic_write_files, load_safetensors, read_json_object, safetensors_chunks
@@ -209,7 +208,7 @@ class ReformerModel(ReformerPreTrainedModel):
         self.layer_norm = nn.LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         chunk_lengths = [self._chunk_length(kind) for kind in config.attn_layers if kind != "full"]
-        self.pad_multiple = math.lcm(*chunk_lengths) if chunk_lengths else 1
+        self.pad_multiple = config.pad_multiple
         self.min_chunk_length = min(chunk_lengths) if chunk_lengths else 1
         self.init_weights()
 
@@ -231,9 +230,10 @@ class ReformerModel(ReformerPreTrainedModel):
         """input_ids (B, L) long; attention_mask (B, L) 1/True = real token; position_ids (B, L) or (L,).
 
         Returns a ``ReformerModelOutput`` whose ``last_hidden_state`` is (B, L, 2H)."""
-        input_ids, attention_mask, position_ids = self._check_inputs(input_ids, attention_mask, position_ids)
+        input_ids, attention_mask, position_ids = check_inputs(self.config, input_ids, attention_mask, position_ids)
         length = input_ids.shape[1]
-        input_ids, attention_mask, position_ids = self._pad_to_chunk_multiple(input_ids, attention_mask, position_ids)
+        input_ids, attention_mask, position_ids = pad_inputs(
+            self.config, input_ids, attention_mask, position_ids, self.padded_length(length))
         hidden = self.embeddings(input_ids, position_ids)  # (B, L_pad, H)
         x1, x2 = reversible_forward(
             hidden, hidden, self.blocks(), memory_mode=self.config.memory_mode,
@@ -242,101 +242,12 @@ class ReformerModel(ReformerPreTrainedModel):
         out = self.dropout(self.layer_norm(torch.cat([x1, x2], dim=-1)))  # (B, L_pad, 2H)
         return ReformerModelOutput(out[:, :length] if out.shape[1] != length else out)
 
-    def _check_inputs(self, input_ids, attention_mask, position_ids):
-        """Validate the inputs and bring them to (B, L) long ids, a (B, L) bool mask or None, and
-        (B, L) long position ids. Checks that read tensor values are skipped under torch.compile."""
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, length) tensor, got {got}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        batch, length = input_ids.shape
-        if batch == 0:
-            raise ValueError("input_ids holds no sequences (batch size 0): pass at least one row")
-        if length == 0:
-            raise ValueError("input_ids is empty along the sequence axis: pass at least one token")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            input_ids = input_ids.long()  # the embedding takes int32/int64; smaller ints convert losslessly
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            low, high = (value.item() for value in torch.aminmax(input_ids))
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.config.vocab_size}) for vocab_size={self.config.vocab_size}, "
-                    f"got values in [{low}, {high}]: check the tokenizer or raise vocab_size"
-                )
-        if attention_mask is not None:
-            attention_mask = self._check_attention_mask(attention_mask, (batch, length), input_ids.device, compiling)
-        if position_ids is None:
-            self._check_position_capacity(length - 1)
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        else:
-            position_ids = self._check_position_ids(position_ids, (batch, length), input_ids.device, compiling)
-        return input_ids, attention_mask, position_ids
-
-    def _check_position_capacity(self, highest: int) -> None:
-        capacity = self.config.max_length
-        if capacity is not None and highest >= capacity:
-            raise ValueError(
-                f"position {highest} is beyond what the positional embedding covers ({capacity} positions): "
-                "shorten the input or enlarge "
-                + ("axial_pos_shape" if self.config.position_embedding_type == "axial" else "max_position_embeddings")
-            )
-
-    @staticmethod
-    def _check_attention_mask(attention_mask, shape, device, compiling: bool):
-        if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != shape:
-            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {got}")
-        require_binary_mask(attention_mask)
-        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-        if not compiling and bool(attention_mask.all()):
-            return None  # nothing masked: take the faster unmasked paths
-        return attention_mask
-
-    def _check_position_ids(self, position_ids, shape, device, compiling: bool):
-        if not torch.is_tensor(position_ids):
-            raise TypeError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
-        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-        batch, length = shape
-        position_ids = position_ids.to(device).long()
-        if position_ids.dim() == 1:
-            position_ids = position_ids.expand(batch, length)
-        if tuple(position_ids.shape) != shape:
-            raise ValueError(f"position_ids must have shape {shape} or ({length},), got {tuple(position_ids.shape)}")
-        if compiling:
-            return position_ids
-        low, high = (value.item() for value in torch.aminmax(position_ids))
-        if low < 0:
-            raise ValueError(f"position_ids must be >= 0, got {low}")
-        self._check_position_capacity(high)
-        return position_ids
-
     def padded_length(self, length: int) -> int:
         """The length the layers run on for ``length`` tokens: the next multiple of the chunk
         lengths' lcm, unless ``length`` already is one or fits in the smallest chunk (HF's rule)."""
         if length % self.pad_multiple == 0 or length <= self.min_chunk_length:
             return length
         return -(-length // self.pad_multiple) * self.pad_multiple
-
-    def _pad_to_chunk_multiple(self, input_ids, attention_mask, position_ids):
-        batch, length = input_ids.shape
-        pad = self.padded_length(length) - length
-        if pad == 0:
-            return input_ids, attention_mask, position_ids
-        device = input_ids.device
-        input_ids = F.pad(input_ids, (0, pad), value=self.config.pad_token_id)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-        attention_mask = F.pad(attention_mask, (0, pad), value=False)
-        # Padded positions are masked everywhere; their position ids only need to be valid.
-        extra = position_ids[:, -1:] + torch.arange(1, pad + 1, device=device)
-        capacity = self.config.max_length
-        if capacity is not None:
-            extra = extra.clamp(max=capacity - 1)
-        position_ids = torch.cat([position_ids, extra], dim=1)
-        return input_ids, attention_mask, position_ids
 
 
 class _ModelWithTrunk(ReformerPreTrainedModel):

@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from .checkpoints import (
     write_json,
 )
 from .distributed import DistributedContext, all_reduce_sum, init_distributed
+from .run_guards import StopOnSignal, check_memory_floor
 from .run_log import LineReporter, RunLog
 from .training_arguments import TrainingArguments, build_optimizer, learning_rate
 from .serialization import CheckpointError, atomic_write_bytes
@@ -77,69 +77,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM at the end of a step, after checkpointing that step."""
-
-
-class _StopOnSignal:
-    """While training: the first SIGINT or SIGTERM asks the loop to stop at the end of the current
-    step (it checkpoints first, so nothing is lost); a second SIGINT interrupts at once. Handlers
-    are installed only in the main thread (Python delivers signals there) and restored on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, on_request: Callable[[str], None] | None = None):
-        self.requested: int | None = None
-        self.on_request = on_request  # told once, with the signal's name, when a stop is first asked for
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.requested is None and self.on_request is not None:
-            self.on_request(signal.Signals(signum).name)
-        self.requested = signum
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes the device can still allocate: free GPU memory, or Linux's MemAvailable; None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _check_memory_floor(hidden_size: int, rows: int, seq_len: int, context: DistributedContext) -> None:
-    """Refuse a micro-batch whose smallest possible footprint exceeds the available memory, rather
-    than let the kernel kill the process mid-step: the backward pass holds at least the two fp32
-    streams of width ``hidden_size`` and their gradients for every token. In a multi-process job
-    every process refuses when one does (a process left alone would wait for the others forever)."""
-    floor = 4 * rows * seq_len * hidden_size * 4
-    available = _available_memory(context.device)
-    short = available is not None and floor > available
-    if context.active:
-        short = bool(all_reduce_sum(torch.tensor([float(short)]), context).item())
-    if short:
-        where = ("another process of this job has less available" if available is None or floor <= available
-                 else f"{available / 2**30:.1f} GiB is available")
-        raise ValueError(
-            f"a training step needs more than {floor / 2**30:.1f} GiB here (at least 4 fp32 tensors of {rows} x "
-            f"{seq_len} x {hidden_size}) and {where}: use a shorter --seq-len, a smaller --batch-size or a larger "
-            "--grad-accum"
-        )
 
 
 def _config_differences(saved: dict, current: dict) -> list[str]:
@@ -187,7 +124,7 @@ class Trainer:
         if dataset.vocab_size > config.vocab_size:
             raise ValueError(f"the data has {dataset.vocab_size} token ids but the model's vocab_size is "
                              f"{config.vocab_size}: raise vocab_size in the config")
-        _check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx)
+        check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx)
         self.model = model.to(ctx.device)
         self.train_model = self.model
         if ctx.active:
@@ -326,7 +263,7 @@ class Trainer:
             metrics["eval_bpc"] = float(totals[0] / math.log(2) / totals[3])
         return metrics
 
-    def _stop_requested(self, stop: _StopOnSignal) -> bool:
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
         """Whether any process got a stop signal (all of them must stop at the same step)."""
         requested = stop.requested is not None
         if self.context.active:
@@ -470,10 +407,10 @@ class Trainer:
                 self.reporter.message(f"{name}: stopping after step {self.step + 1} once it is checkpointed "
                                       "(Ctrl-C again to stop at once)")
 
-        with _StopOnSignal(on_request=announce) as stop:
+        with StopOnSignal(on_request=announce) as stop:
             return self._train_loop(stop)
 
-    def _train_loop(self, stop: _StopOnSignal) -> dict:
+    def _train_loop(self, stop: StopOnSignal) -> dict:
         args, ctx = self.args, self.context
         run_log = RunLog(self.out_dir, self.step) if ctx.is_main else None
         if self.reporter:
