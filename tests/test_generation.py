@@ -368,6 +368,51 @@ def test_generation_restores_the_training_flag():
     model = tiny_lm().train()
     generate(model, random_ids(model, 1, 4), 2, use_cache=False)
     assert model.training
+    model.eval()
+    model.reformer.layers[0].train()  # a mix of modes comes back as it was, module by module
+    before = [module.training for module in model.modules()]
+    generate(model, random_ids(model, 1, 4), 2)
+    assert [module.training for module in model.modules()] == before
+
+
+@pytest.mark.parametrize("hash_seed", [42, None])
+def test_automatic_bucket_counts_do_not_depend_on_the_request(hash_seed):
+    """With num_buckets=None the count is chosen for the model's max_length, not for the tokens asked
+    for or the rows decoded alongside: a shorter request is a prefix of a longer one, and a row
+    decodes as it does alone."""
+    model = tiny_lm(num_buckets=None, hash_seed=hash_seed, lsh_attn_chunk_length=4, local_attn_chunk_length=4)
+    prompt = random_ids(model, 1, 12, seed=3)
+    longer = generate(model, prompt, 100, seed=0)  # 112 tokens: 28 chunks of 4
+    assert torch.equal(generate(model, prompt, 20, seed=0), longer[:, :32])
+    other = random_ids(model, 1, 60, seed=4)
+    batch = torch.cat([torch.cat([prompt, torch.zeros(1, 48, dtype=torch.long)], dim=1), other])
+    mask = torch.cat([torch.cat([torch.ones(1, 12), torch.zeros(1, 48)], dim=1), torch.ones(1, 60)])
+    together = generate(model, batch, 20, attention_mask=mask, seed=0)
+    assert torch.equal(together[0, :32], longer[0, :32])
+
+
+def test_sampling_settings_without_do_sample_warn_and_are_ignored():
+    model = tiny_lm()
+    prompt = random_ids(model, 1, 4)
+    with pytest.warns(UserWarning, match=r"temperature=5\.0, top_k=3 only shape sampling.*greedy"):
+        ignored = generate(model, prompt, 5, temperature=5.0, top_k=3)
+    assert torch.equal(ignored, generate(model, prompt, 5))
+
+
+def test_a_temperature_below_float32_range_samples_the_largest_logit():
+    logits = torch.tensor([[1.0, 3.0, 0.0]])
+    warped = DecodingOptions(do_sample=True, temperature=1e-50).warp(logits)
+    assert torch.equal(warped.softmax(dim=-1), torch.tensor([[0.0, 1.0, 0.0]]))
+    model = tiny_lm()
+    prompt = random_ids(model, 2, 4)
+    assert torch.equal(generate(model, prompt, 6, do_sample=True, temperature=1e-300, seed=0), generate(model, prompt, 6))
+
+
+def test_narrow_integer_prompts_decode_as_int64():
+    model = tiny_lm()
+    prompt = random_ids(model, 2, 4)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(generate(model, prompt.to(dtype), 3), generate(model, prompt, 3))
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -391,6 +436,8 @@ def test_generation_restores_the_training_flag():
         (dict(input_ids=torch.tensor([1, 2])), "(batch, length)"),
         (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
         (dict(attention_mask=torch.tensor([[0, 0]])), "at least one real token"),
+        (dict(attention_mask=torch.tensor([[1, 2]])), "attention_mask must hold 1/True"),
+        (dict(input_ids=torch.zeros(0, 2, dtype=torch.long)), "non-empty (batch, length)"),
         (dict(max_new_tokens=None, max_length=1), "at least the prompt width 2"),
     ],
 )

@@ -72,3 +72,66 @@ def test_ddp_on_two_processes_matches_one_process_on_the_global_batch():
             for got_step, want_step in zip(rank_results[mode], expected):
                 for got, want in zip(got_step, want_step):
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _full_grads(model: nn.Module) -> list[torch.Tensor]:
+    """Each parameter's whole gradient (FSDP2 keeps a shard of it on each process)."""
+    return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        inputs, targets = global_batch()
+        local = slice(rank * 4, (rank + 1) * 4)
+        results = {}
+        for mode in MODES:  # the whole model sharded: every memory mode
+            model = fully_shard(make_model(*mode))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            results[mode] = []
+            for step_inputs, step_targets in zip(inputs[:, local], targets[:, local]):
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.mse_loss(model(step_inputs), step_targets).backward()
+                results[mode].append([grad.clone() for grad in _full_grads(model)])
+                optimizer.step()
+        # A block inside the rebuilt chain sharded on its own is refused before any work; a block
+        # in the autograd tail may be sharded (with the root sharded too, so the rest is reduced).
+        model = make_model("reversible")
+        fully_shard(model[1].blocks[1])
+        try:
+            model(inputs[0, local])
+        except RuntimeError as error:
+            results["refusal"] = str(error)
+        torch.manual_seed(0)
+        tail = ReversibleSequential(nn.Linear(1, 1), nn.Linear(1, 1), autograd_tail=1).double()
+        fully_shard(tail.blocks[1])
+        fully_shard(tail)  # the root holds the chain's parameters
+        tail(inputs[0, local, :, :2].contiguous()).square().mean().backward()
+        results["tail"] = _full_grads(tail)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_whole_model_sharding_matches_one_process_and_block_sharding_is_refused():
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_fsdp_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD_SIZE, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD_SIZE)]
+    inputs, targets = global_batch()
+    expected = train(make_model("autograd"), inputs, targets)
+    for mode in MODES:
+        for rank_results in ranks:
+            for got_step, want_step in zip(rank_results[mode], expected):
+                for got, want in zip(got_step, want_step):
+                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(0)
+    tail = ReversibleSequential(nn.Linear(1, 1), nn.Linear(1, 1), autograd_tail=1).double()
+    tail(inputs[0, :, :, :2].contiguous()).square().mean().backward()
+    for rank_results in ranks:
+        assert "fully_shard" in rank_results["refusal"] and "fully_shard(model)" in rank_results["refusal"]
+        for got, param in zip(rank_results["tail"], tail.parameters()):
+            torch.testing.assert_close(got, param.grad, rtol=1e-10, atol=1e-12)

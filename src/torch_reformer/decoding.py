@@ -37,8 +37,14 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) ->
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    """logits / temperature, (N, V) -> (N, V): below 1 sharpens the distribution, above 1 flattens it."""
-    return logits if temperature == 1.0 else logits / temperature
+    """logits / temperature, (N, V) -> (N, V): below 1 sharpens the distribution, above 1 flattens it.
+
+    A temperature below the logits dtype's smallest normal number is taken as that number (in
+    float32, 1e-50 would round to 0 and give 0/0 = NaN for a zero logit).
+    """
+    if temperature == 1.0:
+        return logits
+    return logits / max(temperature, torch.finfo(logits.dtype).tiny)
 
 
 def apply_top_k(logits: Tensor, top_k: int | None) -> Tensor:

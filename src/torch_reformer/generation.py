@@ -43,18 +43,22 @@ rotations per forward pass, and with ``num_buckets=None`` choose the bucket coun
 current length. Both would make consecutive steps hash the same prefix differently, and the
 cached path (which keeps the bucket ids of past tokens) could never agree with the uncached
 one. ``fixed_hashing`` chooses one bucket count and one set of rotations per LSH layer for the
-whole call, in the calling thread only (the layers are not modified); both paths use them.
+whole call, in the calling thread only (the layers are not modified); both paths use them. The
+automatic count is the one for the model's ``max_length``: a count that followed the request
+would make the tokens depend on ``max_new_tokens`` and on the other prompts in the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from .attention.checks import require_binary_mask
 from .attention.hashing import rotation_width
 from .attention.lsh import LSHSelfAttention, hashing_fixed_in_this_thread
 from .decoding import (
@@ -114,6 +118,12 @@ def _decoding_options(model: ReformerLM, **settings) -> DecodingOptions:
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
     if num_beams > 1 and settings["do_sample"]:
         raise ValueError("beam search does not sample: pass do_sample=False with num_beams > 1, or num_beams=1")
+    ignored = [f"{name}={settings[name]!r}" for name, default in (("temperature", 1.0), ("top_k", None), ("top_p", None))
+               if settings[name] != default]
+    if ignored and not settings["do_sample"]:
+        warnings.warn(f"{', '.join(ignored)} only shape sampling, and do_sample is False: decoding is "
+                      f"{'beam search' if num_beams > 1 else 'greedy'} and ignores them (pass do_sample=True to sample)",
+                      UserWarning, stacklevel=3)
     eos = _token_ids("eos_token_id", settings["eos_token_id"], vocab)
     pad = settings["pad_token_id"]
     if pad is None:
@@ -140,21 +150,24 @@ def _new_token_count(input_ids, max_new_tokens, max_length) -> int:
     return max_length - width
 
 
-def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) -> Tensor:
-    """Validate the prompt; returns the (B, L) bool mask of real tokens."""
+def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) -> tuple[Tensor, Tensor]:
+    """Validate the prompt; returns the ids as int64/int32 (B, L) and the (B, L) bool mask of real tokens."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or 0 in input_ids.shape:
         got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got {got} (use ids[None] for one)")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        input_ids = input_ids.long()  # the embedding takes int32/int64; smaller ints convert losslessly
     if attention_mask is None:
         real = torch.ones_like(input_ids, dtype=torch.bool)
     else:
         if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
             got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        require_binary_mask(attention_mask)
         real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
         if not bool(real.any(dim=1).all()):
             raise ValueError("every row of attention_mask needs at least one real token (a 1)")
@@ -169,7 +182,7 @@ def _check_prompt(model: ReformerLM, input_ids, attention_mask, max_new_tokens) 
             f"the longest prompt plus max_new_tokens is {longest} tokens, but the positional embedding covers "
             f"{capacity}: shorten the prompt or max_new_tokens, or use a model with a longer max_length"
         )
-    return real
+    return input_ids, real
 
 
 # ---------------------------------------------------------------------------------------- hashing
@@ -186,10 +199,11 @@ def _lsh_layers(model: ReformerLM) -> list[LSHSelfAttention]:
 
 @contextlib.contextmanager
 def fixed_hashing(model: ReformerLM, max_length: int, generator: torch.Generator | None = None) -> Iterator[None]:
-    """Fix every LSH layer's bucket count and rotations while generating up to ``max_length`` tokens.
+    """Fix every LSH layer's bucket count and rotations while generating.
 
     The bucket count is the configured one, or (``num_buckets=None``) the automatic choice for
-    the padded ``max_length``. Rotations come from the layer's ``hash_seed`` when it has one (the
+    the padded ``max_length`` (``generate`` passes the model's position capacity, so the count
+    does not depend on how many tokens are asked for or which prompts share the batch). Rotations come from the layer's ``hash_seed`` when it has one (the
     numbers every forward pass would draw), else from ``generator`` (the global RNG when None).
     The setting holds in the calling thread only (``hashing_fixed_in_this_thread``): the layers
     are not modified, so other threads using the same model are unaffected.
@@ -350,13 +364,18 @@ def generate(
     ``pad_token_id`` (default: the config's, else the eos id); ``eos_token_id=None`` never stops
     early. ``attention_mask`` (B, L) marks real tokens (1) and padding (0), left or right: each
     row is computed exactly as its real tokens would be alone, so greedy decoding and beam search
-    continue it as they would alone, and the new tokens follow its last real token. Sampling
+    continue it as they would alone, and the new tokens follow its last real token. Rows are
+    decoded in groups of equal real length, so a batch of k different lengths costs about k
+    batches (see the module docstring). Sampling
     draws every row from one generator, so a sampled row also depends on the rows decoded with it
     (the same ``seed`` and batch give the same tokens). ``seed`` makes sampling (and LSH rotations without ``hash_seed``) reproducible
     through a private generator; the global RNG is never used for sampling. ``use_cache=False``
     recomputes the whole sequence at every step: much slower, the same tokens unless an LSH layer
-    feeds a later layer (see the module docstring).
-    The model runs in eval mode under ``torch.no_grad``; its training flag is restored.
+    feeds a later layer (see the module docstring). LSH layers with ``num_buckets=None`` hash with
+    the bucket count chosen for the model's ``max_length`` for the whole call, while a forward pass
+    chooses it for its own length: set ``num_buckets`` for decoding that equals re-running the model.
+    The model runs in eval mode under ``torch.no_grad``; each module's training flag is restored.
+    Sampling settings (temperature, top-k, top-p) without ``do_sample=True`` warn and are ignored.
     """
     if not isinstance(model, ReformerLM):
         raise TypeError(f"generate needs a ReformerLM (a causal model), got {type(model).__name__}")
@@ -368,7 +387,7 @@ def generate(
     if not isinstance(use_cache, bool) or (seed is not None and not _is_int(seed)):
         raise TypeError(f"use_cache must be a bool and seed an int or None, got {use_cache!r} and {seed!r}")
     max_new_tokens = _new_token_count(input_ids, max_new_tokens, max_length)
-    real = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    input_ids, real = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     if max_new_tokens == 0:
         return input_ids.clone()
     generator = torch.Generator(device=input_ids.device)
@@ -378,15 +397,18 @@ def generate(
         generator.manual_seed(seed)
     lengths = real.sum(dim=1)  # (B,)
     new_tokens = input_ids.new_empty((input_ids.shape[0], max_new_tokens))
-    longest = int(lengths.max()) + max_new_tokens
-    was_training = model.training
+    # The automatic LSH bucket count is chosen for the model's whole position range (for the longest
+    # row when the model has no position limit): see fixed_hashing.
+    hashing_length = model.config.max_length or int(lengths.max()) + max_new_tokens
+    training_flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), fixed_hashing(model, longest, None if seed is None else generator):
+        with torch.no_grad(), fixed_hashing(model, hashing_length, None if seed is None else generator):
             for length in lengths.unique().tolist():
                 rows = (lengths == length).nonzero().squeeze(1)  # (G,)
                 prompt = input_ids[rows][real[rows]].view(len(rows), length)  # real tokens, in order
                 new_tokens[rows] = _decode_group(model, prompt, max_new_tokens, options, use_cache, generator)
     finally:
-        model.train(was_training)
+        for module, training in training_flags:
+            module.training = training
     return _place_continuations(input_ids, real, new_tokens)

@@ -274,11 +274,34 @@ def run_reversible_steps(
         return _run_plain(steps, stack, kwargs, checkpointed=False)
     split = max(len(steps) - autograd_tail, 0)
     head, tail = steps[:split], steps[split:]
+    _refuse_sharded_blocks(head, memory_mode)
     if memory_mode == "checkpoint":
         stack = _run_plain(head, stack, kwargs, checkpointed=True)
     else:
         stack = _run_chain(head, stack, kwargs)
     return _run_plain(tail, stack, kwargs, checkpointed=False)
+
+
+def _refuse_sharded_blocks(steps: Sequence[ReversibleStep], memory_mode: str) -> None:
+    """Refuse, before any work, a rebuilt block under FSDP2's ``fully_shard``: FSDP swaps a sharded
+    module's parameters for gathered copies around each of its calls, so the rebuild would not see
+    the tensors the forward pass used (the state checks would refuse it later, in backward, with a
+    less helpful message). Sharding the whole model, or only blocks that keep their graph, works."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # fully_shard needs a process group: nothing can be sharded
+    from torch.distributed.fsdp import FSDPModule
+
+    for step in steps:
+        for owned in step.modules:
+            sharded = next((m for m in owned.modules() if isinstance(m, FSDPModule)), None)
+            if sharded is not None:
+                raise RuntimeError(
+                    f"{type(sharded).__name__} inside a reversible block is sharded with FSDP2's fully_shard, which "
+                    f"memory_mode={memory_mode!r} cannot rebuild: FSDP swaps a sharded module's parameters around "
+                    "each call. Shard the whole model instead (fully_shard(model), which works in every memory "
+                    "mode), keep the sharded blocks in the autograd tail (kept_graph_layers), or use "
+                    "memory_mode='autograd'"
+                )
 
 
 def _run_chain(steps: Sequence[ReversibleStep], stack: list, kwargs: dict) -> list:
