@@ -114,6 +114,16 @@ def test_tokenizer_train_then_train_with_it(tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "bpe" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
     assert json.loads((tmp_path / "bpe" / "metrics.json").read_text())["eval_bpc"] > 0
+    # Refused runs leave nothing behind: a new folder is removed with the token cache it got, and a
+    # refused resume of an existing run keeps its cache as it was.
+    bad_split = ["--batch-size", "3", "--grad-accum", "2"]
+    for refused, folder in ((bad_split, "split"), (["--seq-len", "100000"], "long"), (["--resume", "--layers", "3"], "bpe")):
+        before = sorted(p.name for p in (tmp_path / folder).rglob("*")) if (tmp_path / folder).exists() else None
+        code, _, err = run(["train", "--data", corpus, "--tokenizer", tokenizer, "--seq-len", "16", "--steps", "1",
+                            "--batch-size", "2", *refused, "--out", tmp_path / folder], capsys)
+        assert_one_line_error(code, err)
+        after = sorted(p.name for p in (tmp_path / folder).rglob("*")) if (tmp_path / folder).exists() else None
+        assert after == before, (refused, err)
 
 
 def test_default_config_and_flags():

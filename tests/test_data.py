@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_reformer import data
+from torch_reformer import bpe, data
 
 
 def _write(path, content: bytes):
@@ -197,6 +197,25 @@ def test_directories_are_walked_sorted_skipping_hidden_empty_and_binary_files(tm
         data.collect_text_files(empty_dir)
 
 
+def test_linked_folders_are_walked_once_and_many_files_keep_few_maps_open(tmp_path, monkeypatch):
+    real = tmp_path / "corpus" / "real"
+    real.mkdir(parents=True)
+    for i in range(12):
+        _write(real / f"{i:02d}.txt", f"file {i}\n".encode())
+    (tmp_path / "corpus" / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)
+    files = data.collect_text_files(tmp_path / "corpus")
+    assert len(files) == 12  # the folder once, through one of its two paths; the loop ends
+    monkeypatch.setattr(data.ByteSource, "MAX_OPEN_MAPS", 3)
+    source = data.ByteSource(files)
+    stream = source.read(0, len(source))
+    expected = []
+    for path in files:
+        expected += [b + data.BYTE_OFFSET for b in path.read_bytes()] + [data.BYTE_EOS_ID]
+    assert stream.tolist() == expected and len(source._maps) == 3
+    assert source.read(0, 5).tolist() == expected[:5]
+
+
 # ------------------------------------------------------------------------------------------------- BPE
 
 
@@ -206,8 +225,8 @@ CORPUS = "The quick brown fox jumps over the lazy dog. Über naïve café, 東�
 def test_bpe_round_trip_characters_and_token_cache(tmp_path):
     pytest.importorskip("tokenizers")
     corpus = _write(tmp_path / "corpus.txt", CORPUS.encode())
-    tokenizer_path = data.train_bpe_tokenizer(corpus, 300, tmp_path / "tok" / "tokenizer.json")
-    tokenizer = data.BPETokenizer(tokenizer_path)
+    tokenizer_path = bpe.train_bpe_tokenizer(corpus, 300, tmp_path / "tok" / "tokenizer.json")
+    tokenizer = bpe.BPETokenizer(tokenizer_path)
     assert tokenizer.vocab_size <= 300
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     sample = "naïve brown 東京 dogs \U0001f600 ok"
@@ -216,23 +235,69 @@ def test_bpe_round_trip_characters_and_token_cache(tmp_path):
     assert len(ids) < len(sample.encode())  # merges were learned
     assert int(tokenizer.characters_per_token()[ids].sum()) == len(sample)
 
-    dataset = data.bpe_text_dataset(corpus, tokenizer_path, seq_len=16, cache_dir=tmp_path / "cache")
+    dataset = bpe.bpe_text_dataset(corpus, tokenizer_path, seq_len=16, cache_dir=tmp_path / "cache")
     expected = np.array(tokenizer.encode(CORPUS) + [tokenizer.eos_token_id])
     stream = dataset.source.read(0, len(dataset.source))
     assert np.array_equal(stream, expected)
     token_file = next((tmp_path / "cache").glob("tokens-*"))
     mtime = token_file.stat().st_mtime_ns
-    data.bpe_text_dataset(corpus, tokenizer_path, seq_len=16, cache_dir=tmp_path / "cache")
+    bpe.bpe_text_dataset(corpus, tokenizer_path, seq_len=16, cache_dir=tmp_path / "cache")
     assert token_file.stat().st_mtime_ns == mtime and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_bpe_encodes_special_token_text_as_text_and_adds_no_special_tokens(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = _write(tmp_path / "corpus.txt", CORPUS.encode())
+    tokenizer_path = bpe.train_bpe_tokenizer(corpus, 300, tmp_path / "tokenizer.json")
+    tagged = "use <s>old</s> and <pad> tags"
+    tokenizer = bpe.BPETokenizer(tokenizer_path)
+    ids = tokenizer.encode(tagged)
+    assert tokenizer.decode(ids) == tagged and not {0, 1, 2} & set(ids)
+    # The same file with a RoBERTa-style post-processor, which would wrap every encoded text in <s> ... </s>.
+    wrapping = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    wrapping.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2), ("<s>", 1))
+    wrapping.save(str(tmp_path / "wrapping.json"))
+    assert wrapping.encode("the fox").ids[0] == 1
+    assert bpe.BPETokenizer(tmp_path / "wrapping.json").encode("the fox") == tokenizer.encode("the fox")
+    stream = bpe.bpe_text_dataset(corpus, tmp_path / "wrapping.json", 16, tmp_path / "cache").source
+    tokens = stream.read(0, len(stream))
+    assert (tokens == 2).sum() == 1 and tokens[-1] == 2 and not (tokens == 1).any()  # one EOS, after the file
+
+
+def test_text_without_line_breaks_is_read_in_bounded_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(bpe, "_READ_BLOCK", 64)
+    text = "".join(f"word{i} " for i in range(400))  # no newline anywhere
+    blocks = list(bpe._text_blocks(_write(tmp_path / "one-line.txt", text.encode())))
+    assert "".join(blocks) == text and len(blocks) > 10
+    assert max(map(len, blocks)) <= 128
+    assert all(block.startswith(" ") for block in blocks[1:])  # cut before a space: words stay whole
+    unbroken = "x" * 1000
+    assert "".join(bpe._text_blocks(_write(tmp_path / "unbroken.txt", unbroken.encode()))) == unbroken
+
+
+def test_bpe_runs_record_the_corpus_size_and_small_corpora_warn_about_the_vocabulary(tmp_path):
+    pytest.importorskip("tokenizers")
+    corpus = _write(tmp_path / "corpus.txt", CORPUS.encode())
+    with pytest.warns(UserWarning, match="the corpus supports only"):
+        tokenizer_path = bpe.train_bpe_tokenizer(corpus, 5000, tmp_path / "tokenizer.json")
+    dataset = bpe.bpe_text_dataset(corpus, tokenizer_path, 16, tmp_path / "cache")
+    assert dataset.describe()["tokens"] == len(dataset.source)
+    with open(corpus, "a") as handle:
+        handle.write("more text\n")
+    grown = bpe.bpe_text_dataset(corpus, tokenizer_path, 16, tmp_path / "cache")
+    assert grown.describe()["tokens"] > dataset.describe()["tokens"]
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 2
+    bpe.prune_token_cache(grown)
+    assert list((tmp_path / "cache").glob("tokens-*")) == [grown.source.path]
 
 
 def test_bpe_bad_inputs(tmp_path):
     pytest.importorskip("tokenizers")
     with pytest.raises(ValueError, match="vocab-size"):
-        data.train_bpe_tokenizer(_write(tmp_path / "a.txt", b"abc"), 10, tmp_path / "t.json")
+        bpe.train_bpe_tokenizer(_write(tmp_path / "a.txt", b"abc"), 10, tmp_path / "t.json")
     with pytest.raises(FileNotFoundError):
-        data.BPETokenizer(tmp_path / "missing.json")
+        bpe.BPETokenizer(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="not a tokenizers JSON"):
-        data.BPETokenizer(_write(tmp_path / "bad.json", b"{}"))
+        bpe.BPETokenizer(_write(tmp_path / "bad.json", b"{}"))
     with pytest.raises(ValueError, match="not UTF-8"):
-        data.train_bpe_tokenizer(_write(tmp_path / "b.txt", b"\xff\xfe" * 10), 300, tmp_path / "t.json")
+        bpe.train_bpe_tokenizer(_write(tmp_path / "b.txt", b"\xff\xfe" * 10), 300, tmp_path / "t.json")

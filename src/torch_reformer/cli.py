@@ -14,6 +14,9 @@ printed as one line too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -151,8 +154,30 @@ def _build_dataset(args, out_dir: Path):
         return data.byte_text_dataset(args.data, seq_len, seed=seed, eval_size=eval_size, allow_binary=args.raw_bytes)
     if args.raw_bytes:
         raise ValueError("--raw-bytes applies to byte-level training only: a BPE tokenizer needs UTF-8 text")
-    return data.bpe_text_dataset(args.data, args.tokenizer, seq_len, cache_dir=out_dir / "cache",
+    from . import bpe
+
+    return bpe.bpe_text_dataset(args.data, args.tokenizer, seq_len, cache_dir=out_dir / "cache",
                                  seed=seed, eval_size=eval_size)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out_dir: Path):
+    """Remove what the block adds to ``out_dir`` (the folder itself if it is new, else new entries of
+    its ``cache/``) when the block raises: a refused run leaves the folder as it was."""
+    cache = out_dir / "cache"
+    existed = out_dir.exists()
+    cached_before = set(cache.iterdir()) if cache.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif cached_before is None:
+            shutil.rmtree(cache, ignore_errors=True)
+        elif cache.is_dir():
+            for entry in set(cache.iterdir()) - cached_before:
+                entry.unlink(missing_ok=True)
+        raise
 
 
 def _run_train(args) -> int:
@@ -167,12 +192,6 @@ def _run_train(args) -> int:
         raise ValueError(f"the run folder {out_dir} is inside the data folder {args.data}, so the run's own files would "
                          "be read as training text: pass --out outside it")
     _check_seq_len_fits_config(args)
-    dataset = _build_dataset(args, out_dir)
-    config = build_config(args, dataset.seq_len, dataset.vocab_size, dataset.pad_token_id, dataset.eos_token_id)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = ReformerLM(config)
     steps = args.steps or DEFAULTS["steps"]
     training_args = TrainingArguments(
         out_dir=str(out_dir), steps=steps, batch_size=args.batch_size or DEFAULTS["batch_size"],
@@ -183,9 +202,22 @@ def _run_train(args) -> int:
         eval_num_hashes=args.eval_hashes, save_every=args.save_every, keep_checkpoints=args.keep,
         resume=args.resume, log_every=args.log_every,
     )
-    reporter = ProgressBar() if sys.stdout.isatty() else None
-    trainer = Trainer(model, training_args, dataset, reporter=reporter)
-    trainer.prepare()  # a refused --resume stops here, before the banner and with the run's files untouched
+    training_args.validate()  # cheap checks before the data is read (a BPE corpus is tokenised first)
+    training_args.check_batch_split(int(os.environ.get("WORLD_SIZE", "1")))
+    with _removed_on_failure(out_dir):  # what a refused run created (a BPE token cache) does not stay behind
+        dataset = _build_dataset(args, out_dir)
+        config = build_config(args, dataset.seq_len, dataset.vocab_size, dataset.pad_token_id, dataset.eos_token_id)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        model = ReformerLM(config)
+        reporter = ProgressBar() if sys.stdout.isatty() else None
+        trainer = Trainer(model, training_args, dataset, reporter=reporter)
+        trainer.prepare()  # a refused --resume stops here, before the banner and with the run's files untouched
+    if args.tokenizer is not None:
+        from .bpe import prune_token_cache
+
+        prune_token_cache(dataset)
     if trainer.context.is_main:
         lsh = f", {config.num_hashes} hash round(s)" if "lsh" in config.attn_layers else ""
         print(f"training {model.num_parameters():,} parameters ({'/'.join(config.attn_layers)}{lsh}) on "
@@ -311,7 +343,7 @@ def _trained_task(model_dir: Path, run_dir: Path) -> str:
 
 def _prompt_codec(model_dir: Path, run_dir: Path):
     """(encode, decode, eos id) for the run's data: duplication ids, bytes or the saved BPE tokenizer."""
-    from . import data
+    from . import bpe, data
 
     task = _trained_task(model_dir, run_dir)
     if task == "bpe":
@@ -320,7 +352,7 @@ def _prompt_codec(model_dir: Path, run_dir: Path):
             raise ValueError(f"{model_dir} was trained on BPE tokens, and its tokenizer.json (a file of the run folder) "
                              "is not next to it: generate from the run folder, or copy the run's tokenizer.json into "
                              f"{model_dir}")
-        tokenizer = data.BPETokenizer(found[0])
+        tokenizer = bpe.BPETokenizer(found[0])
         return tokenizer.encode, tokenizer.decode, tokenizer.eos_token_id
     if task == "duplication":
         def encode(text):
@@ -376,7 +408,7 @@ def _add_tokenizer(subcommands) -> None:
 
 
 def _run_tokenizer_train(args) -> int:
-    from .data import BPETokenizer, train_bpe_tokenizer
+    from .bpe import BPETokenizer, train_bpe_tokenizer
 
     path = train_bpe_tokenizer(args.data, args.vocab_size, args.out)
     print(f"wrote {path} ({BPETokenizer(path).vocab_size} tokens)")

@@ -1,4 +1,4 @@
-"""Training data: the duplication task of the Reformer paper, byte-level text and BPE-tokenised text.
+"""Training data: the duplication task of the Reformer paper and text (byte-level here, BPE in ``bpe.py``).
 
 Every dataset here gives the Trainer the same things:
 
@@ -29,9 +29,8 @@ binary file passed by mistake would silently train a useless model; ``allow_bina
 bytes. In a directory, non-UTF-8 and empty files are skipped with a warning; a single file that is
 empty or not UTF-8 is an error.
 
-BPE (optional ``tokenizers`` package): ``train_bpe_tokenizer`` trains a byte-level BPE with the special
-tokens ``<pad>=0, <s>=1, </s>=2``; ``TokenizedCorpus`` tokenises the files once into a uint16/uint32
-token file in a cache folder, which is then windowed like bytes.
+BPE-tokenised text (the optional ``tokenizers`` package) lives in ``bpe.py``; its token file is windowed
+like bytes, by the same ``TextDataset``.
 
 Bits per character: eval loss in bits divided by the number of characters the scored tokens decode to
 (a token's characters are the UTF-8 lead bytes among its bytes), so byte and BPE models compare
@@ -44,13 +43,13 @@ import codecs
 import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .serialization import atomic_write_bytes
 
 IGNORE_INDEX = -100
 BYTE_PAD_ID, BYTE_EOS_ID, BYTE_OFFSET = 0, 1, 2  # byte b is id b + BYTE_OFFSET
@@ -150,7 +149,8 @@ def find_invalid_utf8(path: str | os.PathLike) -> int | None:
 
 
 def collect_text_files(path: str | os.PathLike, allow_binary: bool = False) -> list[Path]:
-    """The files of ``path`` (a file, or a directory walked recursively, sorted, hidden entries skipped)."""
+    """The files of ``path``: a file, or a directory walked recursively (symbolic links to files and
+    folders followed, each folder once), sorted by path, hidden entries skipped."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data path {root} does not exist")
@@ -158,13 +158,28 @@ def collect_text_files(path: str | os.PathLike, allow_binary: bool = False) -> l
         _check_text_file(root, allow_binary, strict=True)
         return [root]
     files = []
-    for candidate in sorted(root.rglob("*")):
+    for candidate in sorted(_walk_files(root)):
         hidden = any(part.startswith(".") for part in candidate.relative_to(root).parts)
         if candidate.is_file() and not hidden and _check_text_file(candidate, allow_binary, strict=False):
             files.append(candidate)
     if not files:
         raise ValueError(f"no non-empty text files under {root}")
     return files
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every file below ``root``, through linked folders too; a folder reached twice (a link loop, two
+    links to one folder) is walked once."""
+    seen = {os.path.realpath(root)}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        unseen = []
+        for name in subfolders:
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        subfolders[:] = unseen
+        yield from (Path(folder) / name for name in names)
 
 
 def _check_text_file(path: Path, allow_binary: bool, strict: bool) -> bool:
@@ -188,19 +203,26 @@ def _check_text_file(path: Path, allow_binary: bool, strict: bool) -> bool:
 class ByteSource:
     """The bytes of several files as one id stream, with ``BYTE_EOS_ID`` after each file; read by offset."""
 
+    MAX_OPEN_MAPS = 64
+
     def __init__(self, files: Sequence[str | os.PathLike]):
         self.files = [Path(f) for f in files]
         sizes = np.array([f.stat().st_size for f in self.files], dtype=np.int64)
         if len(sizes) == 0 or (sizes == 0).any():
             raise ValueError("ByteSource needs one or more non-empty files")
         self.starts = np.concatenate([[0], np.cumsum(sizes + 1)])  # each file is followed by one EOS
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()  # the most recently read last
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def _map(self, index: int) -> np.memmap:
-        if index not in self._maps:
+        """File ``index`` mapped; at most ``MAX_OPEN_MAPS`` stay open (each holds a file descriptor)."""
+        if index in self._maps:
+            self._maps.move_to_end(index)
+        else:
+            if len(self._maps) >= self.MAX_OPEN_MAPS:
+                self._maps.popitem(last=False)
             self._maps[index] = np.memmap(self.files[index], dtype=np.uint8, mode="r")
         return self._maps[index]
 
@@ -230,6 +252,7 @@ class TokenFileSource:
     """A token file (raw little-endian uint16/uint32 ids) as a memory-mapped id stream."""
 
     def __init__(self, path: str | os.PathLike, dtype: str):
+        self.path = Path(path)
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
     def __len__(self) -> int:
@@ -353,167 +376,3 @@ class ByteTokenizer:
         """Text of the byte ids in ``ids`` (special ids are dropped; broken UTF-8 becomes U+FFFD)."""
         data = bytes(int(i) - BYTE_OFFSET for i in ids if BYTE_OFFSET <= int(i) < BYTE_VOCAB_SIZE)
         return data.decode("utf-8", errors="replace")
-
-
-# ------------------------------------------------------------------------------------------------ BPE
-
-
-def _import_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError("BPE tokenizers need the `tokenizers` package: pip install torch-reformer[bpe]") from None
-    return tokenizers
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Character -> byte of the byte-level BPE alphabet: printable bytes stand for themselves, the
-    others (controls, space, ...) are shifted to code points from 256 upwards in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    mapping = {chr(b): b for b in printable}
-    shifted = 0
-    for byte in range(256):
-        if byte not in printable:
-            mapping[chr(256 + shifted)] = byte
-            shifted += 1
-    return mapping
-
-
-# Token ids are stored as uint32 in the tokenised corpus cache; far above any useful BPE vocabulary.
-MAX_BPE_VOCAB = 1 << 24
-
-
-def train_bpe_tokenizer(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size: int,
-                        out_path: str | os.PathLike, min_frequency: int = 2) -> Path:
-    """Train a byte-level BPE on UTF-8 ``files`` (or a directory) and save it as one JSON file."""
-    tokenizers = _import_tokenizers()
-    if not isinstance(vocab_size, int) or not 256 + len(BPE_SPECIAL_TOKENS) <= vocab_size <= MAX_BPE_VOCAB:
-        raise ValueError(f"--vocab-size must lie in [{256 + len(BPE_SPECIAL_TOKENS)}, {MAX_BPE_VOCAB}] (at least the "
-                         f"256 bytes and the special tokens), got {vocab_size!r}")
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise IsADirectoryError(f"--out {out_path} is a directory: give the path of the JSON file to write")
-    if out_path.parent.exists() and not out_path.parent.is_dir():
-        raise NotADirectoryError(f"--out {out_path}: {out_path.parent} is a file, not a directory")
-    paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    text_files = [str(f) for path in paths for f in collect_text_files(path)]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(BPE_SPECIAL_TOKENS),
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train(text_files, trainer)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_path, [tokenizer.to_str().encode("utf-8")])
-    return out_path
-
-
-class BPETokenizer:
-    """A trained byte-level BPE (``tokenizers`` JSON file): encode/decode and per-token character counts."""
-
-    def __init__(self, path: str | os.PathLike):
-        tokenizers = _import_tokenizers()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file {self.path} does not exist (train one with `reformer tokenizer train`)"
-            )
-        try:
-            self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
-        except Exception as err:  # the Rust library raises its own exception type
-            raise ValueError(f"{self.path} is not a tokenizers JSON file ({err})") from None
-        self.vocab_size = self.tokenizer.get_vocab_size()
-        ids = [self.tokenizer.token_to_id(name) for name in BPE_SPECIAL_TOKENS]
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = ids
-        if None in ids:
-            raise ValueError(f"{self.path} lacks the special tokens {BPE_SPECIAL_TOKENS}: train it with "
-                             "`reformer tokenizer train`")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
-
-    def characters_per_token(self) -> np.ndarray:
-        """(V,) characters each token contributes to decoded text (its UTF-8 lead bytes; specials 0)."""
-        alphabet = _byte_level_alphabet()
-        counts = np.zeros(self.vocab_size, dtype=np.int64)
-        specials = set(BPE_SPECIAL_TOKENS)
-        for token_id in range(self.vocab_size):
-            token = self.tokenizer.id_to_token(token_id)
-            if token is None or token in specials:
-                continue
-            counts[token_id] = sum(1 for ch in token if not 0x80 <= alphabet.get(ch, 0) < 0xC0)
-        return counts
-
-
-def _text_blocks(path: Path) -> Iterator[str]:
-    """The UTF-8 text of ``path`` in blocks of about 1 MiB, each cut after a newline when there is one."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    pending = ""
-    with open(path, "rb") as handle:
-        while block := handle.read(_READ_BLOCK):
-            pending += decoder.decode(block, final=False)
-            cut = pending.rfind("\n") + 1
-            if cut > 0:
-                yield pending[:cut]
-                pending = pending[cut:]
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
-
-
-class TokenizedCorpus:
-    """The files of a path tokenised once into ``cache_dir`` (uint16 ids when they fit, else uint32),
-    with the tokenizer's EOS after each file. The cache key covers the tokenizer file and each input
-    file's path, size and modification time; the token file is written under a temporary name and renamed."""
-
-    def __init__(self, path: str | os.PathLike, tokenizer: BPETokenizer, cache_dir: str | os.PathLike):
-        self.files = collect_text_files(path)
-        self.tokenizer = tokenizer
-        self.dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
-        key = hashlib.sha256(tokenizer.path.read_bytes())
-        for f in self.files:
-            stat = f.stat()
-            key.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.token_path = cache_dir / f"tokens-{key.hexdigest()[:16]}.{self.dtype}"
-        if not self.token_path.is_file():
-            self._tokenise()
-
-    def _tokenise(self) -> None:
-        tmp_path = self.token_path.with_name(self.token_path.name + f".tmp-{os.getpid()}")
-        try:
-            with open(tmp_path, "wb") as out:
-                for f in self.files:
-                    for text in _text_blocks(f):
-                        np.asarray(self.tokenizer.encode(text), dtype=self.dtype).tofile(out)
-                    np.asarray([self.tokenizer.eos_token_id], dtype=self.dtype).tofile(out)
-            os.replace(tmp_path, self.token_path)
-        finally:
-            if tmp_path.exists():
-                tmp_path.unlink()
-
-    def source(self) -> TokenFileSource:
-        return TokenFileSource(self.token_path, self.dtype)
-
-
-def bpe_text_dataset(path: str | os.PathLike, tokenizer_path: str | os.PathLike, seq_len: int,
-                     cache_dir: str | os.PathLike, seed: int = 0, eval_fraction: float = 0.05,
-                     eval_size: int = 64) -> TextDataset:
-    """A ``TextDataset`` over the BPE tokens of ``path`` (tokenised once into ``cache_dir``)."""
-    tokenizer = BPETokenizer(tokenizer_path)
-    corpus = TokenizedCorpus(path, tokenizer, cache_dir)
-    tokenizer_bytes = Path(tokenizer_path).read_bytes()
-    description = {"task": "bpe", "data": os.path.abspath(path),
-                   "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
-    return TextDataset(
-        corpus.source(), seq_len, tokenizer.vocab_size, tokenizer.characters_per_token(), seed=seed,
-        eval_fraction=eval_fraction, eval_size=eval_size, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, description=description, run_files={"tokenizer.json": tokenizer_bytes},
-    )
-

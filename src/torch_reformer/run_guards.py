@@ -19,7 +19,7 @@ from .distributed import DistributedContext, all_reduce_sum
 
 class StopOnSignal:
     """While training: the first SIGINT or SIGTERM asks the loop to stop at the end of the current
-    step (it checkpoints first, so nothing is lost); a second SIGINT interrupts at once. Handlers
+    step (it checkpoints first, so nothing is lost); a second signal of either kind interrupts at once. Handlers
     are installed only in the main thread (Python delivers signals there) and restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -35,7 +35,7 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
+        if self.requested is not None:  # asked twice: stop now
             raise KeyboardInterrupt
         if self.requested is None and self.on_request is not None:
             self.on_request(signal.Signals(signum).name)

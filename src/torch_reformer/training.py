@@ -28,7 +28,7 @@ checkpoint is moved aside to ``checkpoints/diverged-step-N`` (rename it back to 
 newest is confirmed, so a divergence never leaves only bad ones. SIGINT (Ctrl-C) or SIGTERM
 stops training at the end of the current step: the step is checkpointed, ``metrics.json`` says
 ``"status": "interrupted"`` and ``TrainingInterrupted`` is raised; ``resume`` continues from there. A
-second Ctrl-C interrupts at once.
+second signal (Ctrl-C or SIGTERM) interrupts at once.
 
 The run folder's ``config.json``, ``data.json`` and the dataset's own files (a BPE run's
 ``tokenizer.json``) are written only once the arguments are checked and a resumed checkpoint fits, so
@@ -102,15 +102,12 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, args: TrainingArguments, dataset, reporter=None,
                  on_checkpoint: Callable[[int, Path], None] | None = None):
         args.validate()
+        args.warn_about_warmup()
         self.args, self.dataset, self.on_checkpoint = args, dataset, on_checkpoint
         self.context = init_distributed()
         ctx = self.context
+        args.check_batch_split(ctx.world_size)
         shards = ctx.world_size * args.grad_accum
-        if args.batch_size % shards:
-            raise ValueError(
-                f"--batch-size {args.batch_size} cannot be split evenly over {ctx.world_size} process(es) x "
-                f"{args.grad_accum} accumulation step(s): use a multiple of {shards}"
-            )
         config = model.config
         if args.eval_num_hashes is not None and "lsh" not in config.attn_layers:
             raise ValueError("eval_num_hashes (--eval-hashes) sets the hash rounds of LSH layers, and this model has "
@@ -404,8 +401,9 @@ class Trainer:
 
         def announce(name: str) -> None:
             if self.reporter:
-                self.reporter.message(f"{name}: stopping after step {self.step + 1} once it is checkpointed "
-                                      "(Ctrl-C again to stop at once)")
+                when = (f"after step {self.step + 1} once it is checkpointed" if self.step < self.args.steps
+                        else "once the final evaluation and checkpoint are written")
+                self.reporter.message(f"{name}: stopping {when} (Ctrl-C again, or a second {name}, to stop at once)")
 
         with StopOnSignal(on_request=announce) as stop:
             return self._train_loop(stop)

@@ -53,15 +53,26 @@ class TrainingArguments:
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"min_lr_ratio (the cosine schedule's final lr / lr) must lie in [0, 1], got "
                              f"{self.min_lr_ratio!r}")
-        if self.warmup_steps > self.steps and not self.resume:
-            warnings.warn(f"warmup_steps {self.warmup_steps} > steps {self.steps}: the learning rate rises for the "
-                          f"whole run and never reaches lr={self.lr:g}", stacklevel=2)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or None for no clipping), got {self.clip_grad_norm!r}")
         if self.eval_num_hashes is not None and self.eval_num_hashes < 1:
             raise ValueError(f"eval_num_hashes must be >= 1, got {self.eval_num_hashes!r}")
+
+    def check_batch_split(self, world_size: int) -> None:
+        """Refuse a global batch that ``world_size`` processes x ``grad_accum`` micro-steps cannot share evenly."""
+        shards = world_size * self.grad_accum
+        if self.batch_size % shards:
+            raise ValueError(
+                f"--batch-size {self.batch_size} cannot be split evenly over {world_size} process(es) x "
+                f"{self.grad_accum} accumulation step(s): use a multiple of {shards}"
+            )
+
+    def warn_about_warmup(self) -> None:
+        if self.warmup_steps > self.steps and not self.resume:
+            warnings.warn(f"warmup_steps {self.warmup_steps} > steps {self.steps}: the learning rate rises for the "
+                          f"whole run and never reaches lr={self.lr:g}", stacklevel=3)
 
 
 def learning_rate(step: int, args: TrainingArguments) -> float:
