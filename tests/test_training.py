@@ -406,6 +406,19 @@ def test_weights_that_give_a_non_finite_evaluation_loss_are_not_saved(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
+def test_an_unexpected_error_marks_the_run_failed(tmp_path):
+    class BrokenData(data.DuplicationTask):
+        def train_batch(self, step, batch_size, rows=None):
+            if step == 3:  # the batch of optimizer step 4 (batches are indexed from 0)
+                raise OSError(24, "Too many open files")
+            return super().train_batch(step, batch_size, rows)
+
+    with pytest.raises(OSError, match="Too many open files"):
+        Trainer(tiny_model(), tiny_args(tmp_path, steps=6), BrokenData(16, 16), reporter=quiet()).train()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "OSError" in metrics["error"] and metrics["step"] == 3
+
+
 def test_learning_rate_settings_that_cannot_train_are_refused_or_warned_about(tmp_path):
     for overrides, message in (({"lr": 1e40}, "lr must be a positive number below"),
                                ({"min_lr_ratio": -5.0}, "min_lr_ratio"), ({"min_lr_ratio": 2.0}, "min_lr_ratio")):

@@ -462,6 +462,11 @@ class Trainer:
             if run_log is not None:
                 run_log.write_metrics({**metrics, "step": self.step, "status": "interrupted"})
             raise
+        except Exception as err:  # metrics.json must not go on saying "running"
+            if run_log is not None:
+                run_log.write_metrics({**metrics, "step": self.step, "status": "failed",
+                                       "error": f"{type(err).__name__}: {err}"})
+            raise
         finally:
             if run_log is not None:
                 run_log.close()
