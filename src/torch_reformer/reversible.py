@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from .autograd_checks import changed_in_place, refuse_create_graph, refuse_in_backward, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
-from .replay import CallRecord, ModulesState, autocast_states, replaying, scratch_buffers
+from .replay import CallRecord, InputFingerprint, ModulesState, autocast_states, replaying, scratch_buffers
 from .reversible_steps import (
     Coupling,
     CouplingStep,
@@ -113,6 +113,7 @@ class _ChainRun:
         self.records: list[CallRecord | None] = [None] * len(steps)
         self.outputs: list[Tensor] | None = None
         self.output_versions: list[int | None] = []
+        self.input_fingerprint = InputFingerprint(top)
 
     def forward(self, stack: list) -> list:
         for k, step in enumerate(self.steps):
@@ -162,6 +163,7 @@ class _ChainRun:
                 if grad is not None:
                     current = param_grads[i]
                     param_grads[i] = grad if current is None else current + grad
+        self.input_fingerprint.warn_if_drifted(walk.values)
         return walk.grads, param_grads
 
 
