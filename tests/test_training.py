@@ -16,7 +16,7 @@ import torch
 from torch_reformer import checkpoints, data, run_guards, training
 from torch_reformer.config import ReformerConfig
 from torch_reformer.model import ReformerLM
-from torch_reformer.serialization import CheckpointError
+from torch_reformer.serialization import CheckpointError, load_safetensors
 from torch_reformer.training import Trainer, TrainingArguments
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -451,9 +451,11 @@ def test_inputs_that_do_not_fit_are_rejected(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """LSH rotations are drawn per optimizer step (not per micro-batch), so without a hash_seed too the
+    micro-steps of a step hash as one forward pass over the whole batch would."""
     losses = []
     for accum in (1, 4):
-        trainer = Trainer(tiny_model(hash_seed=7), tiny_args(tmp_path / str(accum), grad_accum=accum, eval_every=0),
+        trainer = Trainer(tiny_model(), tiny_args(tmp_path / str(accum), grad_accum=accum, eval_every=0),
                           data.DuplicationTask(16, 16), reporter=quiet())
         trainer.train()
         losses.append([float(row["train_loss"]) for row in read_csv(tmp_path / str(accum) / "log.csv")])
@@ -464,31 +466,63 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_training import ddp_run
-ddp_run(sys.argv[1])
+ddp_run(sys.argv[1], steps=int(sys.argv[2]), fsdp=sys.argv[3] == "fsdp", resume=sys.argv[4] == "resume")
 torch.distributed.destroy_process_group()
 """
 
 
-def ddp_run(out_dir):
-    trainer = Trainer(tiny_model(), tiny_args(out_dir, steps=4, eval_every=2), data.DuplicationTask(16, 16, seed=2),
-                      reporter=quiet())
-    trainer.train()
+def ddp_run(out_dir, steps=4, fsdp=False, resume=False):
+    # Micro-batches of 2 rows whatever the process count (the same shapes, so the same rounding), and more
+    # than one per step, so gradient synchronisation is skipped on all but the last.
+    grad_accum = 4 // int(os.environ.get("WORLD_SIZE", "1"))
+    args = tiny_args(out_dir, steps=steps, eval_every=2, grad_accum=grad_accum, save_every=2, fsdp=fsdp,
+                     resume=resume, warmup_steps=2, schedule="constant")
+    Trainer(tiny_model(), args, data.DuplicationTask(16, 16, seed=2), reporter=quiet()).train()
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _two_processes(tmp_path, out_dir, steps=4, mode="ddp", resume=""):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
-    assert double.returncode == 0, double.stderr
-    ddp_run(tmp_path / "one")
-    one, two = read_csv(tmp_path / "one" / "log.csv"), read_csv(tmp_path / "two" / "log.csv")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == ["1", "2", "3", "4"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out_dir), str(steps), mode, resume or "fresh"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+
+
+def _assert_same_log(one_dir, two_dir, steps):
+    one, two = read_csv(one_dir / "log.csv"), read_csv(two_dir / "log.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [str(s) for s in range(1, steps + 1)]
     for key in ("train_loss", "grad_norm", "eval_loss", "eval_accuracy"):
         first = [float(r[key]) for r in one if r[key]]
         second = [float(r[key]) for r in two if r[key]]
         assert len(first) == len(second) > 0 and first == pytest.approx(second, abs=1e-5), key
+    assert not math.isnan(float(one[-1]["train_loss"]))
+
+
+def test_two_processes_match_one_process(tmp_path):
+    _two_processes(tmp_path, tmp_path / "two")
+    ddp_run(tmp_path / "one")
+    _assert_same_log(tmp_path / "one", tmp_path / "two", 4)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
-    assert not math.isnan(float(one[-1]["train_loss"]))
+
+
+def test_two_sharded_processes_match_one_process_and_resume_either_way(tmp_path):
+    """FSDP2 (--fsdp): the same losses as one process; its checkpoints hold whole tensors, so a sharded
+    run resumes in one process, and a sharded run resumes a sharded checkpoint, continuing exactly."""
+    ddp_run(tmp_path / "one", steps=6)
+    _two_processes(tmp_path, tmp_path / "sharded", steps=6, mode="fsdp")
+    _assert_same_log(tmp_path / "one", tmp_path / "sharded", 6)
+    weights = load_safetensors(tmp_path / "sharded" / "checkpoints" / "step-6" / "model.safetensors")
+    reference = load_safetensors(tmp_path / "one" / "checkpoints" / "step-6" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5)
+    for resumed, two in (("sharded-then-one", False), ("sharded-then-sharded", True)):
+        _two_processes(tmp_path, tmp_path / resumed, steps=4, mode="fsdp")
+        if two:
+            _two_processes(tmp_path, tmp_path / resumed, steps=6, mode="fsdp", resume="resume")
+        else:
+            ddp_run(tmp_path / resumed, steps=6, resume=True)
+        _assert_same_log(tmp_path / "one", tmp_path / resumed, 6)

@@ -40,9 +40,8 @@ def write_json(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, [(json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")])
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _optimizer_to_files(state: dict) -> tuple[dict, dict]:
     """Split an optimizer state dict into tensors (for safetensors) and JSON-ready values."""
-    state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state["state"].items():
         for key, value in param_state.items():
@@ -75,14 +74,17 @@ def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, rng_by_rank: list[dict],
-                    trainer_state: dict) -> Path:
-    """Write ``checkpoints_dir/step-{step}`` atomically (assembled in a temporary folder, then renamed)."""
+                    trainer_state: dict, *, weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write ``checkpoints_dir/step-{step}`` atomically (assembled in a temporary folder, then renamed).
+
+    ``weights`` and ``optimizer_state`` replace ``model.state_dict()`` and ``optimizer.state_dict()``
+    (a sharded model's gathered whole, so a checkpoint does not depend on how the run was sharded)."""
     final = checkpoints_dir / f"step-{step}"
     tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    model.save_pretrained(tmp, state_dict=weights)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state if optimizer_state is not None else optimizer.state_dict())
     save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", opt_meta)
     rng = {f"rank{r}.{name}": state for r, states in enumerate(rng_by_rank) for name, state in states.items()}

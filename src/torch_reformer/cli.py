@@ -68,6 +68,8 @@ def _add_train(subcommands) -> None:
     opt.add_argument("--clip", type=number_type(float, 0.0, inclusive=False, allow_none_word=True), default=1.0,
                      help="gradient-norm clipping ('none' disables)")
     opt.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    opt.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                     "state over the processes (FSDP2) instead of replicating them (DDP)")
     opt.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     run = parser.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run folder (default runs/duplication or runs/<data name>)")
@@ -200,7 +202,7 @@ def _run_train(args) -> int:
         weight_decay=args.weight_decay, clip_grad_norm=args.clip, bf16=args.bf16, seed=args.seed,
         eval_every=args.eval_every if args.eval_every is not None else DEFAULTS["eval_every"],
         eval_num_hashes=args.eval_hashes, save_every=args.save_every, keep_checkpoints=args.keep,
-        resume=args.resume, log_every=args.log_every,
+        resume=args.resume, log_every=args.log_every, fsdp=args.fsdp,
     )
     training_args.validate()  # cheap checks before the data is read (a BPE corpus is tokenised first)
     training_args.check_batch_split(int(os.environ.get("WORLD_SIZE", "1")))

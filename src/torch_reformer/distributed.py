@@ -49,3 +49,62 @@ def all_reduce_sum(values: torch.Tensor, context: DistributedContext) -> torch.T
         values = values.to(context.device)
         dist.all_reduce(values)
     return values.cpu()
+
+
+# ------------------------------------------------------------------------------ FSDP2 (sharded) state
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` as a whole with FSDP2's ``fully_shard``: between steps every process holds
+    1/world of the parameters, gradients and optimizer state; during a step the parameters are
+    gathered. (The reversible engine refuses sharding of the blocks it rebuilds on their own.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model)
+
+
+def _is_dtensor(value: object) -> bool:
+    return hasattr(value, "full_tensor") and hasattr(value, "placements")
+
+
+def full_tensor(value):
+    """The whole of a sharded tensor (a collective: every process must call it); other values as they are."""
+    return value.full_tensor() if _is_dtensor(value) else value
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with sharded tensors gathered whole, on every process (collective)."""
+    return {name: full_tensor(tensor) for name, tensor in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with sharded state gathered whole, on every process (collective):
+    the same layout as an unsharded optimizer's, so checkpoints do not depend on the sharding."""
+    state = optimizer.state_dict()
+    gathered = {index: {key: full_tensor(value) for key, value in entry.items()} for index, entry in state["state"].items()}
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def _shard_like(value, reference):
+    """``value`` (a whole tensor) cut like ``reference``, a sharded parameter; else unchanged."""
+    if not (_is_dtensor(reference) and torch.is_tensor(value) and value.shape == reference.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(reference.device, reference.dtype), reference.device_mesh, reference.placements)
+
+
+def shard_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """Whole tensors of a saved state cut like the model's sharded ones, ready for ``load_state_dict``."""
+    own = model.state_dict()
+    return {name: _shard_like(tensor, own.get(name)) for name, tensor in state.items()}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A saved (whole) optimizer state cut like the optimizer's sharded parameters."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    sharded = {
+        index: {key: _shard_like(value, params[int(index)]) for key, value in entry.items()}
+        for index, entry in state["state"].items()
+    }
+    return {"state": sharded, "param_groups": state["param_groups"]}

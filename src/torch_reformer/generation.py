@@ -59,8 +59,7 @@ import torch
 from torch import Tensor
 
 from .attention.checks import require_binary_mask
-from .attention.hashing import rotation_width
-from .attention.lsh import LSHSelfAttention, hashing_fixed_in_this_thread
+from .attention.lsh import LSHSelfAttention, fixed_hashing_settings, hashing_fixed_in_this_thread
 from .decoding import (
     DecodingOptions,
     apply_repetition_penalty,
@@ -210,16 +209,8 @@ def fixed_hashing(model: ReformerLM, max_length: int, generator: torch.Generator
     """
     weight = next(model.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    length = padded_length(model, max_length)
-    settings = {}
-    for layer in _lsh_layers(model):
-        num_buckets = layer.bucket_spec(length)
-        if layer.hash_seed is not None:
-            rotations = layer.draw_rotations(length, device=weight.device, dtype=dtype)
-        else:
-            shape = (layer.num_heads, layer.head_size, layer.num_hashes, rotation_width(num_buckets))
-            rotations = torch.randn(shape, generator=generator, device=weight.device, dtype=dtype)
-        settings[layer] = (num_buckets, rotations)  # rotations (H, D, R, F)
+    settings = fixed_hashing_settings(_lsh_layers(model), padded_length(model, max_length), device=weight.device,
+                                      dtype=dtype, generator=generator)
     with hashing_fixed_in_this_thread(settings):
         yield
 

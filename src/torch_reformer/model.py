@@ -123,14 +123,18 @@ class ReformerPreTrainedModel(nn.Module):
         a method as in HF."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``; ``state_dict``
+        replaces the model's own (e.g. a sharded model's tensors gathered whole)."""
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_dict()
-        config["architectures"] = [type(self).__name__]
+        # The class it was built as: FSDP's fully_shard, for one, swaps in a subclass of its own.
+        saved_class = next((c for c in type(self).__mro__ if c in MODEL_CLASSES.values()), type(self))
+        config["architectures"] = [saved_class.__name__]
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         atomic_write_files({  # both or neither: never weights of one save beside the config of another
-            os.path.join(directory, WEIGHTS_NAME): safetensors_chunks(self.state_dict(), metadata={"format": "pt"}),
+            os.path.join(directory, WEIGHTS_NAME): safetensors_chunks(
+                self.state_dict() if state_dict is None else state_dict, metadata={"format": "pt"}),
             os.path.join(directory, CONFIG_NAME): [text.encode("utf-8")],
         })
 

@@ -9,7 +9,11 @@ give the same updates whatever the process count: rank ``r`` takes rows ``[r * B
 the global batch that the dataset derives from ``(seed, step)``. Each micro-step's mean loss is
 weighted ``1 / grad_accum`` and DDP averages over ranks, which equals the mean over the global batch
 because every sequence of our datasets has the same number of scored tokens. All ranks share one RNG
-seed, so LSH rotations drawn in a forward pass are the same on every rank, as in one process.
+seed, and LSH layers hash all micro-batches of a step, on every rank, with rotations drawn once from
+``(seed, step)``, so the split does not change them either. The model
+is replicated with DistributedDataParallel, or with ``args.fsdp`` sharded as a whole with FSDP2
+(parameters, gradients and optimizer state split over the ranks between steps); a sharded run's
+checkpoints hold the tensors gathered whole, so any process count can resume them.
 
 Checkpoints (``OUT/checkpoints/step-N``; see ``checkpoints.py``) hold the weights
 (``config.json`` + ``model.safetensors``), the optimizer state (``optimizer.safetensors`` + JSON), every
@@ -46,12 +50,13 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .attention.lsh import LSHSelfAttention, fixed_hashing_settings, hashing_fixed_in_this_thread
 from .data import derive_seed
 from .checkpoints import (
     CHECKPOINT_DIR,
@@ -63,7 +68,17 @@ from .checkpoints import (
     save_checkpoint,
     write_json,
 )
-from .distributed import DistributedContext, all_reduce_sum, init_distributed
+from .distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    init_distributed,
+    shard_model,
+    shard_model_state,
+    shard_optimizer_state,
+)
 from .run_guards import StopOnSignal, check_memory_floor
 from .run_log import LineReporter, RunLog
 from .training_arguments import TrainingArguments, build_optimizer, learning_rate
@@ -124,7 +139,10 @@ class Trainer:
         check_memory_floor(config.hidden_size, args.batch_size // shards, dataset.seq_len, ctx)
         self.model = model.to(ctx.device)
         self.train_model = self.model
-        if ctx.active:
+        self.sharded = ctx.active and args.fsdp
+        if self.sharded:
+            shard_model(self.model)
+        elif ctx.active:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -159,18 +177,17 @@ class Trainer:
         args, ctx = self.args, self.context
         micro_rows = self._micro_rows()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for index, rows in enumerate(micro_rows):
-            input_ids, labels = self.dataset.train_batch(step - 1, args.batch_size, rows)
-            last = index == len(micro_rows) - 1
-            sync = nullcontext() if last or not ctx.active else self.train_model.no_sync()
-            with sync:
-                with self._autocast():
+        with self._step_hashing(step):
+            for index, rows in enumerate(micro_rows):
+                input_ids, labels = self.dataset.train_batch(step - 1, args.batch_size, rows)
+                last = index == len(micro_rows) - 1
+                with self._gradient_sync(last or not ctx.active), self._autocast():
                     out = self.train_model(input_ids.to(ctx.device), labels=labels.to(ctx.device), return_logits=False)
                 (out.loss / args.grad_accum).backward()
-            loss_sum += out.loss.detach().double().cpu()
+                loss_sum += out.loss.detach().double().cpu()
         loss = float(all_reduce_sum(loss_sum, ctx)) / (args.grad_accum * ctx.world_size)
         max_norm = args.clip_grad_norm if args.clip_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm})")
@@ -180,6 +197,37 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    def _step_hashing(self, step: int):
+        """LSH layers hash every micro-batch of optimizer step ``step``, on every process, with the same
+        rotations, drawn from ``(seed, step)``: a step's update then does not depend on how its batch is
+        split over processes and micro-steps, as with one forward pass over the whole batch."""
+        layers = [module for module in self.model.modules() if isinstance(module, LSHSelfAttention)]
+        trunk = getattr(self.model, "reformer", None)
+        if not layers or not hasattr(trunk, "padded_length"):
+            return nullcontext()
+        device = self.context.device
+        weight = next(self.model.parameters())
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        generator = torch.Generator(device=device).manual_seed(derive_seed(self.args.seed, "lsh rotations", step))
+        settings = fixed_hashing_settings(layers, trunk.padded_length(self.dataset.seq_len), device=device,
+                                          dtype=dtype, generator=generator)
+        return hashing_fixed_in_this_thread(settings)
+
+    @contextmanager
+    def _gradient_sync(self, enabled: bool):
+        """Gradients are reduced across processes only on a step's last micro-batch."""
+        if enabled:
+            yield
+        elif self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.train_model.no_sync():
+                yield
 
     def _diverged(self, what: str) -> TrainingDiverged:
         """The error for weights that gave a non-finite loss or gradient. A checkpoint of those weights
@@ -283,10 +331,14 @@ class Trainer:
             dist.all_gather_object(gathered, rng_by_rank[0])
             rng_by_rank = gathered
         path = None
+        # A sharded model's tensors are gathered whole (every process takes part), so the checkpoint
+        # is the same as an unsharded run's.
+        whole = (full_model_state(self.model), full_optimizer_state(self.optimizer)) if self.sharded else (None, None)
         if ctx.is_main:
             state = {"format_version": 1, "step": self.step, "world_size": ctx.world_size,
                      "args": dataclasses.asdict(self.args), "data": self.dataset.describe(), "history": self.history}
-            path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self.optimizer, rng_by_rank, state)
+            path = save_checkpoint(self.checkpoints_dir, self.step, self.model, self.optimizer, rng_by_rank, state,
+                                   weights=whole[0], optimizer_state=whole[1])
             self.last_checkpoint = self.unconfirmed_checkpoint = path
             if confirmed:
                 self._confirm_checkpoint()
@@ -322,9 +374,13 @@ class Trainer:
                 f"checkpoint {value} was trained with another model config ({'; '.join(differences[:4])}): "
                 "resume with the same --config and model flags, or train into a fresh --out"
             )
+        weights, optimizer_state = loaded["weights"], loaded["optimizer"]
+        if self.sharded:
+            weights = shard_model_state(self.model, weights)
+            optimizer_state = shard_optimizer_state(self.optimizer, optimizer_state)
         try:
-            self.model.load_state_dict(loaded["weights"], strict=True)
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.model.load_state_dict(weights, strict=True)
+            self.optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {value} does not fit this model ({str(err).splitlines()[0]})") from None
         saved_tokenizer = loaded["trainer_state"].get("data", {}).get("tokenizer_sha256")

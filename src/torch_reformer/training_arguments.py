@@ -37,6 +37,7 @@ class TrainingArguments:
     resume: bool = False  # continue from the newest valid checkpoint in out_dir
     log_every: int = 10  # steps between log lines / CSV rows
     progress: bool | None = None  # a live progress bar; None: when stdout is a terminal
+    fsdp: bool = False  # in a multi-process job, shard the model with FSDP2 instead of replicating it (DDP)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):

@@ -51,6 +51,7 @@ from torch_reformer.attention.hashing import (
     bucket_factors,
     draw_rotations,
     hash_vectors,
+    rotation_width,
     total_buckets,
 )
 from torch_reformer.attention.projection import project
@@ -72,6 +73,24 @@ def hashing_fixed_in_this_thread(settings: dict[LSHSelfAttention, tuple]) -> Ite
         yield
     finally:
         _thread_hashing.by_layer = previous
+
+
+def fixed_hashing_settings(
+    layers, length: int, *, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None = None
+) -> dict:
+    """``hashing_fixed_in_this_thread`` settings for ``layers`` at a (padded) ``length``: each layer's
+    bucket count for that length, and its rotations from its ``hash_seed`` when it has one (the
+    numbers a forward pass would draw), else from ``generator`` (the global RNG when None)."""
+    settings = {}
+    for layer in layers:
+        num_buckets = layer.bucket_spec(length)
+        if layer.hash_seed is not None:
+            rotations = layer.draw_rotations(length, device=device, dtype=dtype)
+        else:
+            shape = (layer.num_heads, layer.head_size, layer.num_hashes, rotation_width(num_buckets))
+            rotations = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        settings[layer] = (num_buckets, rotations)  # rotations (H, D, R, F)
+    return settings
 
 
 def _thread_fixed(layer: LSHSelfAttention) -> tuple | None:
@@ -335,16 +354,17 @@ class LSHSelfAttention(nn.Module):
                 f"LSH layer settings changed between the forward pass and its rebuild in backward (hashes, buckets "
                 f"or length: {stored[0]} then {signature}); call backward before changing num_hashes or num_buckets"
             )
-        if rotations is None and (not reuse or self.hash_seed is None):
-            # A rerun that reuses its bucket ids still draws from the global RNG, so every later
-            # random draw of this call (attention dropout) sees the stream the first run saw.
-            dtype = qk.dtype if qk.dtype in (torch.float32, torch.float64) else torch.float32
-            rotations = self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)
+        dtype = qk.dtype if qk.dtype in (torch.float32, torch.float64) else torch.float32
         if reuse:
+            if stored[2]:  # the first run drew from the global RNG: so does the rerun, so that every later
+                self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)  # draw (dropout) lines up
             return stored[1]
+        global_draw = rotations is None and self.hash_seed is None
+        if rotations is None:
+            rotations = self.draw_rotations(qk.shape[2], device=qk.device, dtype=dtype)
         bucket_ids = assign_padding_bucket(hash_vectors(qk, rotations, num_buckets), key_mask, num_buckets)
         if state is not None:
-            state[key] = (signature, bucket_ids)
+            state[key] = (signature, bucket_ids, global_draw)
         return bucket_ids
 
     def init_cache(
