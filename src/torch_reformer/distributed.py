@@ -72,17 +72,28 @@ def full_tensor(value):
     return value.full_tensor() if _is_dtensor(value) else value
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with sharded tensors gathered whole, on every process (collective)."""
-    return {name: full_tensor(tensor) for name, tensor in model.state_dict().items()}
+def gather_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimizer's state gathered whole onto rank 0's CPU, a tensor at a time (a
+    collective: every process calls it; the others get empty dicts). The optimizer state has the
+    layout of an unsharded optimizer's ``state_dict()``, so checkpoints do not depend on the sharding."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with sharded state gathered whole, on every process (collective):
-    the same layout as an unsharded optimizer's, so checkpoints do not depend on the sharding."""
-    state = optimizer.state_dict()
-    gathered = {index: {key: full_tensor(value) for key, value in entry.items()} for index, entry in state["state"].items()}
-    return {"state": gathered, "param_groups": state["param_groups"]}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not by_name:
+        return weights, {}
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: position for position, name in enumerate(names)}  # as the optimizer numbers them
+    return weights, {
+        "state": {index[name]: entry for name, entry in by_name["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in by_name["param_groups"]],
+    }
 
 
 def _shard_like(value, reference):

@@ -71,9 +71,8 @@ from .checkpoints import (
 from .distributed import (
     DistributedContext,
     all_reduce_sum,
-    full_model_state,
-    full_optimizer_state,
     full_tensor,
+    gather_sharded_state,
     init_distributed,
     shard_model,
     shard_model_state,
@@ -333,7 +332,7 @@ class Trainer:
         path = None
         # A sharded model's tensors are gathered whole (every process takes part), so the checkpoint
         # is the same as an unsharded run's.
-        whole = (full_model_state(self.model), full_optimizer_state(self.optimizer)) if self.sharded else (None, None)
+        whole = gather_sharded_state(self.model, self.optimizer) if self.sharded else (None, None)
         if ctx.is_main:
             state = {"format_version": 1, "step": self.step, "world_size": ctx.world_size,
                      "args": dataclasses.asdict(self.args), "data": self.dataset.describe(), "history": self.history}
