@@ -386,20 +386,34 @@ def generate(
         generator.seed()  # fresh entropy, without touching the global RNG
     else:
         generator.manual_seed(seed)
+    with _evaluating(model):
+        new_tokens = _decode_by_length(model, input_ids, real, max_new_tokens, options, use_cache, generator, seed)
+    return _place_continuations(input_ids, real, new_tokens)
+
+
+@contextlib.contextmanager
+def _evaluating(model: ReformerLM) -> Iterator[None]:
+    """Eval mode and no autograd inside; every module's training flag as it was afterwards."""
+    training_flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in training_flags:
+            module.training = training
+
+
+def _decode_by_length(model, input_ids, real, max_new_tokens, options, use_cache, generator, seed) -> Tensor:
+    """New tokens (B, T) for every row, decoding the rows of each real length together, unpadded."""
     lengths = real.sum(dim=1)  # (B,)
     new_tokens = input_ids.new_empty((input_ids.shape[0], max_new_tokens))
     # The automatic LSH bucket count is chosen for the model's whole position range (for the longest
     # row when the model has no position limit): see fixed_hashing.
     hashing_length = model.config.max_length or int(lengths.max()) + max_new_tokens
-    training_flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), fixed_hashing(model, hashing_length, None if seed is None else generator):
-            for length in lengths.unique().tolist():
-                rows = (lengths == length).nonzero().squeeze(1)  # (G,)
-                prompt = input_ids[rows][real[rows]].view(len(rows), length)  # real tokens, in order
-                new_tokens[rows] = _decode_group(model, prompt, max_new_tokens, options, use_cache, generator)
-    finally:
-        for module, training in training_flags:
-            module.training = training
-    return _place_continuations(input_ids, real, new_tokens)
+    with fixed_hashing(model, hashing_length, None if seed is None else generator):
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1)  # (G,)
+            prompt = input_ids[rows][real[rows]].view(len(rows), length)  # real tokens, in order
+            new_tokens[rows] = _decode_group(model, prompt, max_new_tokens, options, use_cache, generator)
+    return new_tokens
