@@ -204,8 +204,16 @@ def test_linked_folders_are_walked_once_and_many_files_keep_few_maps_open(tmp_pa
         _write(real / f"{i:02d}.txt", f"file {i}\n".encode())
     (tmp_path / "corpus" / "linked").symlink_to(real, target_is_directory=True)
     (real / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)
+    (tmp_path / "corpus" / "0_alias").symlink_to(real, target_is_directory=True)  # sorts before "real"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _write(outside / "far.txt", b"far away\n")
+    (tmp_path / "corpus" / "zz_outside").symlink_to(outside, target_is_directory=True)
     files = data.collect_text_files(tmp_path / "corpus")
-    assert len(files) == 12  # the folder once, through one of its two paths; the loop ends
+    # Links into the tree are skipped (its folders are walked by their own paths, whatever the links'
+    # names), a link to a folder outside is followed, and the loop ends.
+    assert files == sorted(real / f"{i:02d}.txt" for i in range(12)) + [tmp_path / "corpus" / "zz_outside" / "far.txt"]
+    files = files[:12]
     monkeypatch.setattr(data.ByteSource, "MAX_OPEN_MAPS", 3)
     source = data.ByteSource(files)
     stream = source.read(0, len(source))
@@ -289,6 +297,12 @@ def test_bpe_runs_record_the_corpus_size_and_small_corpora_warn_about_the_vocabu
     assert len(list((tmp_path / "cache").glob("tokens-*"))) == 2
     bpe.prune_token_cache(grown)
     assert list((tmp_path / "cache").glob("tokens-*")) == [grown.source.path]
+
+
+def test_bpe_names_still_import_from_data():
+    assert data.BPETokenizer is bpe.BPETokenizer and data.train_bpe_tokenizer is bpe.train_bpe_tokenizer
+    with pytest.raises(AttributeError):
+        data.no_such_name
 
 
 def test_bpe_bad_inputs(tmp_path):

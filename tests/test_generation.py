@@ -394,8 +394,9 @@ def test_automatic_bucket_counts_do_not_depend_on_the_request(hash_seed):
 def test_sampling_settings_without_do_sample_warn_and_are_ignored():
     model = tiny_lm()
     prompt = random_ids(model, 1, 4)
-    with pytest.warns(UserWarning, match=r"temperature=5\.0, top_k=3 only shape sampling.*greedy"):
-        ignored = generate(model, prompt, 5, temperature=5.0, top_k=3)
+    with pytest.warns(UserWarning, match=r"temperature=5\.0, top_k=3 only shape sampling.*greedy") as caught:
+        ignored = model.generate(prompt, 5, temperature=5.0, top_k=3)
+    assert caught[0].filename == __file__  # it points at the caller, not at the library
     assert torch.equal(ignored, generate(model, prompt, 5))
 
 

@@ -654,3 +654,11 @@ def test_bf16_rebuild_of_large_streams_warns_and_ordinary_training_does_not():
     model.to(torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="rebuilt its input with a relative error"):
         model(ids, labels=ids).loss.backward()
+
+
+def test_a_subclass_saves_under_its_own_name(tmp_path):
+    class MyLM(ReformerLM):
+        pass
+
+    MyLM(tiny(is_decoder=True)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MyLM"]

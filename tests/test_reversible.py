@@ -1,6 +1,7 @@
 """The reversible engine against plain autograd through the same computation."""
 
 import gc
+import math
 import warnings
 import weakref
 
@@ -231,6 +232,29 @@ def test_a_rebuild_that_drifts_from_the_real_input_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _momentum_net(0.9, 8)(x).sum().backward()
+
+
+def test_the_drift_measure_on_zero_non_finite_and_large_inputs():
+    from torch_reformer.replay import InputFingerprint
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 16)
+    zero = torch.zeros(3, 20, 16)
+    fingerprint = InputFingerprint([x, zero])
+    assert fingerprint.relative_error([x, zero + 1e-6]) < 1e-5  # a zero stream is judged with the other
+    assert fingerprint.relative_error([x * 1.1, zero]) == pytest.approx(0.1, rel=1e-3)
+    broken = x.clone()
+    broken[0, 0, 0] = float("nan")
+    assert fingerprint.relative_error([broken, zero]) == math.inf
+    assert InputFingerprint([zero]).relative_error([zero + 1e-6]) == 0.0  # nothing to compare against
+    for scale in (1e-20, 1e20, 1e30):
+        assert InputFingerprint([x * scale]).relative_error([x * scale * 1.1]) == pytest.approx(0.1, rel=1e-3)
+
+
+def test_a_rebuild_that_becomes_nan_warns():
+    x = torch.randn(4, 50, 32)
+    with pytest.warns(RuntimeWarning, match="relative error of inf"):
+        _momentum_net(0.01, 30)(x).sum().backward()
 
 
 def conv_block(channels: int) -> nn.Module:

@@ -406,6 +406,25 @@ def test_weights_that_give_a_non_finite_evaluation_loss_are_not_saved(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
+def test_a_model_of_ones_own_trains_and_checkpoints(tmp_path):
+    """The Trainer takes any causal LM with ReformerLM's call signature and a save_pretrained(directory)."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+            self.config = self.inner.config
+
+        def forward(self, input_ids, labels=None, return_logits=True):
+            return self.inner(input_ids, labels=labels, return_logits=return_logits)
+
+        def save_pretrained(self, directory):
+            self.inner.save_pretrained(directory)
+
+    Trainer(Wrapper(), tiny_args(tmp_path, steps=2), data.DuplicationTask(16, 16), reporter=quiet()).train()
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "checkpoints")] == ["step-2"]
+
+
 def test_an_unexpected_error_marks_the_run_failed(tmp_path):
     class BrokenData(data.DuplicationTask):
         def train_batch(self, step, batch_size, rows=None):

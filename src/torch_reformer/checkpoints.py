@@ -83,7 +83,10 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, rng_by_r
     tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=weights)
+    if weights is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=weights)
     opt_tensors, opt_meta = _optimizer_to_files(optimizer_state if optimizer_state is not None else optimizer.state_dict())
     save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", opt_meta)

@@ -149,8 +149,8 @@ def find_invalid_utf8(path: str | os.PathLike) -> int | None:
 
 
 def collect_text_files(path: str | os.PathLike, allow_binary: bool = False) -> list[Path]:
-    """The files of ``path``: a file, or a directory walked recursively (symbolic links to files and
-    folders followed, each folder once), sorted by path, hidden entries skipped."""
+    """The files of ``path``: a file, or a directory walked recursively (links to files, and to
+    folders outside it, followed; each folder once), sorted by path, hidden entries skipped."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data path {root} does not exist")
@@ -168,16 +168,21 @@ def collect_text_files(path: str | os.PathLike, allow_binary: bool = False) -> l
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
-    """Every file below ``root``, through linked folders too; a folder reached twice (a link loop, two
-    links to one folder) is walked once."""
-    seen = {os.path.realpath(root)}
+    """Every file below ``root``, through links to folders outside it too; a folder reached twice (a
+    link loop, two links to one folder) is walked once, and a link to a folder inside the tree is
+    skipped, since the folder is walked by its own path (so the file list does not depend on links)."""
+    real_root = os.path.realpath(root)
+    seen = {real_root}
     for folder, subfolders, names in os.walk(root, followlinks=True):
         unseen = []
-        for name in subfolders:
-            real = os.path.realpath(os.path.join(folder, name))
-            if real not in seen:
-                seen.add(real)
-                unseen.append(name)
+        for name in sorted(subfolders):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            inside = os.path.commonpath([real, real_root]) == real_root
+            if real in seen or (os.path.islink(path) and inside):  # a link into the tree: walked by its own path
+                continue
+            seen.add(real)
+            unseen.append(name)
         subfolders[:] = unseen
         yield from (Path(folder) / name for name in names)
 
@@ -376,3 +381,15 @@ class ByteTokenizer:
         """Text of the byte ids in ``ids`` (special ids are dropped; broken UTF-8 becomes U+FFFD)."""
         data = bytes(int(i) - BYTE_OFFSET for i in ids if BYTE_OFFSET <= int(i) < BYTE_VOCAB_SIZE)
         return data.decode("utf-8", errors="replace")
+
+
+_MOVED_TO_BPE = ("BPETokenizer", "MAX_BPE_VOCAB", "TokenizedCorpus", "bpe_text_dataset", "train_bpe_tokenizer")
+
+
+def __getattr__(name: str):
+    """The BPE names that lived here before ``bpe.py`` existed, still importable from this module."""
+    if name in _MOVED_TO_BPE:
+        from . import bpe
+
+        return getattr(bpe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -91,6 +92,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside this package (the user's call,
+    whether it came through ``generate`` or ``ReformerLM.generate``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("torch_reformer"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _token_ids(name: str, value, vocab_size: int) -> tuple[int, ...]:
     ids = () if value is None else (value,) if _is_int(value) else value
     if not isinstance(ids, (tuple, list)) or not all(_is_int(token) and 0 <= token < vocab_size for token in ids):
@@ -122,7 +132,7 @@ def _decoding_options(model: ReformerLM, **settings) -> DecodingOptions:
     if ignored and not settings["do_sample"]:
         warnings.warn(f"{', '.join(ignored)} only shape sampling, and do_sample is False: decoding is "
                       f"{'beam search' if num_beams > 1 else 'greedy'} and ignores them (pass do_sample=True to sample)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=_caller_stacklevel())
     eos = _token_ids("eos_token_id", settings["eos_token_id"], vocab)
     pad = settings["pad_token_id"]
     if pad is None:

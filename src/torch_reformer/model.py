@@ -128,9 +128,7 @@ class ReformerPreTrainedModel(nn.Module):
         replaces the model's own (e.g. a sharded model's tensors gathered whole)."""
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_dict()
-        # The class it was built as: FSDP's fully_shard, for one, swaps in a subclass of its own.
-        saved_class = next((c for c in type(self).__mro__ if c in MODEL_CLASSES.values()), type(self))
-        config["architectures"] = [saved_class.__name__]
+        config["architectures"] = [_built_class(type(self)).__name__]
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         atomic_write_files({  # both or neither: never weights of one save beside the config of another
             os.path.join(directory, WEIGHTS_NAME): safetensors_chunks(
@@ -429,6 +427,15 @@ def _lm_output(model, hidden: torch.Tensor, labels: torch.Tensor | None, return_
 MODEL_CLASSES = {model_class.__name__: model_class for model_class in (
     ReformerModel, ReformerLM, ReformerForMaskedLM, ReformerForSequenceClassification)}
 TRUNK_PREFIX = "reformer."  # the trunk's parameter names inside every head
+
+
+def _built_class(cls: type) -> type:
+    """The class a model was built as: FSDP's ``fully_shard`` swaps in ``FSDP<Name>``, a subclass of
+    ``FSDPModule`` and the model's class; other subclasses (a user's own) are themselves."""
+    for candidate in cls.__mro__:
+        if candidate.__name__ != "FSDPModule" and "FSDPModule" not in (base.__name__ for base in candidate.__bases__):
+            return candidate
+    return cls
 
 
 def _read_config(directory) -> dict:

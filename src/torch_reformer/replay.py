@@ -199,7 +199,6 @@ class InputFingerprint:
     """
 
     WIDTH = 4
-    _directions: dict[tuple, torch.Tensor] = {}
 
     def __init__(self, items: Sequence[object]) -> None:
         self.projections = [self._project(item) for item in items]
@@ -210,31 +209,32 @@ class InputFingerprint:
             return None
         width = item.shape[-1]
         dtype = torch.float64 if item.dtype == torch.float64 else torch.float32
-        key = (width, item.device, dtype)
-        if key not in cls._directions:  # fixed directions: the global RNG is not touched
-            generator = torch.Generator().manual_seed(width)
-            cls._directions[key] = torch.randn(width, cls.WIDTH, generator=generator, dtype=dtype).to(item.device)
+        # Fixed pseudo-random directions in [-0.5, 0.5) from a hash of the index: no generator (the
+        # global RNG is untouched, and torch.compile traces it without a graph break).
+        index = torch.arange(width * cls.WIDTH, device=item.device, dtype=dtype).reshape(width, cls.WIDTH)
+        directions = torch.frac(torch.sin(index * 12.9898 + 78.233) * 43758.5453) - 0.5
         with torch.no_grad():
-            return item.detach().reshape(-1, width).to(dtype) @ cls._directions[key]  # (rows, 4)
+            return item.detach().reshape(-1, width).to(dtype) @ directions  # (rows, 4)
 
     def relative_error(self, items: Sequence[object]) -> float:
-        """The largest ‖P(rebuilt) − P(original)‖ / ‖P(original)‖ over the items."""
-        worst = 0.0
+        """‖P(rebuilt) − P(original)‖ / ‖P(original)‖ over all floating items together (norms in
+        float64): inf when the rebuild is not finite, 0 when there is nothing to compare against
+        (an all-zero or non-finite original)."""
+        drift = scale = 0.0
         for original, item in zip(self.projections, items):
             if original is None:
                 continue
-            rebuilt = self._project(item)
-            scale = float(original.norm())
-            if scale > 0:
-                worst = max(worst, float((rebuilt - original).norm()) / scale)
-            elif float(rebuilt.norm()) > 0:
-                worst = math.inf
-        return worst
+            original = original.double()
+            drift += float((self._project(item).double() - original).square().sum())
+            scale += float(original.square().sum())
+        if not math.isfinite(scale) or scale == 0:
+            return 0.0
+        return math.sqrt(drift / scale) if math.isfinite(drift) else math.inf
 
     @torch.compiler.disable
     def warn_if_drifted(self, items: Sequence[object]) -> None:
         error = self.relative_error(items)
-        if error > REBUILD_TOLERANCE or math.isnan(error):
+        if error > REBUILD_TOLERANCE:
             warnings.warn(
                 f"the reversible backward pass rebuilt its input with a relative error of {error:.1g} "
                 f"(tolerance {REBUILD_TOLERANCE:g}), so the gradients are approximate. Rounding errors grow "
