@@ -33,16 +33,32 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+def _full_grads(model: nn.Module) -> list[torch.Tensor]:
+    """Each parameter's whole gradient (FSDP2 keeps a shard of it on each process)."""
+    return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+
+
 def train(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list[list[torch.Tensor]]:
-    """SGD steps on mean-squared error; the gradients of every step."""
+    """SGD steps on mean-squared error; the (whole) gradients of every step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     history = []
     for step_inputs, step_targets in zip(inputs, targets):
         optimizer.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(step_inputs), step_targets).backward()
-        history.append([p.grad.clone() for p in model.parameters()])
+        history.append([grad.clone() for grad in _full_grads(model)])
         optimizer.step()
     return history
+
+
+def assert_match_one_process(ranks: list[dict]) -> None:
+    """Every mode's gradients on every rank equal plain autograd's in one process on the global batch."""
+    inputs, targets = global_batch()
+    expected = train(make_model("autograd"), inputs, targets)
+    for mode in MODES:
+        for rank_results in ranks:
+            for got_step, want_step in zip(rank_results[mode], expected):
+                for got, want in zip(got_step, want_step):
+                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -65,18 +81,7 @@ def test_ddp_on_two_processes_matches_one_process_on_the_global_batch():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD_SIZE, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
-    inputs, targets = global_batch()
-    expected = train(make_model("autograd"), inputs, targets)
-    for mode in MODES:
-        for rank_results in ranks:
-            for got_step, want_step in zip(rank_results[mode], expected):
-                for got, want in zip(got_step, want_step):
-                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-def _full_grads(model: nn.Module) -> list[torch.Tensor]:
-    """Each parameter's whole gradient (FSDP2 keeps a shard of it on each process)."""
-    return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+    assert_match_one_process(ranks)
 
 
 def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -88,14 +93,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         local = slice(rank * 4, (rank + 1) * 4)
         results = {}
         for mode in MODES:  # the whole model sharded: every memory mode
-            model = fully_shard(make_model(*mode))
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            results[mode] = []
-            for step_inputs, step_targets in zip(inputs[:, local], targets[:, local]):
-                optimizer.zero_grad(set_to_none=True)
-                nn.functional.mse_loss(model(step_inputs), step_targets).backward()
-                results[mode].append([grad.clone() for grad in _full_grads(model)])
-                optimizer.step()
+            results[mode] = train(fully_shard(make_model(*mode)), inputs[:, local], targets[:, local])
         # A block inside the rebuilt chain sharded on its own is refused before any work; a block
         # in the autograd tail may be sharded (with the root sharded too, so the rest is reduced).
         model = make_model("reversible")
@@ -121,13 +119,8 @@ def test_fsdp2_whole_model_sharding_matches_one_process_and_block_sharding_is_re
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_fsdp_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD_SIZE, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD_SIZE)]
-    inputs, targets = global_batch()
-    expected = train(make_model("autograd"), inputs, targets)
-    for mode in MODES:
-        for rank_results in ranks:
-            for got_step, want_step in zip(rank_results[mode], expected):
-                for got, want in zip(got_step, want_step):
-                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_match_one_process(ranks)
+    inputs, _ = global_batch()
     torch.manual_seed(0)
     tail = ReversibleSequential(nn.Linear(1, 1), nn.Linear(1, 1), autograd_tail=1).double()
     tail(inputs[0, :, :, :2].contiguous()).square().mean().backward()
