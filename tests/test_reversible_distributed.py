@@ -61,64 +61,59 @@ def assert_match_one_process(ranks: list[dict]) -> None:
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, body) -> None:
+    """One process of a 2-process gloo job: ``body(local rows, inputs, targets)``'s results saved to disk."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         inputs, targets = global_batch()
-        local = slice(rank * 4, (rank + 1) * 4)
-        results = {}
-        for mode in MODES:
-            model = nn.parallel.DistributedDataParallel(make_model(*mode))
-            results[mode] = train(model, inputs[:, local], targets[:, local])
+        results = body(slice(rank * 4, (rank + 1) * 4), inputs, targets)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def on_two_processes(body) -> list[dict]:
+    """Every rank's results of ``body`` (a module-level function, so that it can be spawned)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir, body), nprocs=WORLD_SIZE, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD_SIZE)]
+
+
+def _ddp_steps(local: slice, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    return {mode: train(nn.parallel.DistributedDataParallel(make_model(*mode)), inputs[:, local], targets[:, local])
+            for mode in MODES}
 
 
 def test_ddp_on_two_processes_matches_one_process_on_the_global_batch():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD_SIZE, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
-    assert_match_one_process(ranks)
+    assert_match_one_process(on_two_processes(_ddp_steps))
 
 
-def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _fsdp_steps(local: slice, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    results = {mode: train(fully_shard(make_model(*mode)), inputs[:, local], targets[:, local])
+               for mode in MODES}  # the whole model sharded: every memory mode
+    # A block inside the rebuilt chain sharded on its own is refused before any work; a block in the
+    # autograd tail may be sharded (with the root sharded too, so the rest is reduced).
+    model = make_model("reversible")
+    fully_shard(model[1].blocks[1])
     try:
-        inputs, targets = global_batch()
-        local = slice(rank * 4, (rank + 1) * 4)
-        results = {}
-        for mode in MODES:  # the whole model sharded: every memory mode
-            results[mode] = train(fully_shard(make_model(*mode)), inputs[:, local], targets[:, local])
-        # A block inside the rebuilt chain sharded on its own is refused before any work; a block
-        # in the autograd tail may be sharded (with the root sharded too, so the rest is reduced).
-        model = make_model("reversible")
-        fully_shard(model[1].blocks[1])
-        try:
-            model(inputs[0, local])
-        except RuntimeError as error:
-            results["refusal"] = str(error)
-        torch.manual_seed(0)
-        tail = ReversibleSequential(nn.Linear(1, 1), nn.Linear(1, 1), autograd_tail=1).double()
-        fully_shard(tail.blocks[1])
-        fully_shard(tail)  # the root holds the chain's parameters
-        tail(inputs[0, local, :, :2].contiguous()).square().mean().backward()
-        results["tail"] = _full_grads(tail)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        model(inputs[0, local])
+    except RuntimeError as error:
+        results["refusal"] = str(error)
+    torch.manual_seed(0)
+    tail = ReversibleSequential(nn.Linear(1, 1), nn.Linear(1, 1), autograd_tail=1).double()
+    fully_shard(tail.blocks[1])
+    fully_shard(tail)  # the root holds the chain's parameters
+    tail(inputs[0, local, :, :2].contiguous()).square().mean().backward()
+    results["tail"] = _full_grads(tail)
+    return results
 
 
 def test_fsdp2_whole_model_sharding_matches_one_process_and_block_sharding_is_refused():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_fsdp_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD_SIZE, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD_SIZE)]
+    ranks = on_two_processes(_fsdp_steps)
     assert_match_one_process(ranks)
     inputs, _ = global_batch()
     torch.manual_seed(0)
