@@ -472,7 +472,7 @@ class Trainer:
         metrics = {"step": self.step, "status": status, **(self.history[-1] if self.history else {})}
         tokens_per_step = args.batch_size * self.dataset.seq_len
         started, window_seconds, window_steps = time.perf_counter(), 0.0, 0
-        try:
+        with self._recording_end(run_log, metrics):
             while self.step < args.steps:
                 step_started = time.perf_counter()
                 loss, grad_norm = self._train_step(self.step + 1)
@@ -509,22 +509,29 @@ class Trainer:
                     name = signal.Signals(stop.requested or signal.SIGINT).name
                     raise TrainingInterrupted(f"stopped on {name} after step {self.step}, which is checkpointed "
                                               f"in {self.checkpoints_dir}: continue with --resume")
-        except TrainingDiverged as err:
+        return metrics
+
+    @contextmanager
+    def _recording_end(self, run_log: RunLog | None, metrics: dict):
+        """Records in metrics.json how the loop ended, so it never goes on saying "running" after a
+        divergence, an interruption or an error; closes the run log and the reporter in every case."""
+        def write_status(status: str, **extra) -> None:
             if run_log is not None:
-                run_log.write_metrics({**metrics, "status": "diverged", "error": str(err)})
+                run_log.write_metrics({**metrics, "step": self.step, "status": status, **extra})
+
+        try:
+            yield
+        except TrainingDiverged as err:
+            write_status("diverged", error=str(err))
             raise
         except KeyboardInterrupt:
-            if run_log is not None:
-                run_log.write_metrics({**metrics, "step": self.step, "status": "interrupted"})
+            write_status("interrupted")
             raise
-        except Exception as err:  # metrics.json must not go on saying "running"
-            if run_log is not None:
-                run_log.write_metrics({**metrics, "step": self.step, "status": "failed",
-                                       "error": f"{type(err).__name__}: {err}"})
+        except Exception as err:
+            write_status("failed", error=f"{type(err).__name__}: {err}")
             raise
         finally:
             if run_log is not None:
                 run_log.close()
             if self.reporter:
                 self.reporter.close()
-        return metrics
