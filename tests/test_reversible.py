@@ -241,14 +241,33 @@ def test_the_drift_measure_on_zero_non_finite_and_large_inputs():
     x = torch.randn(3, 20, 16)
     zero = torch.zeros(3, 20, 16)
     fingerprint = InputFingerprint([x, zero])
-    assert fingerprint.relative_error([x, zero + 1e-6]) < 1e-5  # a zero stream is judged with the other
-    assert fingerprint.relative_error([x * 1.1, zero]) == pytest.approx(0.1, rel=1e-3)
+    assert max(fingerprint.relative_errors([x, zero + 1e-6])) < 1e-5  # a zero stream is judged with the other
+    assert fingerprint.relative_errors([x * 1.1, zero])[0] == pytest.approx(0.1, rel=1e-3)
     broken = x.clone()
     broken[0, 0, 0] = float("nan")
-    assert fingerprint.relative_error([broken, zero]) == math.inf
-    assert InputFingerprint([zero]).relative_error([zero + 1e-6]) == 0.0  # nothing to compare against
+    assert fingerprint.relative_errors([broken, zero]) == (math.inf, math.inf)
+    assert InputFingerprint([zero]).relative_errors([zero + 1e-6]) == (0.0, 0.0)  # nothing to compare against
     for scale in (1e-20, 1e20, 1e30):
-        assert InputFingerprint([x * scale]).relative_error([x * scale * 1.1]) == pytest.approx(0.1, rel=1e-3)
+        whole, _ = InputFingerprint([x * scale]).relative_errors([x * scale * 1.1])
+        assert whole == pytest.approx(0.1, rel=1e-3)
+
+
+def test_drift_confined_to_one_row_is_measured_against_the_typical_row():
+    from torch_reformer.replay import ROW_REBUILD_TOLERANCE, InputFingerprint
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4096, 16)
+    fingerprint = InputFingerprint([x])
+    rebuilt = x.clone()
+    rebuilt[1, 7] *= 1.5  # one token of 8192 off by half of itself
+    projected_rows = fingerprint.projections[0].double().norm(dim=-1)  # (8192,)
+    expected_worst = 0.5 * projected_rows[4096 + 7] / projected_rows.square().mean().sqrt()
+    whole, worst_row = fingerprint.relative_errors([rebuilt])
+    assert whole < 0.02  # diluted over the tensor: the whole-tensor measure alone would stay silent
+    assert worst_row == pytest.approx(float(expected_worst), rel=1e-4)
+    assert worst_row > ROW_REBUILD_TOLERANCE
+    with pytest.warns(RuntimeWarning, match="in its worst row"):
+        fingerprint.warn_if_drifted([rebuilt])
 
 
 def test_a_rebuild_that_becomes_nan_warns():
