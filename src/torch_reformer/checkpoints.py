@@ -179,3 +179,32 @@ def newest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {checkpoints_dir}: {'; '.join(problems)}")
     return None
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    ignored = {"architectures"}
+    keys = sorted((set(saved) | set(current)) - ignored)
+    return [
+        f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def refuse_another_run(loaded: dict, path: Path, config: dict, data_description: dict) -> None:
+    """Raise CheckpointError when the checkpoint ``loaded`` from ``path`` was trained with another
+    model config or another tokenizer than the run resuming it (``config``: the model's
+    ``to_dict()``; ``data_description``: the dataset's ``describe()``)."""
+    differences = _config_differences(loaded["config"], config)
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another model config ({'; '.join(differences[:4])}): "
+            "resume with the same --config and model flags, or train into a fresh --out"
+        )
+    saved_tokenizer = loaded["trainer_state"].get("data", {}).get("tokenizer_sha256")
+    tokenizer = data_description.get("tokenizer_sha256")
+    if saved_tokenizer is not None and tokenizer != saved_tokenizer:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {saved_tokenizer[:12]}…, now "
+            f"{str(tokenizer)[:12]}…): resume with the run's tokenizer.json, or train into a fresh --out"
+        )

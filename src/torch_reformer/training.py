@@ -64,6 +64,7 @@ from .checkpoints import (
     list_checkpoints,
     newest_valid_checkpoint,
     read_checkpoint,
+    refuse_another_run,
     restore_rng_states,
     save_checkpoint,
     write_json,
@@ -91,16 +92,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM at the end of a step, after checkpointing that step."""
-
-
-def _config_differences(saved: dict, current: dict) -> list[str]:
-    ignored = {"architectures"}
-    keys = sorted((set(saved) | set(current)) - ignored)
-    return [
-        f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}"
-        for key in keys
-        if saved.get(key) != current.get(key)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -367,12 +358,7 @@ class Trainer:
                 self.reporter.message(f"no checkpoint in {self.checkpoints_dir}: starting from step 0")
             return
         loaded = read_checkpoint(value)
-        differences = _config_differences(loaded["config"], self.model.config.to_dict())
-        if differences:
-            raise CheckpointError(
-                f"checkpoint {value} was trained with another model config ({'; '.join(differences[:4])}): "
-                "resume with the same --config and model flags, or train into a fresh --out"
-            )
+        refuse_another_run(loaded, value, self.model.config.to_dict(), self.dataset.describe())
         weights, optimizer_state = loaded["weights"], loaded["optimizer"]
         if self.sharded:
             weights = shard_model_state(self.model, weights)
@@ -382,13 +368,6 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {value} does not fit this model ({str(err).splitlines()[0]})") from None
-        saved_tokenizer = loaded["trainer_state"].get("data", {}).get("tokenizer_sha256")
-        tokenizer = self.dataset.describe().get("tokenizer_sha256")
-        if saved_tokenizer is not None and tokenizer != saved_tokenizer:
-            raise CheckpointError(
-                f"checkpoint {value} was trained with another tokenizer (sha256 {saved_tokenizer[:12]}…, now "
-                f"{str(tokenizer)[:12]}…): resume with the run's tokenizer.json, or train into a fresh --out"
-            )
         restore_rng_states(loaded["rng"].get(ctx.rank, loaded["rng"][0]))
         self._warn_about_changed_data(loaded["trainer_state"])
         self.step = loaded["trainer_state"]["step"]
