@@ -731,3 +731,54 @@ def test_blocks_that_change_their_own_weights_while_running_are_not_refused():
     for mode in ("reversible", "checkpoint"):
         for ours, reference in zip(grads[mode], grads["autograd"]):
             torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def set_memory_mode(model: nn.Module, mode: str) -> None:
+    if hasattr(model, "config"):
+        model.config.memory_mode = mode  # a Reformer model reads it on every call
+    else:
+        model.memory_mode = mode
+
+
+def _hooked_gradients(model: nn.Module, run) -> tuple[list[torch.Tensor], int]:
+    """Gradients after ``run(model)`` with a hook on every parameter that doubles its gradient, and
+    how many times the hooks ran."""
+    calls = []
+    handles = [p.register_hook(lambda grad: (calls.append(1), grad * 2)[1]) for p in model.parameters()]
+    run(model)
+    for handle in handles:
+        handle.remove()
+    return [p.grad.clone() for p in model.parameters()], len(calls)
+
+
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_parameter_hooks_run_once_as_in_autograd(mode):
+    from torch_reformer.config import ReformerConfig
+    from torch_reformer.model import ReformerLM
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    chain = ReversibleSequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double() for _ in range(3)])
+    config = ReformerConfig.from_preset("tiny", is_decoder=True, attn_layers=("local", "lsh"))
+    lm = ReformerLM(config).double()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for model, run in ((chain, lambda m: m(x).square().sum().backward()),
+                       (lm, lambda m: m(ids, labels=ids).loss.backward())):
+        expected = {}
+        for memory_mode in ("autograd", mode):
+            model.zero_grad(set_to_none=True)
+            set_memory_mode(model, memory_mode)
+            expected[memory_mode] = _hooked_gradients(model, run)
+        grads, calls = expected[mode]
+        want_grads, want_calls = expected["autograd"]
+        assert calls == want_calls == sum(p.requires_grad for p in model.parameters())
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # Gradients asked for one input only: the parameters' hooks do not run at all, as in autograd.
+    set_memory_mode(chain, mode)
+    calls = []
+    handles = [p.register_hook(lambda grad: calls.append(1)) for p in chain.parameters()]
+    torch.autograd.grad(chain(x).sum(), [x])
+    assert calls == []
+    for handle in handles:
+        handle.remove()

@@ -25,7 +25,8 @@ reverse, and knows which of them it allocated itself (those may be updated in pl
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+import contextlib
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,12 +80,30 @@ def _gradients(
     if not pairs or not wanted:
         return result
     _refuse_unknown_leaves([out for out, _ in pairs], inputs)
-    found = torch.autograd.grad(
-        [out for out, _ in pairs], [inputs[i] for i in wanted], [grad for _, grad in pairs], allow_unused=True
-    )
+    wrt = [inputs[i] for i in wanted]
+    with _leaf_hooks_suspended(wrt):
+        found = torch.autograd.grad([out for out, _ in pairs], wrt, [grad for _, grad in pairs], allow_unused=True)
     for i, grad in zip(wanted, found):
         result[i] = grad
     return result
+
+
+@contextlib.contextmanager
+def _leaf_hooks_suspended(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Hold back the ``register_hook`` hooks of leaf tensors (the parameters) while the engine
+    computes their gradients inside its own backward: the engine returns those gradients to the
+    outer backward, which runs the hooks once, as plain autograd does, instead of twice."""
+    suspended = []
+    for tensor in tensors:
+        hooks = tensor._backward_hooks if tensor.is_leaf else None
+        if hooks:
+            suspended.append((hooks, dict(hooks)))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, entries in suspended:
+            hooks.update(entries)
 
 
 def _refuse_unknown_leaves(outputs: Sequence[Tensor], inputs: Sequence[object]) -> None:
