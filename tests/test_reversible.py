@@ -648,6 +648,24 @@ def test_a_coupling_inverse_that_does_not_undo_the_forward_is_refused():
         net(torch.randn(3, 8, requires_grad=True))
 
 
+def test_a_coupling_inverse_is_checked_once_per_block_not_on_every_forward():
+    calls = []
+
+    def inverse(y, f):
+        calls.append(1)
+        return (y - 0.5 * f) / 0.5
+
+    blocks = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    net = ReversibleSequential(*blocks, coupling_forward=lambda x, f: 0.5 * x + 0.5 * f, coupling_inverse=inverse)
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(3, 8))
+    assert len(calls) == 2  # one check per block
+    wrong = ReversibleSequential(*blocks, coupling_forward=lambda x, f: 2 * x + f, coupling_inverse=lambda y, f: y - f)
+    with pytest.raises(ValueError, match="coupling_inverse does not undo coupling_forward"):
+        wrong(torch.randn(3, 8))  # the same blocks with another inverse are checked again
+
+
 def test_a_tensor_from_outside_the_blocks_modules_is_refused_rather_than_left_without_gradient():
     outside = nn.Parameter(torch.tensor(2.0))
 

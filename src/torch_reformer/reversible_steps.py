@@ -26,6 +26,7 @@ reverse, and knows which of them it allocated itself (those may be updated in pl
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -224,6 +225,11 @@ class ReversibleStep(Protocol):
     def backward(self, walk: BackwardWalk, replay: Callable, block_kwargs: dict, params: list) -> list: ...
 
 
+# block -> the coupling inverse it was last checked with (both held weakly: neither the module nor a
+# closure is kept alive, and the module carries no attribute that would stop it from being pickled).
+_CHECKED_INVERSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class CouplingStep:
     """``stack[target] <- coupling_forward(stack[target], block(*stack[contexts], **block_kwargs))``.
 
@@ -254,7 +260,6 @@ class CouplingStep:
         self.additive = (
             coupling_forward is additive_coupling_forward and coupling_inverse is additive_coupling_inverse
         )
-        self.inverse_checked = False
 
     def block_output(self, context_items: Sequence[object], block_kwargs: dict) -> Tensor:
         out = self.call_block(self.block, context_items, block_kwargs)
@@ -281,14 +286,19 @@ class CouplingStep:
         updated = self.coupling_forward(stream, fn_out)
         if isinstance(stream, Tensor) and (updated.shape != stream.shape or updated.dtype != stream.dtype):
             self._stream_changed(stream, f"shape {tuple(updated.shape)} and dtype {updated.dtype}")
-        if not self.additive and not self.inverse_checked and isinstance(stream, Tensor):
+        if not self.additive and isinstance(stream, Tensor) and not self._inverse_checked():
             self._check_inverse(stream, fn_out, updated)
         stack[self.target] = updated
         return stack
 
+    def _inverse_checked(self) -> bool:
+        checked = _CHECKED_INVERSES.get(self.block)
+        return checked is not None and checked() is self.coupling_inverse
+
     def _check_inverse(self, stream: Tensor, fn_out: Tensor, updated: Tensor) -> None:
-        """Once per step: ``coupling_inverse(coupling_forward(x, f), f)`` must give x back, or backward
-        would rebuild wrong activations and return wrong gradients without a word."""
+        """Once per block and inverse (the block remembers it): ``coupling_inverse(coupling_forward(x,
+        f), f)`` must give x back, or backward would rebuild wrong activations and return wrong
+        gradients without a word."""
         with torch.no_grad():
             rebuilt = self.coupling_inverse(updated, fn_out)
             scale = float(stream.abs().max()) + float(fn_out.abs().max()) + 1e-30
@@ -299,7 +309,7 @@ class CouplingStep:
                 f"rebuilding the stream from the block's output is off by {error:.3g} (values up to {scale:.3g}); "
                 "pass the exact inverse of the forward coupling"
             )
-        self.inverse_checked = True
+        _CHECKED_INVERSES[self.block] = weakref.ref(self.coupling_inverse)
 
     def _stream_changed(self, stream: Tensor, result: str) -> None:
         raise ValueError(
