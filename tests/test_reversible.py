@@ -800,3 +800,19 @@ def test_parameter_hooks_run_once_as_in_autograd(mode):
     assert calls == []
     for handle in handles:
         handle.remove()
+
+
+def test_lazy_modules_are_initialised_by_the_first_call_then_rebuilt():
+    import copy
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    net = ReversibleSequential(nn.LazyLinear(2, dtype=torch.float64), nn.LazyLinear(2, dtype=torch.float64))
+    net(x).square().sum().backward()  # the first call creates the parameters: plain autograd
+    reference = copy.deepcopy(net)
+    reference.memory_mode = "autograd"
+    for model in (net, reference):
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+    for got, want in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)

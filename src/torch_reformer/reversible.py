@@ -97,6 +97,13 @@ def _step_parameters(steps: Sequence[ReversibleStep]) -> tuple[list[nn.Parameter
     return params, per_step
 
 
+def _has_uninitialized_parameters(steps: Sequence[ReversibleStep]) -> bool:
+    return any(
+        isinstance(param, nn.parameter.UninitializedParameter)
+        for step in steps for module in step.modules for param in module.parameters()
+    )
+
+
 class _ChainRun:
     """One reversible call: the steps, and what backward needs to replay them."""
 
@@ -315,6 +322,10 @@ def _run_chain(steps: Sequence[ReversibleStep], stack: list, kwargs: dict) -> li
         raise ValueError(f"the reversible steps need {depth} stack items, got {len(stack)}")
     top = stack[:depth]
     _check_reversible_inputs(top, kwargs)
+    if _has_uninitialized_parameters(steps):
+        # Lazy modules create their parameters during this first call, and the engine must know
+        # them before it: this one call runs with plain autograd.
+        return _run_plain(steps, stack, kwargs, checkpointed=False)
     params, per_step = _step_parameters(steps)
     if not params and not any(item.requires_grad for item in top):
         return _run_plain(steps, stack, kwargs, checkpointed=False)
