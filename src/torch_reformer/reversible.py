@@ -329,9 +329,16 @@ def _run_chain(steps: Sequence[ReversibleStep], stack: list, kwargs: dict) -> li
     params, per_step = _step_parameters(steps)
     if not params and not any(item.requires_grad for item in top):
         return _run_plain(steps, stack, kwargs, checkpointed=False)
-    run = _ChainRun(steps, top, kwargs, params, per_step)
-    outputs = _ReversibleChain.apply(run, *top, *params)
+    outputs = _apply_chain(_ChainRun(steps, top, kwargs, params, per_step), top, params)
     return list(outputs) + stack[depth:]
+
+
+@torch.compiler.disable
+def _apply_chain(run: _ChainRun, top: list[Tensor], params: list[nn.Parameter]) -> tuple[Tensor, ...]:
+    """The chain runs eagerly under torch.compile: its backward rebuilds the blocks eagerly, and a
+    compiled forward would draw its dropout masks from inductor's own generator, which the
+    rebuild cannot replay."""
+    return _ReversibleChain.apply(run, *top, *params)
 
 
 # --------------------------------------------------------------------------------------
