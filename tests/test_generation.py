@@ -459,3 +459,15 @@ def test_max_length_counts_the_prompt_as_in_transformers():
     for both_or_neither in (dict(max_new_tokens=2, max_length=5), dict()):
         with pytest.raises(TypeError, match="one of the two"):
             generate(model, prompt, **both_or_neither)
+
+
+def test_generate_takes_its_options_by_position_in_the_documented_order():
+    model = tiny_lm()
+    ids = random_ids(model, batch=1, length=6)
+    # (input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, repetition_penalty,
+    #  eos_token_id, seed)
+    by_position = model.generate(ids, 5, True, 0.7, 4, 0.9, 1, 1.3, None, 3)
+    by_keyword = model.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.7, top_k=4, top_p=0.9,
+                                repetition_penalty=1.3, eos_token_id=None, seed=3)
+    assert torch.equal(by_position, by_keyword)
+    assert not torch.equal(by_position, model.generate(ids, 5, True, 0.7, 4, 0.9, 1, 1.3, None, 4))  # seed counts

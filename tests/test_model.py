@@ -662,3 +662,10 @@ def test_a_subclass_saves_under_its_own_name(tmp_path):
 
     MyLM(tiny(is_decoder=True)).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MyLM"]
+
+
+def test_a_config_changed_after_construction_is_checked_when_a_model_is_built():
+    config = tiny(is_decoder=True)
+    config.attn_layers = ("lsh", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        ReformerLM(config)

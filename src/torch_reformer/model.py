@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,7 @@ class ReformerPreTrainedModel(nn.Module):
         if not isinstance(config, ReformerConfig):
             raise TypeError(f"expected a ReformerConfig, got {type(config).__name__}")
         self.config = copy.deepcopy(config)
+        self.config.validate()  # fields may have been changed since the config was constructed
 
     def init_weights(self) -> None:
         """HF's initialisation: normal(0, initializer_range) for linear/embedding weights, zero biases,
@@ -291,11 +293,34 @@ class ReformerLM(_ModelWithTrunk):
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t is scored on token t + 1
         return _lm_output(self, hidden, shifted, return_logits)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
-        """Decode continuations: see ``torch_reformer.generation.generate`` for every option."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        *,
+        pad_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        length_penalty: float = 1.0,
+        max_length: int | None = None,
+    ) -> torch.Tensor:
+        """Decode continuations of ``input_ids`` (B, L) -> (B, L + T): greedy, sampling or beam
+        search. See ``torch_reformer.generation.generate`` for what each option does."""
         from .generation import generate
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(
+            self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, repetition_penalty,
+            eos_token_id, seed, pad_token_id=pad_token_id, attention_mask=attention_mask, use_cache=use_cache,
+            length_penalty=length_penalty, max_length=max_length,
+        )
 
 
 class ReformerForMaskedLM(_ModelWithTrunk):
