@@ -837,3 +837,46 @@ def test_torch_compile_inductor_replays_dropout_in_the_rebuild():
         results.append([inputs.grad, *[p.grad for p in model.parameters()]])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+class CountingBlock(nn.Module):
+    """Scales by how many times it ran before (a buffer its forward reads, then updates)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width, dtype=torch.float64)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x) * (1 + self.calls)
+        if self.training:
+            self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("mode", SAVING_MODES)
+def test_a_rebuild_reads_the_buffers_as_the_forward_read_them(mode):
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    def build(kind: str, memory_mode: str) -> ReversibleSequential:
+        torch.manual_seed(1)
+        if kind == "counter":
+            blocks = [CountingBlock(4) for _ in range(3)]
+        else:  # the power iteration reads its vectors, then updates them
+            blocks = [spectral_norm(nn.Linear(4, 4, dtype=torch.float64)) for _ in range(3)]
+            with torch.no_grad():  # weights moved since the last power iteration, as after optimizer steps
+                for block in blocks:
+                    block.parametrizations.weight.original.add_(torch.randn(4, 4, dtype=torch.float64))
+        return ReversibleSequential(*blocks, memory_mode=memory_mode)
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for kind in ("counter", "spectral norm"):
+        results = {}
+        for memory_mode in ("autograd", mode):
+            net = build(kind, memory_mode)
+            for _ in range(2):  # the second step starts from buffers the first one updated
+                net.zero_grad()
+                net(x).square().sum().backward()
+            results[memory_mode] = [p.grad for p in net.parameters()] + list(net.buffers())
+        for got, want in zip(results[mode], results["autograd"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=kind)

@@ -3,10 +3,12 @@
 Before each block call the engine records a ``CallRecord``: the RNG states (CPU, and the CUDA
 device's for CUDA tensors), a ``BlockCallState`` for what the block saves for its rebuild (LSH
 bucket ids) and a ``ModulesState`` snapshot of what else the rebuild depends on (train/eval
-flags, forward hooks, the parameters' identity, values and ``requires_grad``). ``replaying``
+flags, forward hooks, the parameters' identity, values and ``requires_grad``), and a
+``BufferSnapshot`` keeps the pre-call values of the buffers the call changed. ``replaying``
 re-enters that state for the rebuild: it refuses a rebuild whose modules changed, replays the
-RNG and autocast state, lets the rebuild update scratch copies of the buffers (so BatchNorm
-statistics are updated once per step, by the forward) and puts the global RNG back afterwards.
+RNG and autocast state, lets the rebuild read and update scratch copies of the buffers holding
+what the forward read (so BatchNorm statistics are updated once per step, by the forward, and
+spectral norm's power iteration starts where it started) and puts the global RNG back afterwards.
 ``InputFingerprint`` measures how far a whole chain's rebuild drifted from its real input.
 """
 
@@ -34,16 +36,17 @@ def autocast_states(device_type: str) -> tuple[tuple[str, bool, torch.dtype], ..
 
 
 class CallRecord:
-    """What a forward block call needs to be replayed exactly. ``modules_state`` is taken once the
-    call is done (see ``ModulesState``)."""
+    """What a forward block call needs to be replayed exactly. ``modules_state`` and
+    ``buffers_before`` are taken once the call is done (see ``ModulesState`` and ``BufferSnapshot``)."""
 
-    __slots__ = ("cpu_rng", "device_rng", "state", "modules_state")
+    __slots__ = ("cpu_rng", "device_rng", "state", "modules_state", "buffers_before")
 
     def __init__(self, device: torch.device) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.state = BlockCallState()
         self.modules_state: ModulesState | None = None
+        self.buffers_before: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _forward_hook_keys(submodules: Sequence[nn.Module]) -> tuple:
@@ -130,21 +133,54 @@ def _submodules(modules: Sequence[nn.Module]) -> list[nn.Module]:
     return [sub for module in modules for sub in module.modules()]
 
 
-@contextlib.contextmanager
-def scratch_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Let a rerun update copies of the modules' buffers, then put the originals back.
+class BufferSnapshot:
+    """The modules' buffers as they are before a forward call; ``changed()`` afterwards keeps the
+    values of those the call updated (in place or by rebinding).
 
-    The originals are rebound rather than copied into, so the rerun's graph (which may
-    have saved a buffer, as BatchNorm does) stays valid and the statistics are updated
-    once per step, by the forward.
+    A rebuild must read what the forward read. Most buffers that a forward updates are never read
+    by it in training (BatchNorm's statistics), but some are: spectral norm's power-iteration
+    vector, a call counter, an EMA codebook. Their pre-call values are kept until the rebuild.
     """
+
+    @torch.compiler.disable
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.before = [
+            (owner, name, buffer, version_of(buffer), buffer.clone())
+            for module in modules for owner in module.modules()
+            for name, buffer in owner._buffers.items() if buffer is not None
+        ]
+
+    @torch.compiler.disable
+    def changed(self) -> dict[tuple[int, str], torch.Tensor]:
+        """(id(owner), name) -> the value before the call, for each buffer the call changed."""
+        kept = {
+            (id(owner), name): copy
+            for owner, name, buffer, version, copy in self.before
+            if owner._buffers.get(name) is not buffer or version_of(buffer) != version
+        }
+        self.before = []
+        return kept
+
+
+@contextlib.contextmanager
+def scratch_buffers(
+    modules: Sequence[nn.Module], buffers_before: dict[tuple[int, str], torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Let a rerun read and update copies of the modules' buffers, then put the originals back.
+
+    Each copy holds the value the forward call read: ``buffers_before``'s for the buffers that call
+    changed, the current value for the others. The originals are rebound rather than copied into,
+    so the rerun's graph (which may have saved a buffer, as BatchNorm does) stays valid and the
+    statistics are updated once per step, by the forward.
+    """
+    buffers_before = buffers_before or {}
     originals = []
     for module in modules:
         for owner in module.modules():
             for name, buffer in owner._buffers.items():
                 if buffer is not None:
                     originals.append((owner, name, buffer))
-                    owner._buffers[name] = buffer.clone()
+                    owner._buffers[name] = buffers_before.get((id(owner), name), buffer).clone()
     try:
         yield
     finally:
@@ -171,7 +207,7 @@ def replaying(
             for device_type, enabled, dtype in autocast_states:
                 contexts.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             contexts.enter_context(torch.enable_grad())
-            contexts.enter_context(scratch_buffers(modules))
+            contexts.enter_context(scratch_buffers(modules, record.buffers_before))
             contexts.enter_context(activated(record.state, recomputing=True))
             yield
     finally:

@@ -47,7 +47,6 @@ tensor of the same shape, split in two equal halves along ``split_dim``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -57,7 +56,9 @@ from torch.utils.checkpoint import checkpoint
 from .autograd_checks import changed_in_place, refuse_create_graph, refuse_in_backward, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
-from .replay import CallRecord, InputFingerprint, ModulesState, autocast_states, replaying, scratch_buffers
+from .replay import (
+    BufferSnapshot, CallRecord, InputFingerprint, ModulesState, autocast_states, replaying, scratch_buffers,
+)
 from .reversible_steps import (
     Coupling,
     CouplingStep,
@@ -129,9 +130,11 @@ class _ChainRun:
                 continue
             record = self.records[k] = CallRecord(self.device)
             inputs = stack
+            buffers = BufferSnapshot(step.modules)
             with activated(record.state, recomputing=False):
                 stack = step.forward(stack, self.block_kwargs, invoke_plain)
             record.modules_state = ModulesState(step.modules)
+            record.buffers_before = buffers.changed()
             check_inverse = getattr(step, "check_inverse", None)
             if check_inverse is not None:
                 check_inverse(inputs, stack, lambda: replaying(record, self.device, self.autocast, step.modules))
@@ -213,15 +216,22 @@ def _checkpointing_invoke(modules: Sequence[nn.Module]) -> Invoke:
     def invoke(fn: Callable[..., object], *args: object) -> object:
         state = BlockCallState()
         modules_state: list[ModulesState] = []  # taken once the forward call is done
+        buffers_before: dict = {}  # the values the forward read of the buffers it changed
 
         def call_with_state(*items: object) -> object:
             recomputing = state.calls > 0
             if recomputing and modules_state:
                 modules_state[0].refuse_changes(modules)
             state.calls += 1
-            buffers = scratch_buffers(modules) if recomputing else contextlib.nullcontext()
-            with buffers, activated(state, recomputing):
-                return fn(*items)
+            if recomputing:
+                with scratch_buffers(modules, buffers_before), activated(state, recomputing):
+                    return fn(*items)
+            snapshot = None if torch.compiler.is_compiling() else BufferSnapshot(modules)
+            with activated(state, recomputing):
+                result = fn(*items)
+            if snapshot is not None:
+                buffers_before.update(snapshot.changed())
+            return result
 
         result = checkpoint(call_with_state, *args, use_reentrant=False)
         if not torch.compiler.is_compiling():  # a graph break here would break dynamo's checkpoint tracing
