@@ -481,19 +481,26 @@ def test_second_backward_explains_retain_graph_is_unsupported():
     "kwargs, error, message",
     [
         ({"memory_mode": "fast"}, ValueError, "memory_mode must be one of"),
-        ({"coupling_forward": [], "coupling_inverse": []}, ValueError, "between 1 and 2"),
+        ({"coupling_forward": [], "coupling_inverse": []}, ValueError, "has 0 entries for 2 block"),
         ({"coupling_forward": [additive_coupling_forward] * 3, "coupling_inverse": [additive_coupling_inverse] * 3},
-         ValueError, "between 1 and 2"),
+         ValueError, "at most one per block"),
         ({"coupling_forward": [additive_coupling_forward] * 2, "coupling_inverse": additive_coupling_inverse},
          ValueError, "same length"),
         ({"coupling_forward": additive_coupling_forward}, ValueError, "pass both"),
         ({"coupling_forward": [1], "coupling_inverse": [additive_coupling_inverse]}, TypeError, "not a function"),
         ({"split_dim": 1.0}, TypeError, "split_dim"),
+        ({"split_dim": None}, TypeError, r"torch.cat\(\[x, x\], dim\)"),
     ],
 )
 def test_bad_construction_is_explained(kwargs, error, message):
     with pytest.raises(error, match=message):
         ReversibleSequential(nn.Linear(2, 2), nn.Linear(2, 2), **kwargs)
+
+
+def test_extra_positional_inputs_are_refused_with_the_keyword_form():
+    net = ReversibleSequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"net\(x, mask=mask\)"):
+        net(torch.randn(3, 4), torch.ones(3))
 
 
 def test_bad_blocks_are_explained():

@@ -360,8 +360,8 @@ def _coupling_list(coupling: Coupling | Sequence[Coupling], name: str, n_blocks:
     couplings = list(coupling) if isinstance(coupling, (list, tuple)) else [coupling]
     if not 1 <= len(couplings) <= n_blocks:
         raise ValueError(
-            f"{name} has {len(couplings)} entries for {n_blocks} blocks; a coupling list is cycled over the "
-            f"blocks and must have between 1 and {n_blocks} entries"
+            f"{name} has {len(couplings)} entries for {n_blocks} block(s): pass at least one and at most one "
+            "per block (a shorter list is cycled over the blocks)"
         )
     for i, fn in enumerate(couplings):
         if not callable(fn):
@@ -466,7 +466,11 @@ class ReversibleSequential(nn.Module):
         _check_memory_mode(memory_mode)
         _check_autograd_tail(autograd_tail)
         if isinstance(split_dim, bool) or not isinstance(split_dim, int):
-            raise TypeError(f"split_dim must be an int, got {type(split_dim).__name__}")
+            raise TypeError(
+                f"split_dim must be an int naming the dimension cut into the two streams, got "
+                f"{type(split_dim).__name__}; to give both streams the same input, pass torch.cat([x, x], dim) "
+                "with split_dim=dim"
+            )
         coupling_steps(blocks, coupling_forward, coupling_inverse)  # validates blocks and couplings
         self.blocks = nn.ModuleList(blocks)
         self.split_dim = split_dim
@@ -475,7 +479,13 @@ class ReversibleSequential(nn.Module):
         self.memory_mode = memory_mode
         self.autograd_tail = autograd_tail
 
-    def forward(self, x: Tensor, **block_kwargs: object) -> Tensor:
+    def forward(self, x: Tensor, *extra: object, **block_kwargs: object) -> Tensor:
+        if extra:
+            raise TypeError(
+                f"ReversibleSequential takes one input tensor and passes extra inputs to every block by keyword; "
+                f"got {len(extra)} more positional argument(s): call it as net(x, name=value) (for example "
+                "net(x, mask=mask)) with blocks that accept that keyword"
+            )
         if not isinstance(x, Tensor):
             raise TypeError(f"ReversibleSequential expects a tensor, got {type(x).__name__}")
         if not -x.dim() <= self.split_dim < x.dim():
