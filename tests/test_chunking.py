@@ -229,6 +229,21 @@ def test_normalize_keys_definition():
     assert torch.allclose(normalize_keys(x), expected)
 
 
+def test_float16_keys_keep_their_statistics_in_float32():
+    # |x| > 256 overflows a float16 squared norm; a zero row (internal padding) has rsqrt(eps)^2 = 1e6.
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.stack([torch.full((64,), 40.0), torch.zeros(64), torch.randn(64, generator=generator)])
+    rows = rows.half().double()  # values a float16 tensor holds exactly
+    keys = normalize_keys(rows.half())
+    assert keys.dtype == torch.float16 and torch.equal(keys[0], torch.full((64,), 0.125, dtype=torch.float16))
+    assert torch.allclose(keys.double(), normalize_keys(rows), atol=1e-3, rtol=1e-3)
+    grad = torch.randn(3, 64, generator=generator).half().double()
+    exact = torch.autograd.grad(normalize_keys(rows.requires_grad_()), rows, grad)[0]
+    ours = chunking._normalize_keys_backward(rows.detach().half(), grad.half())
+    assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
+    assert torch.allclose(ours.double(), exact, atol=1e-3, rtol=1e-2)
+
+
 def test_pad_sequence():
     hidden = torch.randn(2, 3, 4)
     padded, mask = pad_sequence(hidden, None, 5)

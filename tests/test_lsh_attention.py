@@ -197,6 +197,14 @@ def test_half_precision_gradients_stay_within_twice_the_naive_error(dtype):
         assert (ours_grad - exact_grad).abs().max() <= 2 * (naive_grad - exact_grad).abs().max()
 
 
+def test_float16_layer_with_internal_padding_has_finite_weight_gradients():
+    torch.manual_seed(0)  # length 40 is padded to 48: zero rows whose key statistics overflowed float16
+    layer = LSHSelfAttention(64, 2, 32, num_hashes=2, num_buckets=4, chunk_length=16, hash_seed=0).half()
+    hidden = torch.randn(2, 40, 64, dtype=torch.half, requires_grad=True)
+    layer(hidden).float().sum().backward()
+    assert torch.isfinite(layer.query_key.weight.grad).all() and torch.isfinite(hidden.grad).all()
+
+
 def test_one_chunk_is_full_shared_qk_attention_with_the_self_mask():
     qk, values = make_inputs(2, 2, 12, 5, seed=7)
     key_mask = padding_mask(2, 12, True)

@@ -126,21 +126,39 @@ def slot_key_ranks(layout: ChunkLayout, key_mask: Tensor | None) -> Tensor | Non
 
 
 def _inverse_rms(qk: Tensor, epsilon: float) -> Tensor:
-    """rsqrt(mean(x^2) + eps) over the last axis, (…, D) -> (…, 1), without an x^2 temporary."""
-    return torch.rsqrt(torch.linalg.vector_norm(qk, dim=-1, keepdim=True).square() / qk.shape[-1] + epsilon)
+    """rsqrt(mean(x^2) + eps) over the last axis, (…, D) -> (…, 1), without an x^2 temporary.
+
+    Computed in float32 for half inputs (float64 stays float64): in float16 the squared norm
+    overflows once |x| > 256 and a zero row's rsqrt(eps)^2 = 1e6 is inf.
+    """
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=_statistics_dtype(qk.dtype))
+    return torch.rsqrt(norm.square() / qk.shape[-1] + epsilon)
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions and softmax statistics are kept in: float32 for half types, else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def normalize_keys(qk: Tensor, epsilon: float = 1e-6) -> Tensor:
-    """Keys from shared qk vectors (…, D): x / sqrt(mean(x^2) + eps) / sqrt(D)."""
-    return qk * (_inverse_rms(qk, epsilon) / qk.shape[-1] ** 0.5)
+    """Keys from shared qk vectors (…, D): x / sqrt(mean(x^2) + eps) / sqrt(D), in the dtype of ``qk``."""
+    return (qk * (_inverse_rms(qk, epsilon) / qk.shape[-1] ** 0.5)).to(qk.dtype)
 
 
 def _normalize_keys_backward(qk: Tensor, grad_keys: Tensor, epsilon: float = 1e-6) -> Tensor:
-    """Gradient of ``normalize_keys`` at ``qk`` for ``grad_keys``: (r/√D)(g - x r² mean(g·x))."""
-    inverse_rms = _inverse_rms(qk, epsilon)
-    projection = torch.einsum("...d,...d->...", grad_keys, qk).unsqueeze(-1)  # (…, 1), no (…, D) temporary
+    """Gradient of ``normalize_keys`` at ``qk`` for ``grad_keys``: (r/√D)(g - x r² mean(g·x)).
+
+    The dot products and r² are taken in float32 for half inputs; the result has the dtype of
+    ``grad_keys`` (which it may overwrite).
+    """
+    inverse_rms = _inverse_rms(qk, epsilon)  # (…, 1)
+    dtype = inverse_rms.dtype
+    projection = torch.einsum("...d,...d->...", grad_keys.to(dtype), qk.to(dtype)).unsqueeze(-1)  # (…, 1)
     projection.mul_(inverse_rms.square()).div_(qk.shape[-1])
-    return grad_keys.sub_(qk * projection).mul_(inverse_rms.div_(qk.shape[-1] ** 0.5))
+    scale = inverse_rms.div_(qk.shape[-1] ** 0.5)
+    if grad_keys.dtype != dtype:  # half: one float32 pass, then back
+        return ((grad_keys.to(dtype) - qk.to(dtype) * projection) * scale).to(grad_keys.dtype)
+    return grad_keys.sub_(qk * projection).mul_(scale)  # in place: no (…, D) temporary beyond qk * projection
 
 
 class AttentionSpec(NamedTuple):
