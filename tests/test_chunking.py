@@ -5,18 +5,18 @@ import math
 import pytest
 import torch
 
-from torch_reformer.attention import chunking
+from torch_reformer.attention import chunking, sliced
 from torch_reformer.attention.cache import AttentionCache
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
     chunk_layout,
-    chunked_attention,
     mask_values,
     merge_rounds,
     normalize_keys,
     pad_sequence,
     sort_by_bucket,
 )
+from torch_reformer.attention.sliced import chunked_attention
 
 
 def random_sorted_positions(batch, heads, rounds, length, num_buckets=3, seed=0):
@@ -126,12 +126,12 @@ def test_masks_set_exactly_the_masked_scores_to_their_constants(dtype, causal, p
     query_positions = torch.randint(0, length, (count, chunk), generator=generator)
     key_positions = torch.cat([query_positions, torch.randint(0, length, (count, window - chunk), generator=generator)], 1)
     ranks = torch.where(key_positions >= 7, length, key_positions) if padded else None  # positions 7.. are padding
-    part = chunking._Slice(None, None, None, query_positions, key_positions, ranks)
+    part = sliced._Slice(None, None, None, query_positions, key_positions, ranks)
     scores = (torch.randn(count, chunk, window, generator=generator) * 3).to(dtype)
     for position_dtype in (torch.float32, torch.float64):
-        spec = chunking.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype)
+        spec = sliced.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype)
         masked = scores.clone()
-        chunking._mask_scores_(masked, part, spec)
+        sliced._mask_scores_(masked, part, spec)
         mask_value, self_mask_value = mask_values(dtype)
         effective = key_positions if ranks is None else ranks
         hidden = effective[:, None, :] > (query_positions[:, :, None] if causal else key_positions[:, None, :])
@@ -177,8 +177,8 @@ def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, bef
 
 
 def test_dropout_keep_mask_is_u_at_least_p_scaled():
-    spec = chunking.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32)
-    keep = chunking._dropout_keep((40, 50, 60), 11, 2, spec, torch.empty(0))
+    spec = sliced.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32)
+    keep = sliced._dropout_keep((40, 50, 60), 11, 2, spec, torch.empty(0))
     uniform = torch.rand((40, 50, 60), generator=torch.Generator().manual_seed(13))  # seed + index
     assert torch.equal(keep, (uniform >= 0.3).float() / 0.7)
     assert abs((keep > 0).float().mean().item() - 0.7) < 0.01

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_reformer.attention import banded, local
-from torch_reformer.attention.chunking import chunk_layout, chunked_attention, mask_values
+from torch_reformer.attention.chunking import chunk_layout, mask_values
 from torch_reformer.attention.full import FullSelfAttention, full_attention
 from torch_reformer.attention.local import LocalSelfAttention, local_attention
+from torch_reformer.attention.sliced import chunked_attention
 
 # ---------------------------------------------------------------------------------------- references
 

@@ -7,7 +7,6 @@ below them work on per-head tensors (batch, heads, length, head_size).
 from torch_reformer.attention.chunking import (
     MASK_VALUES,
     chunk_layout,
-    chunked_attention,
     mask_values,
     merge_rounds,
     normalize_keys,
@@ -25,6 +24,7 @@ from torch_reformer.attention.hashing import (
 )
 from torch_reformer.attention.local import LocalSelfAttention, local_attention
 from torch_reformer.attention.lsh import LSHSelfAttention, lsh_attention, shared_qk_attention
+from torch_reformer.attention.sliced import chunked_attention
 
 __all__ = [
     "MASK_VALUES",

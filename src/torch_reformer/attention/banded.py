@@ -5,7 +5,7 @@ S chunks and B' batch rows per part, D head dim.
 
 In the natural order a chunk's neighbours are whole blocks of the (B, H, N, C, D) queries, keys
 and values: chunk t attends to chunks t - before … t + after (mod N, wrapping like the sliced
-core in ``chunking``), so no per-row gathers are needed. The work is cut into parts: S query
+core in ``sliced``), so no per-row gathers are needed. The work is cut into parts: S query
 chunks of one batch row, or whole short sequences of several rows, so that each kernel call gets
 a similar amount of work. For each part we copy the neighbour blocks of keys and values into
 (B' * H, S, J*C, D) windows, run by run, and hand them with the part's queries to the kernel
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..autograd_checks import ATTENTION_ONCE_ONLY, refuse_create_graph
-from .chunking import saved_and_output, save_with_output
+from .sliced import saved_and_output, save_with_output
 
 # Window elements per part (B' * H * S * J * C * D, for keys and again for values). At 16K tokens on
 # two CPU threads 2^18 to 2^22 ran within the noise of each other; 2^20 keeps a part's windows at

@@ -14,7 +14,7 @@ Memory kept for backward is O(L * H * D): no (L, W) score tensor exists.
 Two implementations compute the same thing: on CPU without padding or attention dropout, the
 banded path (``banded``: neighbour chunks are whole blocks, so it copies windows and runs PyTorch's
 fused attention kernel: at 16K tokens its forward ran in about half the time and forward plus
-backward in about two thirds); otherwise the sliced core of ``chunking``, which
+backward in about two thirds); otherwise the sliced core of ``sliced``, which
 also serves LSH attention. Tests hold them to each other and to a dense reference.
 """
 
@@ -36,13 +36,13 @@ from torch_reformer.attention.checks import (
 )
 from torch_reformer.attention.chunking import (
     chunk_layout,
-    chunked_attention,
     mask_values,
     merge_heads,
     pad_sequence,
     split_heads,
 )
 from torch_reformer.attention.projection import project
+from torch_reformer.attention.sliced import chunked_attention
 
 
 def local_attention(

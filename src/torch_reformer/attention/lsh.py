@@ -10,7 +10,7 @@ and each chunk attends to its window (itself plus neighbours, wrapping). A query
 attends to its own position unless nothing else is visible, causal models hide keys whose
 original position is later, padded keys are hidden. Outputs go back to original order and
 the rounds are merged by their log-sum-exp. Time is O(R * L * W * D); the memory kept for
-backward is O(L * H * (D + R)) (see ``chunking``): no L x L tensor exists, except in the exact
+backward is O(L * H * (D + R)) (see ``sliced``): no L x L tensor exists, except in the exact
 path for sequences that fit in one chunk (at most C x C).
 
 The numbers match Hugging Face's ``LSHSelfAttention`` for the same weights and rotations.
@@ -36,7 +36,6 @@ from torch_reformer.attention.checks import (
 from torch_reformer.attention.chunking import (
     ChunkLayout,
     chunk_layout,
-    chunked_attention,
     mask_values,
     merge_heads,
     merge_rounds,
@@ -55,6 +54,7 @@ from torch_reformer.attention.hashing import (
     total_buckets,
 )
 from torch_reformer.attention.projection import project
+from torch_reformer.attention.sliced import chunked_attention
 from torch_reformer.autograd_checks import refuse_in_backward
 from torch_reformer.block_state import is_recomputing, next_call_index, saved_state
 
