@@ -162,6 +162,37 @@ def test_position_embedding_type_and_axial_flag_agree():
     assert ReformerConfig().axial_pos_embds is True
 
 
+def test_the_position_field_set_last_wins_and_axial_can_come_back():
+    learned = ReformerConfig(position_embedding_type="learned")
+    assert (learned.position_embedding_type, learned.axial_pos_embds) == ("learned", False)
+    mutated = ReformerConfig(position_embedding_type="learned")
+    mutated.position_embedding_type = "axial"
+    mutated.validate()
+    assert (mutated.position_embedding_type, mutated.axial_pos_embds) == ("axial", True)
+    flagged = ReformerConfig(position_embedding_type="learned")
+    flagged.axial_pos_embds = True
+    flagged.validate()
+    assert (flagged.position_embedding_type, flagged.axial_pos_embds) == ("axial", True)
+    flagged.axial_pos_embds = False  # and back again through HF's flag
+    flagged.validate()
+    assert (flagged.position_embedding_type, flagged.axial_pos_embds) == ("learned", False)
+    replaced = dataclasses.replace(learned, position_embedding_type="axial")
+    assert (replaced.position_embedding_type, replaced.axial_pos_embds) == ("axial", True)
+    assert dataclasses.replace(learned, axial_pos_embds=True).position_embedding_type == "axial"
+    assert dataclasses.replace(ReformerConfig(), axial_pos_embds=False).position_embedding_type == "learned"
+    assert dataclasses.replace(learned, hidden_dropout_prob=0.1).position_embedding_type == "learned"
+    from_dict = ReformerConfig.from_dict({**learned.to_dict(), "position_embedding_type": "axial"})
+    assert (from_dict.position_embedding_type, from_dict.axial_pos_embds) == ("axial", True)
+    assert ReformerConfig.from_dict(learned.to_dict(), axial_pos_embds=True).position_embedding_type == "axial"
+    none = ReformerConfig(position_embedding_type="none", hidden_size=64)
+    assert ReformerConfig.from_dict(none.to_dict(), axial_pos_embds=False).position_embedding_type == "none"
+    # A fresh config given both: the explicit position_embedding_type wins; None follows the flag (HF files).
+    assert ReformerConfig(position_embedding_type="axial", axial_pos_embds=False).axial_pos_embds is True
+    assert ReformerConfig(position_embedding_type=None, axial_pos_embds=False).position_embedding_type == "learned"
+    assert ReformerConfig.from_dict({"axial_pos_embds": False}).position_embedding_type == "learned"
+    assert mutated == ReformerConfig() and "_validated" not in repr(mutated)  # the memory is no field
+
+
 def test_derived_values():
     config = ReformerConfig(attn_layers=["local", "lsh", "full"], local_attn_chunk_length=6, lsh_attn_chunk_length=4)
     assert config.num_layers == 3

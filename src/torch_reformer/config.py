@@ -8,6 +8,14 @@ compute), ``kept_graph_layers`` (how many top layers keep their autograd graph i
 being rebuilt in backward) and ``position_embedding_type`` ("axial", "learned" or "none"; HF
 only has the ``axial_pos_embds`` bool, and the two are kept consistent).
 
+Which of ``position_embedding_type`` and ``axial_pos_embds`` wins when they disagree. On a
+config already validated (a field set by hand before ``validate()``, or
+``dataclasses.replace``), the one changed since that validation wins: True selects "axial" and
+False "learned". In a fresh construction (``ReformerConfig(...)``, ``from_dict``) a
+``position_embedding_type`` that is given wins; left at None (the default) it follows
+``axial_pos_embds``, as HF's files do. ``from_dict``/``from_pretrained`` overrides win over the
+saved value of the other field. Afterwards ``axial_pos_embds`` is True exactly for "axial".
+
 Sequence-valued fields (``attn_layers``, ``axial_pos_shape``, ``axial_pos_embds_dim``,
 factorised ``num_buckets``, a list ``eos_token_id``) are stored as tuples, whatever was
 passed, so configs compare equal after a JSON round trip (JSON writes them as lists).
@@ -31,7 +39,7 @@ import math
 import numbers
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 CONFIG_NAME = "config.json"  # the config file inside a saved model folder
@@ -125,9 +133,16 @@ class ReformerConfig:
     # "reversible"/"checkpoint": the last layers that keep their autograd graph rather than being
     # rebuilt and re-run in backward (one layer's activations each; 0 = least memory)
     kept_graph_layers: int = 1
-    position_embedding_type: str = "axial"  # "axial" | "learned" | "none"; kept consistent with axial_pos_embds
+    # "axial" | "learned" | "none"; None (the default) follows axial_pos_embds (see the module docstring)
+    position_embedding_type: str | None = None
+    # The position embedding type the last validation settled on, kept as an instance attribute of
+    # the same name, so that the next validation can tell which of the two position fields was
+    # changed. An InitVar because dataclasses.replace reads it back from the instance and passes it
+    # on; never a field (not saved, not compared).
+    _validated_position_embedding_type: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _validated_position_embedding_type: str | None = None) -> None:
+        self._validated_position_embedding_type = _validated_position_embedding_type
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -152,9 +167,11 @@ class ReformerConfig:
             setattr(self, name, _require_float(name, getattr(self, name)))
         if self.classifier_dropout is not None:
             self.classifier_dropout = _require_float("classifier_dropout", self.classifier_dropout)
-        for name in ("hidden_act", "memory_mode", "position_embedding_type"):
+        for name in ("hidden_act", "memory_mode"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.position_embedding_type, (str, type(None))):
+            raise TypeError(f"position_embedding_type must be a string or None, got {self.position_embedding_type!r}")
         self.attn_layers = _require_sequence("attn_layers", self.attn_layers, str)
         self.axial_pos_shape = _require_sequence("axial_pos_shape", self.axial_pos_shape, int)
         self.axial_pos_embds_dim = _require_sequence("axial_pos_embds_dim", self.axial_pos_embds_dim, int)
@@ -162,16 +179,17 @@ class ReformerConfig:
         self.eos_token_id = _int_or_int_tuple("eos_token_id", self.eos_token_id)
 
     def _reconcile_position_embedding_type(self) -> None:
-        # HF's bool says axial (True) or learned (False); our string adds "none". An explicit
-        # axial_pos_embds=False turns the default "axial" into "learned"; afterwards the two agree.
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
-                f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
-                f"got {self.position_embedding_type!r}"
-            )
-        if self.position_embedding_type == "axial" and not self.axial_pos_embds:
-            self.position_embedding_type = "learned"
-        self.axial_pos_embds = self.position_embedding_type == "axial"
+        # HF's bool says axial (True) or learned (False); our string adds "none". The rule for
+        # disagreements is in the module docstring; afterwards the two agree.
+        kind = self.position_embedding_type
+        if kind is not None and kind not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES} (or None to follow "
+                             f"axial_pos_embds), got {kind!r}")
+        only_the_flag_changed = kind == self._validated_position_embedding_type
+        if kind is None or (only_the_flag_changed and (kind == "axial") != self.axial_pos_embds):
+            kind = "axial" if self.axial_pos_embds else "learned"
+        self.position_embedding_type, self.axial_pos_embds = kind, kind == "axial"
+        self._validated_position_embedding_type = kind
 
     def _check_values(self) -> None:
         for name in _POSITIVE_INTS:
@@ -288,11 +306,16 @@ class ReformerConfig:
 
         HF bookkeeping keys (``architectures``, ``model_type``, ``transformers_version``, ...) are
         dropped silently; ``num_labels`` is taken from HF's ``id2label`` when not given; other
-        unknown keys are dropped with a warning. Wrong types raise ``TypeError``.
+        unknown keys are dropped with a warning. Wrong types raise ``TypeError``. An override of
+        ``axial_pos_embds`` replaces a saved ``position_embedding_type`` that disagrees with it.
         """
         if not isinstance(config_dict, dict):
             raise TypeError(f"a config must be a dict of field values, got {type(config_dict).__name__}")
         merged = {**config_dict, **overrides}
+        flag = overrides.get("axial_pos_embds")
+        if "position_embedding_type" not in overrides and flag is not None and flag != (
+                merged.get("position_embedding_type") == "axial"):
+            merged.pop("position_embedding_type", None)  # it then follows the overridden flag
         names = {f.name for f in dataclasses.fields(cls)}
         if "num_labels" not in merged and isinstance(merged.get("id2label"), dict):
             merged["num_labels"] = len(merged["id2label"])
