@@ -419,3 +419,18 @@ def test_alternating_experiment_runs_ours_and_the_peers_in_one_child(tmp_path):
     assert all(len(times) == 5 and min(times) > 0 for times in result["all_seconds"].values())
     assert result["ratio_hf"] == pytest.approx(result["seconds_ours-reversible"] / result["seconds_hf"])
     assert "Ours / transformers: ratio of the medians" in (tmp_path / "speed.md").read_text()
+
+
+def test_a_ratio_between_series_of_separate_runs_says_so():
+    k64 = 65536
+    run_a = {"date": "2026-01-01 10:00 UTC", "revision": "aaa", "command": "reformer bench memory"}
+    run_b = {"date": "2026-01-02 12:00 UTC", "revision": "bbb", "command": "reformer bench memory --series hf"}
+    experiment = _experiment("train_memory_vs_length", {"ours-reversible": [_point(k64, k64, 1000)],
+                                                         "hf": [_point(k64, k64, 3000)]}, run_a)
+    results = {"format": 1, "suites": {"memory": {"experiments": {"train_memory_vs_length": experiment}}}}
+    assert "side by side" not in summary.memory_per_token(results, "hf", "transformers")  # both from run_a
+    experiment["series"][1]["environment"] = run_b
+    line = summary.memory_per_token(results, "hf", "transformers")
+    assert line.endswith("NOT side by side: measured in separate runs (ours-reversible: 2026-01-01 10:00 UTC, code aaa; "
+                         "hf: 2026-01-02 12:00 UTC, code bbb).")
+    assert "NOT side by side" in "\n".join(summary.model_targets(results))

@@ -60,6 +60,30 @@ def _fmt(number: float | None, unit: str = "") -> str:
     return f"{text}{unit}"
 
 
+def _run_of(experiment: dict | None, series_key: str) -> tuple | None:
+    """(date, code revision, command) of the invocation that measured a series (None if unknown)."""
+    series = _series(experiment, series_key) or {}
+    environment = series.get("environment") or (experiment or {}).get("environment")
+    if not environment:
+        return None
+    return environment.get("date"), environment.get("revision"), environment.get("command")
+
+
+def separate_runs(*compared: tuple[dict | None, str]) -> str:
+    """A warning to append to a comparison whose series (experiment, series key) were measured by
+    different invocations: a results folder may merge several runs, and a ratio is a side-by-side
+    figure only when both sides ran in one (same machine state, same code). "" when they did."""
+    runs: dict[tuple, list[str]] = {}
+    for experiment, key in compared:
+        run = _run_of(experiment, key)
+        if run is not None and key not in runs.setdefault(run, []):
+            runs[run].append(key)
+    if len(runs) <= 1:
+        return ""
+    parts = "; ".join(f"{', '.join(keys)}: {date}, code {revision}" for (date, revision, _), keys in runs.items())
+    return f" NOT side by side: measured in separate runs ({parts})."
+
+
 # ------------------------------------------------------------------------------------ peer headlines
 
 
@@ -72,7 +96,7 @@ def memory_per_token(results: dict, peer: str, name: str) -> str:
     ours_act, theirs_act = (value(experiment, k, x, "activation_mib") for k in ("ours-reversible", peer))
     return (f"- Training memory per token at {format_x(x)} tokens (2 layers): ours {_fmt(ours, ' KiB')}, {name} "
             f"{_fmt(theirs, ' KiB')}: {name} needs {_ratio(theirs, ours)} ours (peak above baseline: "
-            f"{_ratio(theirs_act, ours_act)}).")
+            f"{_ratio(theirs_act, ours_act)})." + separate_runs((experiment, "ours-reversible"), (experiment, peer)))
 
 
 def depth_slope(results: dict, series_key: str) -> tuple[float | None, float | None, tuple]:
@@ -101,9 +125,10 @@ def depth_headline(results: dict, peer: str, name: str) -> str:
     peer_2, peer_12 = depth_peaks(results, peer)
     twelve = (f"12-layer / 2-layer peak: ours {_ratio(ours_12, ours_2)} ({_fmt(ours_2)} -> {_fmt(ours_12, ' MiB')}), "
               f"{name} {_ratio(peer_12, peer_2)} ({_fmt(peer_2)} -> {_fmt(peer_12, ' MiB')}); ")
+    experiment = _experiment(results, "memory", "train_memory_vs_depth")
     return (f"- Memory with depth: {twelve}slope ours {_fmt(ours_slope, ' MiB')}/layer (peak x{ours_ratio:.2f} from "
             f"{ours_depths[0]} to {ours_depths[1]} layers), {name} {_fmt(peer_slope, ' MiB')}/layer (x{peer_ratio:.2f} "
-            f"from {peer_depths[0]} to {peer_depths[1]}).")
+            f"from {peer_depths[0]} to {peer_depths[1]})." + separate_runs((experiment, "ours-reversible"), (experiment, peer)))
 
 
 def step_time(results: dict, peer: str, name: str) -> str:
@@ -114,7 +139,8 @@ def step_time(results: dict, peer: str, name: str) -> str:
         return f"- Training step time vs {name}: {NOT_MEASURED}"
     ours, theirs = (value(experiment, k, x, "seconds") for k in ("ours-reversible", peer))
     return (f"- Training step at {format_x(x)} tokens: ours {_fmt(ours, ' s')}, {name} {_fmt(theirs, ' s')}: ours "
-            f"takes {_ratio(ours, theirs)} the time of {name}.")
+            f"takes {_ratio(ours, theirs)} the time of {name}."
+            + separate_runs((experiment, "ours-reversible"), (experiment, peer)))
 
 
 LONGEST_SOURCES = (("longest_trainable", "6-layer search"), ("train_memory_vs_length", "2-layer series"))
@@ -159,8 +185,9 @@ def longest_headline(results: dict, peer: str, name: str) -> str:
         first = _series(_experiment(results, "memory", source), peer)["points"][0]["x"]
         return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {their_source}: "
                 f"ratio > {ours / first:g}.")
+    experiment = _experiment(results, "memory", source)
     return (f"- Longest trainable length: ours {ours:,} tokens ({ours_source}), {name} {theirs:,} ({their_source}): "
-            f"ratio {ours / theirs:g}.")
+            f"ratio {ours / theirs:g}." + separate_runs((experiment, "ours-reversible"), (experiment, peer)))
 
 
 # ------------------------------------------------------------------------------------ ours: LSH vs full
@@ -199,6 +226,7 @@ def lsh_vs_full(results: dict) -> list[str]:
                 f"- At {format_x(x)} tokens, full (SDPA, {mode}) vs local/LSH (reversible): step "
                 f"{_fmt(full_time, ' s')} vs {_fmt(lsh_time, ' s')} (local/LSH {_ratio(full_time, lsh_time)} faster), "
                 f"peak {_fmt(full_peak, ' MiB')} vs {_fmt(lsh_peak, ' MiB')}."
+                + separate_runs((speed, f"ours-full-{mode}"), (speed, "ours-reversible"))
             )
     return lines
 
@@ -245,10 +273,10 @@ def model_targets(results: dict) -> list[str]:
                      f"{weights} (target for ours: <= 1.10x)")
     ours, hf = (value(memory, k, 65536, "peak_kib_per_token") for k in ("ours-reversible", "hf"))
     lines.append(f"- Peak per token at 64K, 2 layers: ours {_fmt(ours, ' KiB')}, transformers {_fmt(hf, ' KiB')} = "
-                 f"{_ratio(ours, hf)} (target <= 0.33x)")
+                 f"{_ratio(ours, hf)} (target <= 0.33x)" + separate_runs((memory, "ours-reversible"), (memory, "hf")))
     ours, hf = (value(speed, k, 16384, "seconds") for k in ("ours-reversible", "hf"))
     lines.append(f"- Seconds per step at 16K: ours {_fmt(ours)}, transformers {_fmt(hf)} = {_ratio(ours, hf)} "
-                 "(target <= 0.5x)")
+                 "(target <= 0.5x)" + separate_runs((speed, "ours-reversible"), (speed, "hf")))
     alternating = _experiment(results, "speed", "train_speed_alternating")
     ours, hf = (value(alternating, "alternating", 16384, f"seconds_{k}") for k in ("ours-reversible", "hf"))
     if None not in (ours, hf):
@@ -277,7 +305,8 @@ def full_attention_target(memory: dict | None, speed: dict | None, x: int) -> st
     return (f"- Local/LSH vs full (SDPA, {mode}, the faster full mode) training at {format_x(x)}: step "
             f"{_fmt(ours_time, ' s')} vs {_fmt(full_time, ' s')} = {_ratio(full_time, ours_time)} faster (target >= 5x), "
             f"peak {_fmt(ours_peak, ' MiB')} vs {_fmt(full_peak, ' MiB')} = {_ratio(ours_peak, full_peak)} "
-            "(target <= 1.00x)")
+            "(target <= 1.00x)" + separate_runs((speed, "ours-reversible"), (speed, f"ours-full-{mode}"),
+                                                 (memory, "ours-reversible"), (memory, f"ours-full-{mode}")))
 
 
 def _minutes(seconds: float) -> str:
