@@ -1,6 +1,7 @@
 """Datasets: duplication sequences, byte windows, held-out split, streaming reads, data order, BPE."""
 
 import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,34 @@ def test_bpe_bad_inputs(tmp_path):
         bpe.BPETokenizer(_write(tmp_path / "bad.json", b"{}"))
     with pytest.raises(ValueError, match="not UTF-8"):
         bpe.train_bpe_tokenizer(_write(tmp_path / "b.txt", b"\xff\xfe" * 10), 300, tmp_path / "t.json")
+
+
+def _foreign_bpe(tmp_path, special_tokens: list[str], name: str) -> Path:
+    """A byte-level BPE trained by the tokenizers library directly, with other special tokens than ours."""
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = _write(tmp_path / "corpus.txt", CORPUS.encode())
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.train([str(corpus)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer.save(str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_bpe_files_with_other_special_tokens_work(tmp_path):
+    gpt2_style = bpe.BPETokenizer(_foreign_bpe(tmp_path, ["<|endoftext|>"], "gpt2.json"))
+    assert gpt2_style.eos_token_id == 0 and gpt2_style.pad_token_id == 0 and gpt2_style.bos_token_id is None
+    bert_style = bpe.BPETokenizer(_foreign_bpe(tmp_path, ["[UNK]", "[PAD]", "[CLS]", "[SEP]"], "bert.json"))
+    assert (bert_style.pad_token_id, bert_style.bos_token_id, bert_style.eos_token_id) == (1, 2, 3)
+    sample = "the lazy café [SEP] fox"
+    ids = bert_style.encode(sample)
+    assert bert_style.decode(ids) == sample and 3 not in ids  # special-token text stays text
+    counts = bert_style.characters_per_token()
+    assert counts[[0, 1, 2, 3]].tolist() == [0, 0, 0, 0] and int(counts[ids].sum()) == len(sample)
+    stream = bpe.bpe_text_dataset(tmp_path / "corpus.txt", tmp_path / "bert.json", 16, tmp_path / "cache").source
+    tokens = stream.read(0, len(stream))
+    assert (tokens == 3).sum() == 1 and tokens[-1] == 3  # the file's own end-of-text token ends the file
+    with pytest.raises(ValueError, match=r"no end-of-text token .* its special tokens are \['\[UNK\]'\]"):
+        bpe.BPETokenizer(_foreign_bpe(tmp_path, ["[UNK]"], "no-eos.json"))

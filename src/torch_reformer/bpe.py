@@ -2,7 +2,7 @@
 
 ``train_bpe_tokenizer`` trains a byte-level BPE whose special tokens are ``<pad>=0, <s>=1, </s>=2``
 (the config's default pad and eos ids) and saves it as one JSON file. ``BPETokenizer`` wraps such a
-file: text is encoded as text, so ``<s>`` or ``</s>`` written in a document stay characters (never
+file, or another ``tokenizers`` BPE file with an end-of-text token (GPT-2's ``<|endoftext|>``, ...): text is encoded as text, so ``<s>`` or ``</s>`` written in a document stay characters (never
 special ids), and no special tokens are added around it (a tokenizer file with a post-processor,
 like RoBERTa's, would otherwise put ``<s>``/``</s>`` around every block it encodes).
 ``TokenizedCorpus`` tokenises the files of a path once into a uint16/uint32 token file in a cache
@@ -82,8 +82,21 @@ def train_bpe_tokenizer(files: Sequence[str | os.PathLike] | str | os.PathLike, 
     return out_path
 
 
+# Special-token names of the end of a text, padding and the start of a text, as the common tokenizer
+# files spell them (ours: <pad>, <s>, </s>; GPT-2: <|endoftext|>; BERT-style: [PAD], [SEP], [CLS]).
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|eos|>", "[EOS]", "[SEP]")
+_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+_BOS_NAMES = ("<s>", "<|startoftext|>", "<bos>", "<|bos|>", "[BOS]", "[CLS]")
+
+
 class BPETokenizer:
-    """A trained byte-level BPE (``tokenizers`` JSON file): encode/decode and per-token character counts."""
+    """A trained BPE (``tokenizers`` JSON file): encode/decode and per-token character counts.
+
+    Files written by ``train_bpe_tokenizer`` and other ``tokenizers`` BPE files work: the
+    end-of-text token is the first of ``_EOS_NAMES`` the file holds (required: it separates the
+    files of a corpus), padding the first of ``_PAD_NAMES`` (else the end-of-text token, as for
+    GPT-2's files), the start token the first of ``_BOS_NAMES`` (optional).
+    """
 
     def __init__(self, path: str | os.PathLike):
         tokenizers = _import_tokenizers()
@@ -97,12 +110,23 @@ class BPETokenizer:
         except Exception as err:  # the Rust library raises its own exception type
             raise ValueError(f"{self.path} is not a tokenizers JSON file ({err})") from None
         self.vocab_size = self.tokenizer.get_vocab_size()
-        ids = [self.tokenizer.token_to_id(name) for name in BPE_SPECIAL_TOKENS]
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = ids
-        if None in ids:
-            raise ValueError(f"{self.path} lacks the special tokens {BPE_SPECIAL_TOKENS}: train it with "
-                             "`reformer tokenizer train`")
+        self.special_tokens = {
+            token.content for token in self.tokenizer.get_added_tokens_decoder().values() if token.special
+        } | set(BPE_SPECIAL_TOKENS)
+        self.eos_token_id = self._first_token_id(_EOS_NAMES)
+        if self.eos_token_id is None:
+            raise ValueError(
+                f"{self.path} has no end-of-text token (one of {', '.join(_EOS_NAMES)}; its special tokens are "
+                f"{sorted(self.special_tokens & set(self.tokenizer.get_vocab())) or 'none'}): add one when training "
+                "it, or train one with `reformer tokenizer train`"
+            )
+        pad = self._first_token_id(_PAD_NAMES)
+        self.pad_token_id = self.eos_token_id if pad is None else pad  # as GPT-2 files do, which have no pad
+        self.bos_token_id = self._first_token_id(_BOS_NAMES)
         self.tokenizer.encode_special_tokens = True  # "<s>" in a text is three characters, not the id 1
+
+    def _first_token_id(self, names: Sequence[str]) -> int | None:
+        return next((self.tokenizer.token_to_id(n) for n in names if self.tokenizer.token_to_id(n) is not None), None)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, with no special tokens added or recognised in it."""
@@ -115,7 +139,7 @@ class BPETokenizer:
         """(V,) characters each token contributes to decoded text (its UTF-8 lead bytes; specials 0)."""
         alphabet = _byte_level_alphabet()
         counts = np.zeros(self.vocab_size, dtype=np.int64)
-        specials = set(BPE_SPECIAL_TOKENS)
+        specials = self.special_tokens
         for token_id in range(self.vocab_size):
             token = self.tokenizer.id_to_token(token_id)
             if token is None or token in specials:
