@@ -9,6 +9,7 @@ import pytest
 from torch_reformer.config import ACTIVATION_NAMES, PRESETS, ReformerConfig
 
 OUR_OWN_FIELDS = {"memory_mode", "kept_graph_layers", "position_embedding_type"}
+LABEL_MAPS = {"id2label", "label2id"}  # None here: the default names HF derives from num_labels
 
 
 def _as_plain(value):
@@ -20,8 +21,11 @@ def test_defaults_equal_hf_defaults_for_every_shared_field():
     ours = ReformerConfig()
     theirs = transformers.ReformerConfig()
     shared = [f.name for f in dataclasses.fields(ours) if f.name not in OUR_OWN_FIELDS]
-    for name in shared:
+    for name in set(shared) - LABEL_MAPS:
         assert _as_plain(getattr(ours, name)) == _as_plain(getattr(theirs, name)), name
+    # None stands for the label names HF derives from num_labels
+    assert ours.id2label is None and theirs.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    assert ours.label2id is None and theirs.label2id == {"LABEL_0": 0, "LABEL_1": 1}
     # every Reformer-specific HF field exists here
     hf_own_fields = set(transformers.ReformerConfig.__annotations__) - {"model_type", "keys_to_ignore_at_inference",
                                                                         "attribute_map"}
@@ -64,7 +68,9 @@ def test_our_dict_builds_an_equal_hf_config():
     shared = {k: v for k, v in ours.to_dict().items() if k not in OUR_OWN_FIELDS}
     theirs = transformers.ReformerConfig(**shared)
     for name, value in shared.items():
-        assert _as_plain(getattr(theirs, name)) == value, name
+        if name not in LABEL_MAPS:
+            assert _as_plain(getattr(theirs, name)) == value, name
+    assert ReformerConfig.from_dict(theirs.to_dict()) == ours  # HF's default label names read back as None
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -191,6 +197,41 @@ def test_the_position_field_set_last_wins_and_axial_can_come_back():
     assert ReformerConfig(position_embedding_type=None, axial_pos_embds=False).position_embedding_type == "learned"
     assert ReformerConfig.from_dict({"axial_pos_embds": False}).position_embedding_type == "learned"
     assert mutated == ReformerConfig() and "_validated" not in repr(mutated)  # the memory is no field
+
+
+def test_label_names_are_kept_and_read_back_with_int_keys(tmp_path):
+    config = ReformerConfig(num_labels=2, id2label={0: "negative", 1: "positive"},
+                            label2id={"negative": 0, "positive": 1})
+    config.to_json_file(tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["id2label"] == {"0": "negative", "1": "positive"}  # JSON keys are strings
+    loaded = ReformerConfig.from_json_file(tmp_path / "config.json")
+    assert loaded == config and loaded.id2label == {0: "negative", 1: "positive"}
+    assert loaded.label2id == {"negative": 0, "positive": 1}
+    # num_labels follows id2label when not given, as HF's config.json files have it
+    three = ReformerConfig.from_dict({"id2label": {"0": "a", "1": "b", "2": "c"}})
+    assert (three.num_labels, three.id2label, three.label2id) == (3, {0: "a", 1: "b", 2: "c"}, None)
+    with pytest.warns(UserWarning, match="num_labels=5 disagrees with the 2 names"):
+        assert ReformerConfig.from_dict({"num_labels": 5, "id2label": {"0": "a", "1": "b"}}).num_labels == 2
+    # an overridden num_labels replaces names that no longer fit; names that fit are kept
+    assert ReformerConfig.from_dict(three.to_dict(), num_labels=2).id2label is None
+    assert ReformerConfig.from_dict(three.to_dict(), num_labels=3).id2label == {0: "a", 1: "b", 2: "c"}
+    # HF's default names are what None means
+    default = ReformerConfig(num_labels=3, id2label={i: f"LABEL_{i}" for i in range(3)},
+                             label2id={f"LABEL_{i}": i for i in range(3)})
+    assert default.id2label is None and default.label2id is None and default == ReformerConfig(num_labels=3)
+    names = {0: "a"}
+    single = ReformerConfig(num_labels=1, id2label=names)
+    names[1] = "b"
+    assert single.id2label == {0: "a"} and single.to_dict()["id2label"] is not single.id2label
+    with pytest.raises(ValueError, match="id2label names 2 labels but num_labels is 3: give one name per label"):
+        ReformerConfig(num_labels=3, id2label={0: "a", 1: "b"})
+    with pytest.raises(TypeError, match="id2label must map int keys to str values, got 'x'"):
+        ReformerConfig(id2label={"x": "a", 1: "b"})
+    with pytest.raises(TypeError, match="label2id must map str keys to int values"):
+        ReformerConfig(label2id={"a": "0"})
+    with pytest.raises(TypeError, match="id2label must be a dict or None"):
+        ReformerConfig(id2label=["a", "b"])
 
 
 def test_derived_values():

@@ -216,6 +216,23 @@ def test_round_trip_gives_identical_state_dicts_and_outputs(head):
     assert torch.equal(next(reference.parameters()), next(back.parameters()))
 
 
+def test_label_names_survive_both_ways(tmp_path):
+    names = {0: "negative", 1: "positive"}
+    reference = hf_model("cls", attn_layers=["local"], id2label=names, label2id={"negative": 0, "positive": 1})
+    model = ReformerForSequenceClassification.from_hf(reference)
+    assert model.config.id2label == names and model.config.label2id == {"negative": 0, "positive": 1}
+    back = model.to_hf()
+    assert back.config.id2label == names and back.config.label2id == {"negative": 0, "positive": 1}
+    reference.save_pretrained(tmp_path / "hf")
+    interop.convert_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    assert ReformerForSequenceClassification.from_pretrained(tmp_path / "ours").config.id2label == names
+    interop.convert_checkpoint(tmp_path / "ours", tmp_path / "back")
+    loaded = transformers.ReformerForSequenceClassification.from_pretrained(tmp_path / "back")
+    assert loaded.config.id2label == names and loaded.config.label2id == {"negative": 0, "positive": 1}
+    plain = interop.to_hf(ReformerForSequenceClassification.from_hf(hf_model("cls", attn_layers=["local"])))
+    assert plain.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # HF's defaults stay HF's defaults
+
+
 def test_from_hf_keeps_dtype_and_takes_the_trunk_of_a_head_model():
     reference = hf_model("mlm").double().eval()
     assert type(ReformerPreTrainedModel.from_hf(reference)) is ReformerForMaskedLM  # the base class picks the head

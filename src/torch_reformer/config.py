@@ -1,7 +1,7 @@
 """ReformerConfig: every hyper-parameter of a Reformer model, checked when it is built.
 
 Field names and defaults follow Hugging Face's ``ReformerConfig`` (including the generic
-``chunk_size_feed_forward``, ``num_labels`` and ``problem_type`` it inherits) so a
+``chunk_size_feed_forward``, ``num_labels``, ``id2label``/``label2id`` and ``problem_type`` it inherits) so a
 ``config.json`` written by ``transformers`` loads here unchanged and users keep the names
 they know. Three fields are our own: ``memory_mode`` (how the layer stack trades memory for
 compute), ``kept_graph_layers`` (how many top layers keep their autograd graph instead of
@@ -57,7 +57,7 @@ ACTIVATION_NAMES = (
 # Keys that HF writes into config.json and that have no meaning here; dropped silently.
 _HF_BOOKKEEPING_KEYS = frozenset({
     "_name_or_path", "architectures", "model_type", "transformers_version", "num_hidden_layers",
-    "id2label", "label2id", "dtype", "torch_dtype", "return_dict", "output_hidden_states",
+    "dtype", "torch_dtype", "return_dict", "output_hidden_states",
     "output_attentions", "output_past", "is_encoder_decoder", "task_specific_params",
     "attention_probs_dropout_prob", "finetuning_task", "tokenizer_class", "prefix", "pruned_heads",
     "sep_token_id", "decoder_start_token_id", "add_cross_attention", "tie_encoder_decoder",
@@ -126,6 +126,10 @@ class ReformerConfig:
     bos_token_id: int | None = None  # beginning-of-sequence token
     pad_token_id: int | None = 0  # padding token
     num_labels: int = 2  # classifier outputs (HF derives it from id2label)
+    # classifier label names by index and indices by name, as in HF; None = HF's defaults "LABEL_0", ...
+    # (JSON keys are strings: id2label's are read back as ints, as HF does)
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
     # classifier loss: None (inferred from labels) or one of PROBLEM_TYPES
     problem_type: str | None = None
     # Our own fields.
@@ -177,6 +181,8 @@ class ReformerConfig:
         self.axial_pos_embds_dim = _require_sequence("axial_pos_embds_dim", self.axial_pos_embds_dim, int)
         self.num_buckets = _int_or_int_tuple("num_buckets", self.num_buckets)
         self.eos_token_id = _int_or_int_tuple("eos_token_id", self.eos_token_id)
+        self.id2label = _label_map("id2label", self.id2label, int, str)
+        self.label2id = _label_map("label2id", self.label2id, str, int)
 
     def _reconcile_position_embedding_type(self) -> None:
         # HF's bool says axial (True) or learned (False); our string adds "none". The rule for
@@ -213,6 +219,7 @@ class ReformerConfig:
         if self.eos_token_id == ():
             raise ValueError("eos_token_id is an empty list: pass None for no end-of-sequence token")
         self._check_choices()
+        self._check_labels()
         self._check_attention()
         if self.position_embedding_type == "axial":
             self._check_axial()
@@ -225,6 +232,16 @@ class ReformerConfig:
             raise ValueError(f"memory_mode {self.memory_mode!r} is not known: choose one of {MEMORY_MODES}")
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is not known: choose one of {PROBLEM_TYPES}")
+
+    def _check_labels(self) -> None:
+        if self.id2label is not None and len(self.id2label) != self.num_labels:
+            raise ValueError(
+                f"id2label names {len(self.id2label)} labels but num_labels is {self.num_labels}: give one name per "
+                "label, or set id2label and label2id to None for the default names LABEL_0, LABEL_1, ..."
+            )
+        default_names = {index: f"LABEL_{index}" for index in range(self.num_labels)}
+        if self.id2label == default_names and self.label2id in (None, {n: i for i, n in default_names.items()}):
+            self.id2label = self.label2id = None  # HF's defaults, which it derives from num_labels
 
     def _check_attention(self) -> None:
         if not self.attn_layers:
@@ -305,9 +322,10 @@ class ReformerConfig:
         """Build a config from a dict such as HF's ``config.json``.
 
         HF bookkeeping keys (``architectures``, ``model_type``, ``transformers_version``, ...) are
-        dropped silently; ``num_labels`` is taken from HF's ``id2label`` when not given; other
-        unknown keys are dropped with a warning. Wrong types raise ``TypeError``. An override of
-        ``axial_pos_embds`` replaces a saved ``position_embedding_type`` that disagrees with it.
+        dropped silently; ``num_labels`` follows HF's ``id2label`` (as in HF, a ``num_labels`` that
+        disagrees with it is ignored with a warning); other unknown keys are dropped with a warning.
+        Wrong types raise ``TypeError``. An override of ``axial_pos_embds`` or ``num_labels`` replaces
+        a saved ``position_embedding_type`` or ``id2label``/``label2id`` that disagrees with it.
         """
         if not isinstance(config_dict, dict):
             raise TypeError(f"a config must be a dict of field values, got {type(config_dict).__name__}")
@@ -317,8 +335,7 @@ class ReformerConfig:
                 merged.get("position_embedding_type") == "axial"):
             merged.pop("position_embedding_type", None)  # it then follows the overridden flag
         names = {f.name for f in dataclasses.fields(cls)}
-        if "num_labels" not in merged and isinstance(merged.get("id2label"), dict):
-            merged["num_labels"] = len(merged["id2label"])
+        _labels_follow(merged, overrides)
         unknown = sorted(set(merged) - names - _HF_BOOKKEEPING_KEYS)
         if unknown:
             warnings.warn(f"ReformerConfig ignores unknown keys {unknown}", stacklevel=2)
@@ -384,6 +401,39 @@ def _int_or_int_tuple(name: str, value: Any) -> int | tuple[int, ...] | None:
     return value
 
 
+def _labels_follow(merged: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Make ``num_labels`` follow ``id2label`` in ``merged`` (HF's rule), unless it is overridden."""
+    id2label = merged.get("id2label")
+    if not isinstance(id2label, dict):
+        return
+    if merged.get("num_labels", len(id2label)) != len(id2label):
+        if "num_labels" in overrides and "id2label" not in overrides:
+            del merged["id2label"]  # the saved names do not fit the overridden count
+            merged.pop("label2id", None)
+            return
+        warnings.warn(f"num_labels={merged['num_labels']!r} disagrees with the {len(id2label)} names in id2label: "
+                      f"using num_labels={len(id2label)}, as transformers does", stacklevel=3)
+    merged["num_labels"] = len(id2label)
+
+
+def _label_map(name: str, value: Any, key_type: type, value_type: type) -> dict | None:
+    """None, or a dict with ``key_type`` keys (ints also from the strings JSON writes) and ``value_type`` values."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or None, got {value!r}")
+    checked = {}
+    for key, item in value.items():
+        if key_type is int and isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, key_type) or isinstance(item, bool) or not isinstance(
+                item, value_type):
+            raise TypeError(f"{name} must map {key_type.__name__} keys to {value_type.__name__} values, got "
+                            f"{key!r}: {item!r}")
+        checked[key] = item
+    return checked
+
+
 def _require_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -409,10 +459,14 @@ def _plain_numbers(value: Any) -> Any:
         return float(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_plain_numbers(item) for item in value)
+    if isinstance(value, dict):
+        return {_plain_numbers(key): _plain_numbers(item) for key, item in value.items()}
     return value
 
 
 def _to_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)  # a copy: the dict is the caller's to change
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -149,8 +149,9 @@ def our_state_to_hf(
 def config_from_hf(hf_config) -> ReformerConfig:
     """Our config from a ``transformers.ReformerConfig`` (or its ``to_dict()``).
 
-    ``num_labels`` comes from HF's ``id2label``; ``axial_pos_embds=False`` selects learned
-    position embeddings; HF's bookkeeping keys are dropped.
+    ``num_labels`` comes from HF's ``id2label``, and the label names are kept (HF's default names
+    "LABEL_0", ... as None); ``axial_pos_embds=False`` selects learned position embeddings; HF's
+    bookkeeping keys are dropped.
     """
     values = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
     return ReformerConfig.from_dict(dict(values))
@@ -174,6 +175,9 @@ def hf_config_dict(config: ReformerConfig, architecture: str | None = None) -> d
         )
     values = {name: value for name, value in config.to_dict().items() if name not in _OUR_ONLY_FIELDS}
     values["axial_pos_embds"] = config.position_embedding_type == "axial"
+    for name in ("id2label", "label2id"):
+        if values[name] is None:  # HF then derives its default names from num_labels
+            del values[name]
     if architecture is not None:
         values["architectures"] = [architecture]
     return values
