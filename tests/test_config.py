@@ -132,7 +132,8 @@ def test_lists_are_stored_as_tuples():
         (dict(initializer_range=float("nan")), ValueError, "must be a finite number >= 0"),
         (dict(eos_token_id=[]), ValueError, "eos_token_id is an empty list: pass None"),
         (dict(pad_token_id=320), ValueError, r"pad_token_id=320 is outside the vocabulary \[0, 320\)"),
-        (dict(eos_token_id=[2, 400]), ValueError, "eos_token_id=400 is outside"),
+        (dict(eos_token_id=[2, -1]), ValueError, r"eos_token_id=\(2, -1\) holds the negative id -1"),
+        (dict(hidden_act="prelu"), ValueError, "hidden_act 'prelu' has learned parameters"),
         (dict(hidden_size="256"), TypeError, "hidden_size must be an int"),
         (dict(num_hashes=True), TypeError, "num_hashes must be an int"),
         (dict(is_decoder=1), TypeError, "is_decoder must be True or False"),
@@ -262,6 +263,30 @@ def test_presets():
         ReformerConfig.from_preset("huge")
     with pytest.raises(ValueError, match="sums to"):
         ReformerConfig.from_preset("tiny", hidden_size=48)
+
+
+def test_hf_configs_with_any_fixed_activation_or_an_eos_id_past_the_vocabulary_load():
+    transformers = pytest.importorskip("transformers")
+    for name in ("gelu_python", "gelu_accurate", "gelu_10", "gelu_python_tanh", "relu6", "relu2", "hardswish",
+                 "laplace"):
+        assert ReformerConfig.from_dict(transformers.ReformerConfig(hidden_act=name).to_dict()).hidden_act == name
+    # HF's default eos_token_id=2 beside a two-token vocabulary: only generation would use it
+    assert ReformerConfig.from_dict(transformers.ReformerConfig(vocab_size=2).to_dict()).eos_token_id == 2
+    assert ReformerConfig(vocab_size=2, eos_token_id=[2, 70]).eos_token_id == (2, 70)
+
+
+def test_generation_refuses_an_eos_id_outside_the_vocabulary():
+    import torch
+
+    from torch_reformer.generation import generate
+    from torch_reformer.model import ReformerLM
+
+    config = ReformerConfig.from_preset("tiny", vocab_size=2, eos_token_id=2, is_decoder=True, attn_layers=["local"])
+    model = ReformerLM(config)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"eos_token_id=2 must be token ids in \[0, 2\)"):
+        generate(model, prompt, max_new_tokens=2, eos_token_id=config.eos_token_id)
+    assert generate(model, prompt, max_new_tokens=2).shape == (1, 5)  # never stops early without one
 
 
 def test_activation_names_match_the_layers():

@@ -128,6 +128,7 @@ EVAL_CASES = {
     ),
     "lsh-mlm-automatic-buckets": ("mlm", dict(attn_layers=["lsh"], num_buckets=None, num_hashes=2), 32, False),
     "mixed-lm-one-chunk": ("lm", dict(attn_layers=["lsh", "local"], num_hashes=2), 3, False),
+    "local-mlm-laplace-activation": ("mlm", dict(attn_layers=["local"], hidden_act="laplace"), 16, False),
 }
 
 

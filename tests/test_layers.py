@@ -361,9 +361,36 @@ def test_activations_equal_hf():
 
     from torch_reformer.config import ACTIVATION_NAMES
 
-    values = torch.linspace(-6, 6, 101, dtype=torch.float64)
-    for name in ACTIVATION_NAMES:
-        torch.testing.assert_close(get_activation(name)(values), ACT2FN[name](values), rtol=1e-6, atol=1e-6)
+    values = torch.linspace(-12, 12, 241, dtype=torch.float64)  # past gelu_10's clip and relu6's cap
+    compared = [name for name in ACTIVATION_NAMES if name in ACT2FN]  # older transformers lack a few names
+    assert {"gelu", "relu", "gelu_new"} <= set(compared)
+    for name in compared:
+        torch.testing.assert_close(get_activation(name)(values), ACT2FN[name](values), rtol=1e-6, atol=1e-6,
+                                   msg=name)
+
+
+def test_activations_added_for_hf_configs_against_their_definitions():
+    x = torch.tensor([-20.0, -3.0, -0.5, 0.0, 0.5, 3.0, 7.0, 20.0], dtype=torch.float64)
+    erf_gelu = x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    torch.testing.assert_close(get_activation("gelu_python")(x), F.gelu(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(get_activation("gelu_python")(x), erf_gelu, rtol=0, atol=0)
+    for name in ("gelu_accurate", "gelu_python_tanh"):
+        torch.testing.assert_close(get_activation(name)(x), tanh_gelu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(get_activation("gelu_10")(x), erf_gelu.clamp(-10, 10), rtol=1e-12, atol=1e-12)
+    assert get_activation("gelu_10")(x)[-1].item() == 10.0
+    expected = {
+        "relu6": [0, 0, 0, 0, 0.5, 3, 6, 6],
+        "relu2": [0, 0, 0, 0, 0.25, 9, 49, 400],
+        "hardswish": [0, 0, -0.5 * 2.5 / 6, 0, 0.5 * 3.5 / 6, 3, 7, 20],
+    }
+    for name, values in expected.items():
+        torch.testing.assert_close(get_activation(name)(x), torch.tensor(values, dtype=x.dtype), msg=name)
+    # Laplace: the normal CDF with mean 0.707107 and standard deviation 0.282095
+    mean, std = torch.tensor([0.707107, 0.282095], dtype=x.dtype)
+    laplace = torch.distributions.Normal(mean, std).cdf(x)
+    torch.testing.assert_close(get_activation("laplace")(x), laplace, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(get_activation("sqrtsoftplus")(x), torch.log1p(torch.exp(x)).sqrt())
 
 
 # ---------------------------------------------------------------------------- LM head and loss

@@ -48,11 +48,14 @@ ATTENTION_TYPES = ("lsh", "local", "full")
 MEMORY_MODES = ("reversible", "checkpoint", "autograd")
 POSITION_EMBEDDING_TYPES = ("axial", "learned", "none")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-# Activation names understood by ``torch_reformer.layers.get_activation`` (a subset of HF's ACT2FN).
+# Activation names understood by ``torch_reformer.layers.get_activation``: every one of HF's ACT2FN
+# without learned parameters. Those with parameters, which a Reformer checkpoint does not hold:
 ACTIVATION_NAMES = (
-    "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu",
-    "silu", "swish", "tanh", "sigmoid", "mish", "leaky_relu", "linear",
+    "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python", "gelu_accurate", "gelu_10",
+    "gelu_python_tanh", "quick_gelu", "silu", "swish", "tanh", "sigmoid", "mish", "leaky_relu", "relu6", "relu2",
+    "hardswish", "laplace", "sqrtsoftplus", "linear",
 )
+_LEARNED_ACTIVATIONS = ("prelu", "xielu")
 
 # Keys that HF writes into config.json and that have no meaning here; dropped silently.
 _HF_BOOKKEEPING_KEYS = frozenset({
@@ -98,7 +101,7 @@ class ReformerConfig:
     axial_pos_embds_dim: tuple[int, ...] = (64, 192)  # per-axis embedding widths; must sum to hidden_size
     chunk_size_lm_head: int = 0  # rows per chunk of the LM head + loss; 0 = unchunked
     chunk_size_feed_forward: int = 0  # positions per chunk of the feed-forward; 0 = unchunked
-    eos_token_id: int | tuple[int, ...] | None = 2  # end-of-sequence token(s) for generation
+    eos_token_id: int | tuple[int, ...] | None = 2  # end-of-sequence token(s); checked by generation, not here
     feed_forward_size: int = 512  # inner width of the feed-forward
     hash_seed: int | None = None  # fixes the LSH rotations (private generator); None = fresh per call
     hidden_act: str = "relu"  # feed-forward activation, one of ACTIVATION_NAMES
@@ -226,6 +229,9 @@ class ReformerConfig:
         self._check_token_ids()
 
     def _check_choices(self) -> None:
+        if self.hidden_act in _LEARNED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} has learned parameters, which a Reformer feed-forward "
+                             f"does not hold: choose a fixed activation, one of {ACTIVATION_NAMES}")
         if self.hidden_act not in ACTIVATION_NAMES:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: choose one of {ACTIVATION_NAMES}")
         if self.memory_mode not in MEMORY_MODES:
@@ -281,15 +287,18 @@ class ReformerConfig:
             )
 
     def _check_token_ids(self) -> None:
-        eos = self.eos_token_id
-        named_ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
-        named_ids += [("eos_token_id", token) for token in ((eos,) if isinstance(eos, int) else eos or ())]
-        for name, token in named_ids:
+        for name, token in (("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)):
             if token is not None and not 0 <= token < self.vocab_size:
                 raise ValueError(
                     f"{name}={token} is outside the vocabulary [0, {self.vocab_size}): "
                     "pass a token id below vocab_size, or None"
                 )
+        # End-of-sequence ids matter only to generation, which refuses one outside the vocabulary when
+        # asked to stop at it; HF's default 2 must load beside a smaller vocabulary.
+        eos = self.eos_token_id
+        for token in (eos,) if isinstance(eos, int) else eos or ():
+            if token < 0:
+                raise ValueError(f"eos_token_id={eos!r} holds the negative id {token}: pass token ids >= 0, or None")
 
     # ------------------------------------------------------------------ derived values
     @property
