@@ -134,6 +134,8 @@ def test_lists_are_stored_as_tuples():
         (dict(pad_token_id=320), ValueError, r"pad_token_id=320 is outside the vocabulary \[0, 320\)"),
         (dict(eos_token_id=[2, -1]), ValueError, r"eos_token_id=\(2, -1\) holds the negative id -1"),
         (dict(hidden_act="prelu"), ValueError, "hidden_act 'prelu' has learned parameters"),
+        (dict(hash_seed=2**70), ValueError, r"hash_seed=1180591620717411303424 is outside.*pass a smaller seed"),
+        (dict(hash_seed=-(2**63) - 1), ValueError, "hash_seed=-9223372036854775809 is outside"),
         (dict(hidden_size="256"), TypeError, "hidden_size must be an int"),
         (dict(num_hashes=True), TypeError, "num_hashes must be an int"),
         (dict(is_decoder=1), TypeError, "is_decoder must be True or False"),
@@ -287,6 +289,14 @@ def test_generation_refuses_an_eos_id_outside_the_vocabulary():
     with pytest.raises(ValueError, match=r"eos_token_id=2 must be token ids in \[0, 2\)"):
         generate(model, prompt, max_new_tokens=2, eos_token_id=config.eos_token_id)
     assert generate(model, prompt, max_new_tokens=2).shape == (1, 5)  # never stops early without one
+
+
+def test_hash_seeds_at_the_ends_of_the_generator_range_are_accepted():
+    import torch
+
+    for seed in (-(2**63), 2**64 - 1):
+        assert ReformerConfig(hash_seed=seed).hash_seed == seed
+        torch.Generator().manual_seed(seed)  # the range is the generator's own
 
 
 def test_activation_names_match_the_layers():

@@ -84,6 +84,8 @@ _NON_NEGATIVE_INTS = (
     "chunk_size_lm_head", "chunk_size_feed_forward", "local_num_chunks_before",
     "local_num_chunks_after", "lsh_num_chunks_before", "lsh_num_chunks_after", "kept_graph_layers",
 )
+# What torch.Generator.manual_seed accepts (a seed is read as a signed or unsigned 64-bit integer).
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 _PROBABILITIES = ("hidden_dropout_prob", "local_attention_probs_dropout_prob", "lsh_attention_probs_dropout_prob")
 _BOOLS = ("axial_pos_embds", "is_decoder", "tie_word_embeddings", "use_cache")
 
@@ -219,6 +221,11 @@ class ReformerConfig:
                                  f"{getattr(self, name)}")
         if not 0 < self.layer_norm_eps < math.inf:
             raise ValueError(f"layer_norm_eps must be a finite number > 0, got {self.layer_norm_eps}: pass e.g. 1e-12")
+        if self.hash_seed is not None and not _SEED_RANGE[0] <= self.hash_seed <= _SEED_RANGE[1]:
+            raise ValueError(
+                f"hash_seed={self.hash_seed} is outside the range a torch generator can be seeded with "
+                f"[-2**63, 2**64 - 1]: pass a smaller seed (e.g. hash_seed % 2**63), or None for fresh rotations"
+            )
         if self.eos_token_id == ():
             raise ValueError("eos_token_id is an empty list: pass None for no end-of-sequence token")
         self._check_choices()
