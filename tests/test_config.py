@@ -114,15 +114,17 @@ def test_lists_are_stored_as_tuples():
         (dict(num_buckets=[8, 3]), ValueError, r"odd or too small value 3"),
         (dict(num_buckets=[]), ValueError, "empty sequence"),
         (dict(num_buckets=8.0), TypeError, "num_buckets must be an int"),
-        (dict(feed_forward_size=0), ValueError, r"feed_forward_size must be >= 1.*positive integer"),
+        (dict(feed_forward_size=0), ValueError, r"feed_forward_size must be >= 1.*positive integer, e\.g\. 512 \(the default\)"),
         (dict(num_hashes=-1), ValueError, "num_hashes must be >= 1"),
-        (dict(chunk_size_lm_head=-1), ValueError, r"chunk_size_lm_head must be >= 0.*pass 0"),
+        (dict(chunk_size_lm_head=-1), ValueError, r"chunk_size_lm_head must be >= 0.*e\.g\. 0 \(the default\)"),
         (dict(hidden_dropout_prob=1.0), ValueError, r"hidden_dropout_prob must lie in \[0, 1\)"),
         (dict(lsh_attention_probs_dropout_prob=-0.1), ValueError, "must lie in"),
         (dict(classifier_dropout=1.5), ValueError, "classifier_dropout must lie in"),
         (dict(hidden_act="gelu2"), ValueError, r"hidden_act 'gelu2' is not supported: choose one of"),
         (dict(memory_mode="fast"), ValueError, r"memory_mode 'fast' is not known: choose one of"),
-        (dict(kept_graph_layers=-1), ValueError, r"kept_graph_layers must be >= 0.*pass 0"),
+        (dict(kept_graph_layers=-1), ValueError, r"kept_graph_layers must be >= 0.*non-negative integer, e\.g\. 1 \(the default\)"),
+        (dict(local_num_chunks_before=-1), ValueError, r"e\.g\. 1 \(the default\)"),
+        (dict(num_labels=0), ValueError, r"num_labels must be >= 1.*e\.g\. 2 \(the default\)"),
         (dict(kept_graph_layers=1.5), TypeError, "kept_graph_layers must be an int"),
         (dict(position_embedding_type="rotary"), ValueError, "position_embedding_type must be one of"),
         (dict(problem_type="ranking"), ValueError, "problem_type 'ranking' is not known"),
@@ -146,6 +148,15 @@ def test_lists_are_stored_as_tuples():
 def test_bad_values_raise_with_a_fix(overrides, error, message):
     with pytest.raises(error, match=message):
         ReformerConfig(**overrides)
+
+
+def test_every_size_hint_names_that_fields_own_default():
+    from torch_reformer.config import _NON_NEGATIVE_INTS, _POSITIVE_INTS
+
+    defaults = {field.name: field.default for field in dataclasses.fields(ReformerConfig)}
+    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        with pytest.raises(ValueError, match=rf"{name} must be >= .*e\.g\. {defaults[name]} \(the default\)$"):
+            ReformerConfig(**{name: -1})
 
 
 def test_from_dict_rejects_wrong_types_and_warns_on_unknown_keys(tmp_path):

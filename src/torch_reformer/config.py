@@ -203,14 +203,11 @@ class ReformerConfig:
         self._validated_position_embedding_type = kind
 
     def _check_values(self) -> None:
-        for name in _POSITIVE_INTS:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}: pass a positive integer")
-        for name in _NON_NEGATIVE_INTS:
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"{name} must be >= 0, got {getattr(self, name)}: pass 0 (the default) or a positive integer"
-                )
+        for names, least, kind in ((_POSITIVE_INTS, 1, "positive"), (_NON_NEGATIVE_INTS, 0, "non-negative")):
+            for name in names:
+                if getattr(self, name) < least:
+                    raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}: pass a {kind} integer, "
+                                     f"e.g. {_FIELD_DEFAULTS[name]} (the default)")
         for name in _PROBABILITIES + ("classifier_dropout",):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -399,6 +396,9 @@ class ReformerConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+_FIELD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ReformerConfig)}
 
 
 def _require_int(name: str, value: Any) -> None:
