@@ -6,6 +6,7 @@ chunks 4 (local) and 8 (LSH)), converted to ours; transformers is the reference.
 """
 
 import json
+import re
 import sys
 import warnings
 
@@ -402,3 +403,17 @@ def test_from_pretrained_on_a_transformers_folder_says_to_convert_it(tmp_path):
         ReformerLM.from_pretrained(tmp_path / "hf")
     interop.convert_checkpoint(tmp_path / "hf", tmp_path / "ours")
     assert type(ReformerLM.from_pretrained(tmp_path / "ours")) is ReformerLM
+
+
+def test_the_conversion_function_the_hint_names_is_importable(tmp_path):
+    import importlib
+
+    import torch_reformer.interop
+
+    hf_model("lm").save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError) as error:
+        ReformerLM.from_pretrained(tmp_path / "hf")
+    module_name, _, function_name = re.search(r"torch_reformer\.interop\.\w+", str(error.value))[0].rpartition(".")
+    assert getattr(importlib.import_module(module_name), function_name) is interop.convert_checkpoint
+    for name in torch_reformer.interop.__all__:
+        assert getattr(torch_reformer.interop, name) is getattr(interop, name)
