@@ -302,6 +302,29 @@ def test_convert_round_trips_through_hf_format(tmp_path, capsys):
     assert code == 0 and "-> ReformerLM" in out, err
 
 
+def training_checkpoint(tmp_path):
+    from torch_reformer.checkpoints import capture_rng_states, save_checkpoint
+    from torch_reformer.model import ReformerLM
+
+    model = ReformerLM(ReformerConfig.from_preset("tiny", is_decoder=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, optimizer, [capture_rng_states()], {"step": 3})
+
+
+def test_convert_checks_a_training_checkpoint_against_its_manifest(tmp_path, capsys):
+    checkpoint = training_checkpoint(tmp_path)
+    code, out, err = run(["convert", checkpoint, tmp_path / "good"], capsys)
+    assert code == 0 and "ReformerLM -> ReformerModelWithLMHead" in out, err
+    weights = checkpoint / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-5] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(damaged))
+    code, _, err = run(["convert", checkpoint, tmp_path / "bad"], capsys)
+    assert_one_line_error(code, err)
+    assert "model.safetensors does not match its checksum" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):
     import torch_reformer.bench as bench
 

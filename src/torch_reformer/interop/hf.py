@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoints import CHECKPOINT_DIR
+from ..checkpoints import CHECKPOINT_DIR, MANIFEST, verify_checkpoint
 from ..config import CONFIG_NAME, ReformerConfig
 from ..model import (
     WEIGHTS_NAME,
@@ -246,8 +246,9 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     write ``memory_mode``. The class comes from its ``architectures`` (for an HF file without it,
     from the tensor names). HF weights are read from ``model.safetensors`` (or its shards), else
     from ``pytorch_model.bin`` (loaded with ``weights_only=True``); ours are read and written as
-    safetensors. ``dst_dir`` must be new or empty. Raises ``CheckpointError`` for anything missing,
-    corrupt or inconsistent.
+    safetensors. A training checkpoint (``OUT/checkpoints/step-N``) is first checked against its
+    ``manifest.json``. ``dst_dir`` must be new or empty. Raises ``CheckpointError`` for anything
+    missing, corrupt or inconsistent.
     """
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
@@ -258,6 +259,8 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     if os.path.isdir(os.path.join(src_dir, CHECKPOINT_DIR)) and not os.path.isfile(os.path.join(src_dir, WEIGHTS_NAME)):
         raise CheckpointError(f"{src_dir} is a training run folder: convert one of its checkpoints, e.g. "
                               f"{os.path.join(src_dir, CHECKPOINT_DIR, 'step-N')}")
+    if os.path.isfile(os.path.join(src_dir, MANIFEST)):  # a training checkpoint: its files carry checksums
+        verify_checkpoint(src_dir)
     config_dict = _read_json(os.path.join(src_dir, CONFIG_NAME))
     if _is_hf_config(config_dict):
         return _convert_hf_to_ours(src_dir, dst_dir, config_dict)
