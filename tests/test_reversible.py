@@ -887,3 +887,12 @@ def test_a_rebuild_reads_the_buffers_as_the_forward_read_them(mode):
             results[memory_mode] = [p.grad for p in net.parameters()] + list(net.buffers())
         for got, want in zip(results[mode], results["autograd"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=kind)
+
+
+def test_importing_the_library_does_not_import_the_compiler():
+    import subprocess
+    import sys
+
+    code = "import sys, torch_reformer, torch_reformer.model, torch_reformer.training; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"  # torch._dynamo costs seconds and ~70 MB at start-up

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 from torch.nn.modules import module as module_globals
+
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def run_eagerly(fn: Fn) -> Fn:
+    """``fn``, run outside torch.compile's graphs as ``torch.compiler.disable(fn)`` runs it, but
+    without importing ``torch._dynamo`` where nothing is compiled: that import takes seconds and
+    about 70 MB, which every program importing the library would pay at start-up."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:  # torch.compile imported torch._dynamo already
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 # What refusals of double backward in the attention layers say instead.

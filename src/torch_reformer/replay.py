@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from .autograd_checks import refuse_in_backward, version_of
+from .autograd_checks import refuse_in_backward, run_eagerly, version_of
 from .block_state import BlockCallState, activated
 
 
@@ -81,11 +81,11 @@ class ModulesState:
 
     __slots__ = ("modes", "hooks", "params")
 
-    @torch.compiler.disable
+    @run_eagerly
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.record(modules)
 
-    @torch.compiler.disable
+    @run_eagerly
     def record(self, modules: Sequence[nn.Module]) -> None:
         """Take the modules' state as it is now."""
         submodules = _submodules(modules)
@@ -93,7 +93,7 @@ class ModulesState:
         self.hooks = _forward_hook_keys(submodules)
         self.params = _parameter_states(submodules)
 
-    @torch.compiler.disable
+    @run_eagerly
     def refuse_changes(self, modules: Sequence[nn.Module]) -> None:
         """Raise, saying what changed and what to do, unless the modules are as last recorded."""
         submodules = _submodules(modules)
@@ -142,7 +142,7 @@ class BufferSnapshot:
     vector, a call counter, an EMA codebook. Their pre-call values are kept until the rebuild.
     """
 
-    @torch.compiler.disable
+    @run_eagerly
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.before = [
             (owner, name, buffer, version_of(buffer), buffer.clone())
@@ -150,7 +150,7 @@ class BufferSnapshot:
             for name, buffer in owner._buffers.items() if buffer is not None
         ]
 
-    @torch.compiler.disable
+    @run_eagerly
     def changed(self) -> dict[tuple[int, str], torch.Tensor]:
         """(id(owner), name) -> the value before the call, for each buffer the call changed."""
         kept = {
@@ -278,7 +278,7 @@ class InputFingerprint:
             return math.inf, math.inf
         return math.sqrt(drift / scale), math.sqrt(worst_row * rows / scale)
 
-    @torch.compiler.disable
+    @run_eagerly
     def warn_if_drifted(self, items: Sequence[object]) -> None:
         whole, worst_row = self.relative_errors(items)
         if whole > REBUILD_TOLERANCE or worst_row > ROW_REBUILD_TOLERANCE:

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .autograd_checks import changed_in_place, refuse_create_graph, refuse_in_backward, version_of
+from .autograd_checks import changed_in_place, refuse_create_graph, refuse_in_backward, run_eagerly, version_of
 from .block_state import BlockCallState, activated
 from .block_state import is_recomputing, next_call_index, saved_state  # noqa: F401 - part of the engine's API
 from .replay import (
@@ -343,7 +343,7 @@ def _run_chain(steps: Sequence[ReversibleStep], stack: list, kwargs: dict) -> li
     return list(outputs) + stack[depth:]
 
 
-@torch.compiler.disable
+@run_eagerly
 def _apply_chain(run: _ChainRun, top: list[Tensor], params: list[nn.Parameter]) -> tuple[Tensor, ...]:
     """The chain runs eagerly under torch.compile: its backward rebuilds the blocks eagerly, and a
     compiled forward would draw its dropout masks from inductor's own generator, which the
