@@ -325,6 +325,46 @@ def test_convert_checks_a_training_checkpoint_against_its_manifest(tmp_path, cap
     assert not (tmp_path / "bad").exists()
 
 
+def test_convert_refuses_damaged_weights_in_one_line_and_leaves_no_folder(tmp_path, capsys):
+    from torch_reformer.model import ReformerLM
+    from torch_reformer.serialization import load_safetensors, save_safetensors
+
+    ReformerLM(ReformerConfig.from_preset("tiny", is_decoder=True)).save_pretrained(tmp_path / "ours")
+    assert run(["convert", tmp_path / "ours", tmp_path / "hf"], capsys)[0] == 0  # an HF folder, no transformers needed
+    hf_state = load_safetensors(tmp_path / "hf" / "model.safetensors")
+    our_state = load_safetensors(tmp_path / "ours" / "model.safetensors")
+
+    def hf_folder(name, file_name, write):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(tmp_path / "hf" / "config.json", folder)
+        write(folder / file_name)
+        return folder
+
+    int_bias = {**hf_state, "lm_head.bias": hf_state["lm_head.bias"].long()}
+    float8_bias = {**hf_state, "lm_head.bias": hf_state["lm_head.bias"].to(torch.float8_e4m3fn)}
+    int_embedding = {**our_state, "reformer.embeddings.word_embeddings.weight": torch.zeros(64, 32, dtype=torch.long)}
+    shutil.copytree(tmp_path / "ours", tmp_path / "ours_int")
+    save_safetensors(int_embedding, tmp_path / "ours_int" / "model.safetensors")
+    cases = {
+        "int_bias": (hf_folder("int_bias", "model.safetensors", lambda p: save_safetensors(int_bias, p)),
+                     "tensor lm_head.bias has dtype torch.int64"),
+        "float8_bin": (hf_folder("float8_bin", "pytorch_model.bin", lambda p: torch.save(float8_bias, p)),
+                       "tensor lm_head.bias has dtype torch.float8_e4m3fn"),
+        "int_embedding": (tmp_path / "ours_int", "word_embeddings.weight has dtype torch.int64"),
+        "list_index": (hf_folder("list_index", "model.safetensors.index.json", lambda p: p.write_text(
+            json.dumps({"weight_map": ["a"]}))), "'weight_map' must be an object mapping each tensor name"),
+        "garbage_bin": (hf_folder("garbage_bin", "pytorch_model.bin", lambda p: p.write_bytes(b"garbage" * 100)),
+                        "pytorch_model.bin is damaged or is not a plain PyTorch state dict of tensors"),
+    }
+    for name, (source, message) in cases.items():
+        destination = tmp_path / "new" / name
+        code, out, err = run(["convert", source, destination], capsys)
+        assert_one_line_error(code, err)
+        assert message in err and "weights_only=False" not in err, name
+        assert not (tmp_path / "new").exists(), name  # neither the destination nor its new parent
+
+
 def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):
     import torch_reformer.bench as bench
 

@@ -5,6 +5,7 @@ Every model is a small randomly initialised transformers Reformer (hidden 32, 2 
 chunks 4 (local) and 8 (LSH)), converted to ours; transformers is the reference.
 """
 
+import fractions
 import json
 import re
 import sys
@@ -368,6 +369,66 @@ def test_every_tensor_is_accounted_for(tmp_path):
     bad["embeddings.word_embeddings.weight"] = torch.zeros(3, 32)
     with pytest.raises(CheckpointError, match="embeddings.word_embeddings.weight has shape"):
         interop.hf_state_to_ours(bad, shapes)
+
+
+def test_tensors_of_a_wrong_dtype_are_refused_both_ways():
+    trunk = ReformerModel(interop.config_from_hf(hf_model("model").config))
+    shapes = {name: tensor.shape for name, tensor in trunk.state_dict().items()}
+    ours = {name: tensor.clone() for name, tensor in trunk.state_dict().items()}
+    ours["embeddings.word_embeddings.weight"] = ours["embeddings.word_embeddings.weight"].long()
+    with pytest.raises(CheckpointError, match="embeddings.word_embeddings.weight has dtype torch.int64"):
+        interop.our_state_to_hf(ours, shapes)
+    hf_state = {interop.hf_parameter_name(name): tensor for name, tensor in ours.items()}
+    with pytest.raises(CheckpointError, match="embeddings.word_embeddings.weight has dtype torch.int64"):
+        interop.hf_state_to_ours(hf_state, shapes)
+    mixed = {name: tensor.to(torch.bfloat16 if "embeddings" in name else torch.float64) for name, tensor in
+             trunk.state_dict().items()}  # floating dtypes, even mixed, are kept as they are
+    assert interop.our_state_to_hf(mixed, shapes)["embeddings.word_embeddings.weight"].dtype == torch.bfloat16
+
+
+def test_a_failed_write_removes_what_the_conversion_created(tmp_path, monkeypatch):
+    reference = hf_model("lm", attn_layers=["local"])
+    ReformerLM.from_hf(reference).save_pretrained(tmp_path / "ours")
+
+    def disk_full(files):
+        first = next(iter(files))
+        open(first, "wb").close()  # something was written before the failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(interop, "atomic_write_files", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        interop.convert_checkpoint(tmp_path / "ours", tmp_path / "new" / "hf")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()  # a folder the user had is kept, as it was
+    with pytest.raises(OSError, match="No space left"):
+        interop.convert_checkpoint(tmp_path / "ours", tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+
+
+def test_malformed_sharded_indexes_and_pickles_are_refused(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    index = folder / "model.safetensors.index.json"
+    for weight_map, message in [(["a"], "'weight_map' must be an object"), ({"x": 3}, "'weight_map' must be an object"),
+                                ({}, "lists no weight files"), ({"x": "../elsewhere.safetensors"}, "outside its folder")]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            interop.load_hf_weights(folder)
+    save_safetensors({"a": torch.zeros(2)}, folder / "one.safetensors")
+    save_safetensors({"a": torch.ones(2)}, folder / "two.safetensors")
+    index.write_text(json.dumps({"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}))
+    with pytest.raises(CheckpointError, match="tensor a is in more than one of the shards"):
+        interop.load_hf_weights(folder)
+    index.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"garbage" * 100)
+    with pytest.raises(CheckpointError, match=r"is damaged or is not a plain PyTorch state dict of tensors "
+                                              r"\(Unsupported operand 103\)") as error:
+        interop.load_hf_weights(folder)
+    assert "weights_only" not in str(error.value)
+    torch.save({"a": torch.zeros(2), "step": fractions.Fraction(1, 3)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="Unsupported global: GLOBAL fractions.Fraction") as error:
+        interop.load_hf_weights(folder)
+    assert "weights_only" not in str(error.value)
 
 
 def test_bad_input_errors(tmp_path, monkeypatch):

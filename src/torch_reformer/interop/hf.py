@@ -40,10 +40,12 @@ positions differ (every real position still matches); a loss that scores padded 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
@@ -93,6 +95,8 @@ _HF_MASK_CONSTANT = re.compile(r"\.self_attention\.(self_)?mask_value_float(16|3
 _HF_LEGACY_BIAS, _LM_BIAS = "lm_head.decoder.bias", "lm_head.bias"
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Every tensor of a Reformer model is floating: the dtypes it may have (and safetensors files hold).
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class Conversion(NamedTuple):
@@ -126,7 +130,7 @@ def hf_state_to_ours(
     """Rename an HF state dict for a model of ours whose tensor shapes are ``expected`` (name -> shape).
 
     Raises ``CheckpointError`` unless every HF tensor maps to one of ours (mask constants and the
-    legacy bias alias aside) and every one of ours is present with its shape.
+    legacy bias alias aside) and every one of ours is present with its shape and a floating dtype.
     """
     hf_state = _fold_legacy_bias(dict(hf_state), source)
     our_name_for = {hf_parameter_name(name): name for name in expected}
@@ -134,15 +138,18 @@ def hf_state_to_ours(
     _check_names(set(our_name_for), set(hf_state) - ignored, source, "HF")
     state = {our_name_for[hf_name]: tensor for hf_name, tensor in hf_state.items() if hf_name not in ignored}
     _check_shapes(state, expected, source)
+    _check_dtypes(state, source)
     return state
 
 
 def our_state_to_hf(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str = "state dict"
 ) -> dict[str, torch.Tensor]:
-    """Rename our state dict to HF's names after checking it against ``expected`` (name -> shape)."""
+    """Rename our state dict to HF's names after checking it against ``expected`` (name -> shape) and
+    checking that every tensor is floating."""
     _check_names(set(expected), set(state), source, "torch_reformer")
     _check_shapes(state, expected, source)
+    _check_dtypes(state, source)
     return {hf_parameter_name(name): tensor for name, tensor in state.items()}
 
 
@@ -247,8 +254,9 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     from the tensor names). HF weights are read from ``model.safetensors`` (or its shards), else
     from ``pytorch_model.bin`` (loaded with ``weights_only=True``); ours are read and written as
     safetensors. A training checkpoint (``OUT/checkpoints/step-N``) is first checked against its
-    ``manifest.json``. ``dst_dir`` must be new or empty. Raises ``CheckpointError`` for anything
-    missing, corrupt or inconsistent.
+    ``manifest.json``. ``dst_dir`` must be new or empty; everything is read and checked before it
+    is created, and if writing fails, what this call created is removed again. Raises
+    ``CheckpointError`` for anything missing, corrupt or inconsistent.
     """
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
@@ -273,7 +281,9 @@ def _convert_hf_to_ours(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
     cls = OUR_CLASS_FOR_HF[hf_class_name]
     config = config_from_hf(config_dict)
     state = hf_state_to_ours(hf_state, _shapes_of(cls, config), f"HF checkpoint {src_dir}")
-    _model_holding(cls, config, state).save_pretrained(dst_dir)
+    model = _model_holding(cls, config, state)
+    with _output_folder(dst_dir):
+        model.save_pretrained(dst_dir)
     return Conversion("hf", hf_class_name, cls.__name__)
 
 
@@ -289,12 +299,13 @@ def _convert_ours_to_hf(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
     hf_config = {**hf_config_dict(config, hf_class_name), "model_type": "reformer"}
     state = load_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
     hf_state = our_state_to_hf(state, _shapes_of(OUR_CLASSES[our_name], config), source=f"checkpoint {src_dir}")
-    os.makedirs(dst_dir, exist_ok=True)
+    weights = safetensors_chunks(hf_state, metadata={"format": "pt"})
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_files({
-        os.path.join(dst_dir, "model.safetensors"): safetensors_chunks(hf_state, metadata={"format": "pt"}),
-        os.path.join(dst_dir, CONFIG_NAME): [text.encode("utf-8")],
-    })
+    with _output_folder(dst_dir):
+        atomic_write_files({
+            os.path.join(dst_dir, "model.safetensors"): weights,
+            os.path.join(dst_dir, CONFIG_NAME): [text.encode("utf-8")],
+        })
     return Conversion("torch_reformer", our_name, hf_class_name)
 
 
@@ -307,16 +318,32 @@ def load_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         if os.path.isfile(os.path.join(directory, filename)):
             return _load_weight_file(os.path.join(directory, filename))
         if os.path.isfile(index_path):
-            shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
-            if not shards:
-                raise CheckpointError(f"{index_path} lists no weight files in its 'weight_map'")
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(_load_weight_file(os.path.join(directory, shard)))
+            for shard in _shard_files(index_path):
+                for name, tensor in _load_weight_file(os.path.join(directory, shard)).items():
+                    if state.setdefault(name, tensor) is not tensor:
+                        raise CheckpointError(f"{directory}: tensor {name} is in more than one of the shards "
+                                              f"{os.path.basename(index_path)} lists")
             return state
     raise CheckpointError(
         f"{directory} holds no HF weights: expected model.safetensors or pytorch_model.bin (or their sharded index)"
     )
+
+
+def _shard_files(index_path: str) -> list[str]:
+    """The weight files a sharded checkpoint's index lists (relative to its folder), checked."""
+    weight_map = _read_json(index_path).get("weight_map")
+    if weight_map == {}:
+        raise CheckpointError(f"{index_path} lists no weight files in its 'weight_map'")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and isinstance(shard, str) and shard for name, shard in weight_map.items()):
+        raise CheckpointError(f"{index_path} is malformed: its 'weight_map' must be an object mapping each tensor "
+                              f"name to the file holding it, got {json.dumps(weight_map)[:100]}")
+    shards = sorted(set(weight_map.values()))
+    outside = [shard for shard in shards if os.path.isabs(shard) or ".." in re.split(r"[\\/]", shard)]
+    if outside:
+        raise CheckpointError(f"{index_path} names weight files outside its folder: {_first(outside)}")
+    return shards
 
 
 def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
@@ -327,10 +354,19 @@ def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged or unsafe file
-        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file ({error})") from None
+        raise CheckpointError(f"{path} is damaged or is not a plain PyTorch state dict of tensors "
+                              f"({_torch_load_reason(error)}): save the weights again, e.g. as model.safetensors") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
         raise CheckpointError(f"{path} does not hold a flat name -> tensor state dict")
     return state
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """The gist of a ``torch.load`` failure, without torch's advice to load with ``weights_only=False``
+    (which runs code from the file, and would not help a damaged one)."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load", 1)[0]
+    gist = " ".join(text.split()).split(". ", 1)[0].rstrip(".")
+    return gist or type(error).__name__
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -374,7 +410,10 @@ def _model_holding(
     """
     with torch.device("meta"):
         model = cls(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:  # e.g. a tensor that cannot be a parameter; callers check dtypes first
+        raise CheckpointError(f"the weights do not fit {cls.__name__}: {' '.join(str(error).split())}") from None
     if any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers())):
         raise RuntimeError(f"{cls.__name__} holds a tensor outside its state dict, which conversion cannot fill")
     return model
@@ -415,6 +454,37 @@ def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(expected[name])} (config and weights disagree)"
             )
+
+
+def _check_dtypes(state: Mapping[str, torch.Tensor], source: str) -> None:
+    for name, tensor in state.items():
+        if tensor.dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {tensor.dtype}, but Reformer weights are float32, float16, "
+                "bfloat16 or float64: the file is damaged or holds other weights (cast them to float32 and save again)"
+            )
+
+
+@contextlib.contextmanager
+def _output_folder(dst_dir: str) -> Iterator[None]:
+    """Create ``dst_dir`` (and its missing parents) around the writing; if that fails, remove what was
+    created here. A folder that existed before (empty) is kept, emptied again."""
+    created = []  # folders that do not exist yet, innermost first
+    path = os.path.abspath(dst_dir)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(dst_dir, exist_ok=True)
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        else:
+            for name in os.listdir(dst_dir):
+                entry = os.path.join(dst_dir, name)
+                shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
+        raise
 
 
 def _first(names: list[str], count: int = 5) -> str:
