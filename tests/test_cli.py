@@ -365,6 +365,22 @@ def test_convert_refuses_damaged_weights_in_one_line_and_leaves_no_folder(tmp_pa
         assert not (tmp_path / "new").exists(), name  # neither the destination nor its new parent
 
 
+def test_convert_of_a_subclass_says_how_to_convert_it_as_its_base_class(tmp_path, capsys):
+    from torch_reformer.model import ReformerLM
+
+    class MyLM(ReformerLM):
+        pass
+
+    MyLM(ReformerConfig.from_preset("tiny", is_decoder=True)).save_pretrained(tmp_path / "mine")
+    code, _, err = run(["convert", tmp_path / "mine", tmp_path / "hf"], capsys)
+    assert_one_line_error(code, err)
+    assert "if MyLM is a subclass of ReformerLM that adds no weights, set \"architectures\": [\"ReformerLM\"]" in err
+    config_path = tmp_path / "mine" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"MyLM"', '"ReformerLM"'))  # doing what it says
+    code, out, err = run(["convert", tmp_path / "mine", tmp_path / "hf"], capsys)
+    assert code == 0 and "ReformerLM -> ReformerModelWithLMHead" in out, err
+
+
 def test_bench_subcommand_forwards_its_own_options(capsys, monkeypatch):
     import torch_reformer.bench as bench
 

@@ -277,7 +277,8 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
 
 def _convert_hf_to_ours(src_dir: str, dst_dir: str, config_dict: dict) -> Conversion:
     hf_state = load_hf_weights(src_dir)
-    hf_class_name = _architecture(config_dict, OUR_CLASS_FOR_HF, src_dir) or _infer_hf_class(hf_state, config_dict)
+    fits = HF_CLASS_NAMES[_class_the_weights_fit(hf_state, config_dict)]
+    hf_class_name = _architecture(config_dict, OUR_CLASS_FOR_HF, src_dir, fits) or fits
     cls = OUR_CLASS_FOR_HF[hf_class_name]
     config = config_from_hf(config_dict)
     state = hf_state_to_ours(hf_state, _shapes_of(cls, config), f"HF checkpoint {src_dir}")
@@ -288,16 +289,17 @@ def _convert_hf_to_ours(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
 
 
 def _convert_ours_to_hf(src_dir: str, dst_dir: str, config_dict: dict) -> Conversion:
-    our_name = _architecture(config_dict, OUR_CLASSES, src_dir)
+    config = ReformerConfig.from_dict(config_dict)
+    state = load_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
+    fits = _class_the_weights_fit(state, config_dict)
+    our_name = _architecture(config_dict, OUR_CLASSES, src_dir, fits)
     if our_name is None:
         raise CheckpointError(
-            f"{src_dir}/{CONFIG_NAME} names no architecture: expected one of {sorted(OUR_CLASSES)} "
-            "in its 'architectures' field"
+            f"{src_dir}/{CONFIG_NAME} names no architecture: expected one of {sorted(OUR_CLASSES)} in its "
+            f"'architectures' field (its weights fit {fits}: set \"architectures\": [\"{fits}\"] and convert again)"
         )
-    config = ReformerConfig.from_dict(config_dict)
     hf_class_name = HF_CLASS_NAMES[our_name]
     hf_config = {**hf_config_dict(config, hf_class_name), "model_type": "reformer"}
-    state = load_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
     hf_state = our_state_to_hf(state, _shapes_of(OUR_CLASSES[our_name], config), source=f"checkpoint {src_dir}")
     weights = safetensors_chunks(hf_state, metadata={"format": "pt"})
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
@@ -509,24 +511,30 @@ def _is_hf_config(config_dict: dict) -> bool:
     )
 
 
-def _architecture(config_dict: dict, known: Iterable[str], src_dir: str) -> str | None:
-    """The one known class named in ``architectures`` (None when the field is absent or empty)."""
+def _architecture(config_dict: dict, known: Iterable[str], src_dir: str, fits: str) -> str | None:
+    """The one known class named in ``architectures`` (None when the field is absent or empty).
+
+    Any other name (a user's subclass, another head) is refused with a hint naming ``fits``, the
+    class the weights fit: a subclass that adds no weights converts as that class.
+    """
     names = config_dict.get("architectures") or []
     if isinstance(names, str):
         names = [names]
     matches = [name for name in names if name in known]
     if names and not matches:
         raise CheckpointError(
-            f"{src_dir}/{CONFIG_NAME} names architectures {names}, none of which can be converted: "
-            f"expected one of {sorted(known)}"
+            f"{src_dir}/{CONFIG_NAME} names architectures {names}, none of which can be converted: expected one of "
+            f"{sorted(known)}. Its weights fit {fits}: if {names[0]} is a subclass of {fits} that adds no weights, "
+            f"set \"architectures\": [\"{fits}\"] in {CONFIG_NAME} and convert again"
         )
     return matches[0] if matches else None
 
 
-def _infer_hf_class(hf_state: Mapping[str, torch.Tensor], config_dict: dict) -> str:
-    """The HF class implied by the tensor names, for configs saved without ``architectures``."""
-    if any(name.startswith("classifier.") for name in hf_state):
+def _class_the_weights_fit(state: Mapping[str, torch.Tensor], config_dict: dict) -> str:
+    """Our class implied by the tensor names (HF's and ours agree on the heads' names) and, for an LM
+    head, ``is_decoder``: used when ``architectures`` is missing (HF) and in hints."""
+    if any(name.startswith("classifier.") for name in state):
         return "ReformerForSequenceClassification"
-    if any(name.startswith("lm_head.") for name in hf_state):
-        return "ReformerModelWithLMHead" if config_dict.get("is_decoder") else "ReformerForMaskedLM"
+    if any(name.startswith("lm_head.") for name in state):
+        return "ReformerLM" if config_dict.get("is_decoder") else "ReformerForMaskedLM"
     return "ReformerModel"
