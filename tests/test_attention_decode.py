@@ -85,6 +85,23 @@ def test_padded_prompts_and_reordered_rows(name):
             assert (step - expected).abs().max() <= 1e-5, t
 
 
+@pytest.mark.parametrize("name", ["lsh-2-hashes-chunk-8", "local-look-ahead-wraps"])
+def test_bfloat16_steps_attend_in_float32_like_the_forward_pass(name):
+    total = 24
+    layer, rotations = make(name, total)
+    layer = layer.to(torch.bfloat16)
+    hidden = (torch.randn(1, total, 16) * 8).to(torch.bfloat16)  # logits large enough for bfloat16 scores to err
+    cache = layer.init_cache(1, total, **({} if rotations is None else dict(rotations=rotations)))
+    with torch.no_grad():
+        layer.prefill(hidden[:, :3], cache)
+        for t in range(3, total):
+            step = layer.decode_step(hidden[:, t : t + 1], cache)
+            expected = layer(hidden[:, : t + 1], **forward_kwargs(layer, rotations))[:, -1:]
+            assert step.dtype == torch.bfloat16
+            tolerance = torch.finfo(torch.bfloat16).eps * expected.abs().max() / 2  # half an ulp of the largest
+            assert (step.float() - expected.float()).abs().max() <= tolerance, t
+
+
 def test_lsh_decoding_hashes_with_its_fixed_rotations_only():
     layer, _ = make("lsh-2-hashes-chunk-8", 16)
     layer.fixed_rotations = layer.draw_rotations(16)

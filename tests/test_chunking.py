@@ -117,10 +117,59 @@ def test_chunked_attention_equals_the_dense_per_chunk_reference(
     assert torch.allclose(out, expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def _half_and_exact(dtype, shared, scale, length=128, width=32):
+    """Outputs and (query, key, value) gradients of the core at ``dtype`` and in float64 from the same
+    (rounded) inputs. Queries scaled by ``scale`` give logits of about that standard deviation."""
+    generator = torch.Generator().manual_seed(3)
+    queries, keys, values, probe = (
+        (torch.randn(1, 2, length, width, generator=generator, dtype=torch.float64) * factor).to(dtype).double()
+        for factor in (scale, 1, 1, 1)
+    )
+    rounds = 2 if shared else 1
+    sorted_positions = random_sorted_positions(1, 2, rounds, length, num_buckets=8, seed=4)[1]
+    layout = chunk_layout(sorted_positions, 16, 1, 0)
+    key_mask = torch.ones(1, length, dtype=torch.bool)
+    key_mask[0, -3:] = False
+
+    def run(inputs):
+        queries, keys, values = (x.detach().requires_grad_() for x in inputs)
+        out = chunked_attention(queries, None if shared else keys, values, layout, key_mask, causal=True,
+                                self_mask=shared, key_scale=1.0 if shared else width**-0.5)
+        grads = torch.autograd.grad((out * probe.to(out.dtype)).sum(), (queries, keys, values), allow_unused=True)
+        return out, grads
+
+    return run([x.to(dtype) for x in (queries, keys, values)]), run((queries, keys, values))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_half_inputs_attend_in_float32_to_within_the_rounding_of_the_exact_result(dtype, shared):
+    # Logits of standard deviation 16: scores kept in bfloat16 (3 significant digits) or float16 lose
+    # the softmax; in float32 the output is the exact result rounded to the dtype.
+    (out, grads), (exact, exact_grads) = _half_and_exact(dtype, shared, scale=16.0)
+    assert out.dtype == dtype and all(grad is None or grad.dtype == dtype for grad in grads)
+    rounding = (exact.to(dtype).double() - exact)[..., :-3, :].abs().max()
+    error = (out.double() - exact)[..., :-3, :].abs().max()
+    assert error <= max(2 * rounding, torch.finfo(dtype).eps)
+    for grad, exact_grad in zip(grads, exact_grads):
+        if exact_grad is not None:
+            size = exact_grad.abs().max()
+            grad_rounding = (exact_grad.to(dtype).double() - exact_grad).abs().max()
+            assert (grad.double() - exact_grad).abs().max() <= 5 * grad_rounding + 1e-6 * size
+
+
+def test_float16_scores_do_not_overflow_before_scaling():
+    # Entries x30 at D = 64: q · k reaches ~5e4 to 6e4 and beyond float16's 65504 before the 1/8 scale.
+    (out, grads), (exact, _) = _half_and_exact(torch.float16, False, scale=30.0, width=64)
+    assert torch.isfinite(out).all() and all(torch.isfinite(grad).all() for grad in grads if grad is not None)
+    rounding = (exact.to(torch.float16).double() - exact)[..., :-3, :].abs().max()
+    assert (out.double() - exact)[..., :-3, :].abs().max() <= 2 * rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # scores are never half: see _slice_scores
 @pytest.mark.parametrize("causal, padded", [(True, False), (True, True), (False, True), (False, False)])
 def test_masks_set_exactly_the_masked_scores_to_their_constants(dtype, causal, padded):
-    """The arithmetic masks (and float16's boolean ones) against comparisons written out."""
+    """The arithmetic masks against comparisons written out."""
     generator = torch.Generator().manual_seed(6)
     count, chunk, window, length = 3, 4, 8, 10
     query_positions = torch.randint(0, length, (count, chunk), generator=generator)
@@ -129,7 +178,7 @@ def test_masks_set_exactly_the_masked_scores_to_their_constants(dtype, causal, p
     part = sliced._Slice(None, None, None, query_positions, key_positions, ranks)
     scores = (torch.randn(count, chunk, window, generator=generator) * 3).to(dtype)
     for position_dtype in (torch.float32, torch.float64):
-        spec = sliced.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype)
+        spec = sliced.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype, dtype)
         masked = scores.clone()
         sliced._mask_scores_(masked, part, spec)
         mask_value, self_mask_value = mask_values(dtype)
@@ -177,8 +226,8 @@ def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, bef
 
 
 def test_dropout_keep_mask_is_u_at_least_p_scaled():
-    spec = sliced.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32)
-    keep = sliced._dropout_keep((40, 50, 60), 11, 2, spec, torch.empty(0))
+    spec = sliced.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32, torch.float32)
+    keep = sliced._dropout_keep((40, 50, 60), 11, 2, spec, torch.device("cpu"))
     uniform = torch.rand((40, 50, 60), generator=torch.Generator().manual_seed(13))  # seed + index
     assert torch.equal(keep, (uniform >= 0.3).float() / 0.7)
     assert abs((keep > 0).float().mean().item() - 0.7) < 0.01

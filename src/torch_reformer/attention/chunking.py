@@ -101,19 +101,20 @@ def slot_key_ranks(layout: ChunkLayout, key_mask: Tensor | None) -> Tensor | Non
     return torch.where(real, positions, length).view(-1)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that reductions, attention scores and softmax statistics of ``dtype`` inputs are
+    computed in: float32 for half types (their products overflow or round too coarsely), else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _inverse_rms(qk: Tensor, epsilon: float) -> Tensor:
     """rsqrt(mean(x^2) + eps) over the last axis, (…, D) -> (…, 1), without an x^2 temporary.
 
     Computed in float32 for half inputs (float64 stays float64): in float16 the squared norm
     overflows once |x| > 256 and a zero row's rsqrt(eps)^2 = 1e6 is inf.
     """
-    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=_statistics_dtype(qk.dtype))
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=accumulation_dtype(qk.dtype))
     return torch.rsqrt(norm.square() / qk.shape[-1] + epsilon)
-
-
-def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype reductions and softmax statistics are kept in: float32 for half types, else ``dtype``."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def normalize_keys(qk: Tensor, epsilon: float = 1e-6) -> Tensor:

@@ -35,6 +35,7 @@ from torch_reformer.attention.checks import (
     check_layer_sizes,
 )
 from torch_reformer.attention.chunking import (
+    accumulation_dtype,
     chunk_layout,
     mask_values,
     merge_heads,
@@ -92,7 +93,7 @@ def local_decode_attention(
 ) -> Tensor:
     """Causal local attention of the newest cached position t, (B, H, 1, D) -> (B, H, 1, D).
 
-    ``cache`` holds keys (already scaled by 1/sqrt(D)), values and the padding mask of positions
+    ``cache`` holds keys, values and the padding mask of positions
     0..t. Equals row t of a causal forward pass over the sequence padded to ``padded_length``:
     the query attends to the chunks around its own (wrapping as the forward pass does, so with
     ``num_chunks_after`` > 0 the last chunks also see the first ones).
@@ -108,9 +109,11 @@ def local_decode_attention(
         key_positions = (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
     index = key_positions.clamp(max=newest)  # (W,); later positions are padding and get masked
     real = (key_positions <= newest) & cache.key_mask[:, index]  # (B, W)
-    scores = torch.matmul(query, cache.keys[:, :, index].transpose(-1, -2))  # (B, H, 1, W)
-    scores = scores.masked_fill(~real[:, None, None, :], mask_values(query.dtype)[0])
-    return torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index])  # (B, H, 1, D)
+    dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
+    scores = torch.matmul(query.to(dtype), cache.keys[:, :, index].to(dtype).transpose(-1, -2))  # (B, H, 1, W)
+    scores = scores.mul_(1 / math.sqrt(query.shape[-1])).masked_fill(~real[:, None, None, :], mask_values(dtype)[0])
+    out = torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index].to(dtype))  # (B, H, 1, D)
+    return out.to(query.dtype)
 
 
 class LocalSelfAttention(nn.Module):
@@ -207,7 +210,7 @@ class LocalSelfAttention(nn.Module):
         queries, keys, values = self._project(hidden_states)  # (B, H, P, D)
         out = self._attend(queries, keys, values, padded_mask)
         real = torch.ones_like(keys[:, 0, :length, 0], dtype=torch.bool) if key_mask is None else key_mask
-        cache.append(keys[:, :, :length] / math.sqrt(self.head_size), values[:, :, :length], real)
+        cache.append(keys[:, :, :length], values[:, :, :length], real)
         return self.output(merge_heads(out[:, :, :length]))
 
     def decode_step(
@@ -221,7 +224,7 @@ class LocalSelfAttention(nn.Module):
         """
         key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
         queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
-        cache.append(keys / math.sqrt(self.head_size), values, key_mask)
+        cache.append(keys, values, key_mask)
         padded_length = self.padded_length(cache.length) if padded_length is None else padded_length
         if padded_length < cache.length:
             raise ValueError(f"padded_length={padded_length} is shorter than the {cache.length} positions decoded")

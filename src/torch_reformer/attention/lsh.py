@@ -35,6 +35,7 @@ from torch_reformer.attention.checks import (
 )
 from torch_reformer.attention.chunking import (
     ChunkLayout,
+    accumulation_dtype,
     chunk_layout,
     mask_values,
     merge_heads,
@@ -186,14 +187,15 @@ def lsh_decode_attention(
     index = key_positions.clamp(max=newest).view(batch, heads, rounds * window)  # (B, H, R*W)
     real &= torch.gather(cache.key_mask[:, :length], 1, index.view(batch, -1)).view_as(real)
     gather_index = index[..., None].expand(batch, heads, rounds * window, head_size)
-    keys = normalize_keys(torch.gather(qk, 2, gather_index)).view(batch, heads, rounds, window, head_size)
-    window_values = torch.gather(values, 2, gather_index).view(batch, heads, rounds, window, head_size)
+    dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
+    keys = normalize_keys(torch.gather(qk, 2, gather_index).to(dtype)).view(batch, heads, rounds, window, head_size)
+    window_values = torch.gather(values, 2, gather_index).to(dtype).view(batch, heads, rounds, window, head_size)
 
-    mask_value, self_mask_value = mask_values(query.dtype)
-    scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0], keys)  # (B, H, R, W)
+    mask_value, self_mask_value = mask_values(dtype)
+    scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0].to(dtype), keys)  # (B, H, R, W)
     scores = scores.masked_fill(~real, mask_value).masked_fill(key_positions == newest, self_mask_value)
     out = torch.einsum("bhrw,bhrwd->bhrd", torch.softmax(scores, dim=-1), window_values)  # (B, H, R, D)
-    return merge_rounds(out, torch.logsumexp(scores, dim=-1)).unsqueeze(2)  # (B, H, 1, D)
+    return merge_rounds(out, torch.logsumexp(scores, dim=-1)).unsqueeze(2).to(query.dtype)  # (B, H, 1, D)
 
 
 def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int, before: int, after: int) -> Tensor:

@@ -17,6 +17,11 @@ backward it keeps only its inputs, the output rows and one float per slot: O(L *
 for an LSH layer with R rounds, where holding the sorted copies and the scores would take
 O(L * H * R * (D + J * C)). Attention dropout draws its mask per slice from a generator seeded
 once per call (the seed comes from the global RNG), so backward rebuilds the masks of forward.
+
+Precision. Half-precision inputs (bfloat16, float16) are widened to float32 slice by slice:
+scores, softmax, log-sum-exp, round weights and the output and gradient accumulators are
+float32, and results are returned in the input dtype (as fused attention kernels do). float32 and
+float64 inputs are computed in their own dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ import torch
 from torch import Tensor
 
 from ..autograd_checks import ATTENTION_ONCE_ONLY, changed_in_place, refuse_create_graph, version_of
-from .chunking import ChunkLayout, _normalize_keys_backward, mask_values, normalize_keys, slot_key_ranks
+from .chunking import (
+    ChunkLayout,
+    _normalize_keys_backward,
+    accumulation_dtype,
+    mask_values,
+    normalize_keys,
+    slot_key_ranks,
+)
 
 # exp is clamped from below at this value: a weight e^-87 ~ 1.6e-38 is nothing next to the row
 # maximum's weight 1, and exp's vectorised kernels fall to a path ~10x slower for inputs whose
@@ -52,6 +64,7 @@ class AttentionSpec(NamedTuple):
     dropout: float
     chunks_per_slice: int
     position_dtype: torch.dtype  # float dtype that holds every position exactly (masks are built in it)
+    compute_dtype: torch.dtype  # scores, softmax statistics and accumulators: float32 for half inputs
 
 
 class _Slice(NamedTuple):
@@ -123,11 +136,16 @@ def saved_and_output(ctx) -> tuple[tuple, Tensor | None]:
 
 
 def _slice_scores(queries: Tensor, keys: Tensor, part: _Slice, spec: AttentionSpec):
-    """Masked scores (S, C, J*C) of a slice, with its queries, raw and used keys."""
-    width = queries.shape[-1]
+    """Masked scores (S, C, J*C) of a slice, with its queries, raw and used keys, all in the compute dtype.
+
+    Half inputs are gathered and widened to float32 before the products: in float16 q · k overflows
+    beyond 65504 and bfloat16 scores carry 3 significant digits, which softmax turns into errors
+    growing with the logits.
+    """
+    width, dtype = queries.shape[-1], spec.compute_dtype
     chunk = part.query_positions.shape[1]
-    slice_queries = queries.index_select(0, part.query_rows).view(-1, chunk, width)  # (S, C, D)
-    raw_keys = keys.index_select(0, part.key_rows).view(slice_queries.shape[0], -1, width)  # (S, J*C, D)
+    slice_queries = queries.index_select(0, part.query_rows).view(-1, chunk, width).to(dtype)  # (S, C, D)
+    raw_keys = keys.index_select(0, part.key_rows).view(slice_queries.shape[0], -1, width).to(dtype)  # (S, J*C, D)
     slice_keys = normalize_keys(raw_keys) if spec.shared_qk else raw_keys
     scores = torch.bmm(slice_queries, slice_keys.transpose(1, 2))  # (S, C, J*C)
     if spec.key_scale != 1.0:
@@ -144,21 +162,12 @@ def _mask_scores_(scores: Tensor, part: _Slice, spec: AttentionSpec) -> None:
     The masks are 0/1 tensors built by subtracting positions in ``spec.position_dtype`` and applied
     as ``scores * (1 - m) + m * value``: exact (the positions are whole numbers held exactly, and
     x * 1 + 0 = x), and on CPU about twice as fast as comparisons and ``masked_fill_`` on boolean
-    masks, which are not vectorised. float16 scores take boolean masks: they can overflow to inf,
-    and inf * 0 would be NaN where ``masked_fill_`` replaces the score.
+    masks, which are not vectorised. Scores are float32 or float64 (``_slice_scores`` widens half
+    inputs), so they do not overflow to inf, where inf * 0 would be NaN.
     """
     mask_value, self_mask_value = mask_values(scores.dtype)
     query_positions, key_positions, ranks = part.query_positions, part.key_positions, part.key_ranks
     dtype = spec.position_dtype
-    if scores.dtype == torch.float16:
-        if spec.causal:
-            ranks = key_positions if ranks is None else ranks
-            scores.masked_fill_(ranks[:, None, :] > query_positions[:, :, None], mask_value)
-        elif ranks is not None:
-            scores.masked_fill_((ranks > key_positions)[:, None, :], mask_value)
-        if spec.self_mask:
-            scores.masked_fill_(query_positions[:, :, None] == key_positions[:, None, :], self_mask_value)
-        return
     if spec.causal:  # hidden: key rank (its position, or L for padding) after the query's position
         ranks = key_positions if ranks is None else ranks
         hidden = (ranks[:, None, :].to(dtype) - query_positions[:, :, None].to(dtype)).clamp_(0, 1)  # (S, C, J*C)
@@ -188,11 +197,12 @@ def _exp_shifted_(scores: Tensor) -> Tensor:
     return row_max
 
 
-def _dropout_keep(shape, seed: int, index: int, spec: AttentionSpec, like: Tensor) -> Tensor:
-    """The keep mask of slice ``index``, scaled by 1 / (1 - p); the same on every call with ``seed``."""
-    generator = torch.Generator(device=like.device).manual_seed(seed + index)
-    keep = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype) >= spec.dropout
-    return keep.to(like.dtype).div_(1 - spec.dropout)
+def _dropout_keep(shape, seed: int, index: int, spec: AttentionSpec, device: torch.device) -> Tensor:
+    """The keep mask of slice ``index`` in the compute dtype, scaled by 1 / (1 - p); the same on every
+    call with ``seed``."""
+    generator = torch.Generator(device=device).manual_seed(seed + index)
+    keep = torch.rand(shape, generator=generator, device=device, dtype=spec.compute_dtype) >= spec.dropout
+    return keep.to(spec.compute_dtype).div_(1 - spec.dropout)
 
 
 def _is_degenerate(row_max: Tensor, spec: AttentionSpec) -> Tensor:
@@ -202,18 +212,19 @@ def _is_degenerate(row_max: Tensor, spec: AttentionSpec) -> Tensor:
 
 
 def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
-    """Forward of ``_ChunkedAttention`` on rows: returns the output rows (rows, D), the log-sum-exp
-    of every slot (G*R*L,) and, with several rounds, each row's running maximum and sum of the
-    rounds' exp(log-sum-exp) (rows,) (None with one round)."""
+    """Forward of ``_ChunkedAttention`` on rows: returns the output rows (rows, D) in the dtype of
+    ``values``, and in the compute dtype the log-sum-exp of every slot (G*R*L,) and, with several
+    rounds, each row's running maximum and sum of the rounds' exp(log-sum-exp) (rows,) (None with
+    one round). Outputs are accumulated in the compute dtype."""
     rows, width = values.shape
     keys = queries if keys is None else keys
-    rounds = layout.shape[3]
-    out = values.new_zeros(rows, width)
-    slot_logsumexp = queries.new_empty(layout.slot_rows.shape[0])
+    rounds, dtype = layout.shape[3], spec.compute_dtype
+    out = values.new_zeros(rows, width, dtype=dtype)
+    slot_logsumexp = queries.new_empty(layout.slot_rows.shape[0], dtype=dtype)
     row_max = row_sum = None
     if rounds > 1:
-        row_max = queries.new_full((rows,), float("-inf"))
-        row_sum = queries.new_zeros(rows)
+        row_max = queries.new_full((rows,), float("-inf"), dtype=dtype)
+        row_sum = queries.new_zeros(rows, dtype=dtype)
     for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
         scores, _, _, _ = _slice_scores(queries, keys, part, spec)
         slice_max = _exp_shifted_(scores)
@@ -222,8 +233,8 @@ def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: 
         logsumexp = slice_sum.log_().add_(slice_max).view(-1)  # (S*C,)
         slot_logsumexp[part.query_slots] = logsumexp
         if seed is not None:
-            scores.mul_(_dropout_keep(scores.shape, seed, index, spec, scores))
-        slice_values = values.index_select(0, part.key_rows).view(scores.shape[0], -1, width)
+            scores.mul_(_dropout_keep(scores.shape, seed, index, spec, scores.device))
+        slice_values = values.index_select(0, part.key_rows).view(scores.shape[0], -1, width).to(dtype)
         slice_out = torch.bmm(scores, slice_values).view(-1, width)  # (S*C, D)
         if rounds == 1:
             out.index_copy_(0, part.query_rows, slice_out)
@@ -239,7 +250,7 @@ def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: 
         row_max.index_copy_(0, part.query_rows, new_max)
     if rounds > 1:
         out.div_(row_sum[:, None])
-    return out, slot_logsumexp, row_max, row_sum
+    return out.to(values.dtype), slot_logsumexp, row_max, row_sum
 
 
 def _round_weights(logsumexp: Tensor, row_max: Tensor, row_sum: Tensor, query_rows: Tensor) -> Tensor:
@@ -255,9 +266,9 @@ def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, sl
     """Gradients of one slice from its recomputed probabilities.
 
     ``slice_grad`` (S, C, D) is the gradient of the slots' outputs, ``shift`` (S, C) the
-    per-slot term subtracted from dP, ``keep`` the slice's scaled dropout mask or None.
-    Returns the rows' gradient contributions: queries (S*C, D), keys and values (S*J*C, D)
-    (keys already through the normalisation for shared keys).
+    per-slot term subtracted from dP, ``keep`` the slice's scaled dropout mask or None, all in
+    the compute dtype. Returns the rows' gradient contributions in the compute dtype: queries
+    (S*C, D), keys and values (S*J*C, D) (keys already through the normalisation for shared keys).
     """
     width = values.shape[1]
     keys_in = queries if spec.shared_qk else keys
@@ -266,7 +277,7 @@ def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, sl
     # Normalised by the recomputed sum, exactly as forward did: exp(lse - max) would lose the sum of
     # a row that sees no key, whose lse is about the mask constant (-1e9, spacing 64 in float32).
     probs = scores.div_(scores.sum(dim=-1, keepdim=True))  # (S, C, J*C)
-    slice_values = values.index_select(0, part.key_rows).view(probs.shape[0], -1, width)
+    slice_values = values.index_select(0, part.key_rows).view(probs.shape[0], -1, width).to(spec.compute_dtype)
     grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
     dropped = probs
     if keep is not None:
@@ -302,19 +313,20 @@ class _ChunkedAttention(torch.autograd.Function):
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
         if out is None:  # backward already ran once on this graph (retain_graph=True)
             out = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)[0]
-        width = values.shape[1]
+        width, dtype = values.shape[1], spec.compute_dtype
         grad_out = grad_out.contiguous()
         # Σ_k p_k dP_k = dO · O (FlashAttention's identity). With several rounds a slot's output
         # gradient is w_r g and its log-sum-exp gets w_r (g · o_r - g · y); both terms together
         # leave a shift of w_r (g · y) per slot.
-        grad_dot_out = torch.einsum("nd,nd->n", grad_out, out)  # (rows,)
+        grad_dot_out = torch.einsum("nd,nd->n", grad_out.to(dtype), out.to(dtype))  # (rows,)
         del out
-        grad_queries = torch.zeros_like(queries)
-        grad_keys = None if spec.shared_qk else torch.zeros_like(keys)
-        grad_values = torch.zeros_like(values)
+        # Accumulated in the compute dtype: a key collects contributions from several chunks and rounds.
+        grad_queries = torch.zeros_like(queries, dtype=dtype)
+        grad_keys = None if spec.shared_qk else torch.zeros_like(keys, dtype=dtype)
+        grad_values = torch.zeros_like(values, dtype=dtype)
         for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
             count, chunk = part.query_positions.shape
-            slice_grad = grad_out.index_select(0, part.query_rows).view(count, chunk, width)
+            slice_grad = grad_out.index_select(0, part.query_rows).view(count, chunk, width).to(dtype)
             shift = grad_dot_out.index_select(0, part.query_rows).view(count, chunk)
             if row_max is not None:  # several rounds: each slot's share of its row's merged output
                 logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(count, chunk)
@@ -322,14 +334,15 @@ class _ChunkedAttention(torch.autograd.Function):
                 slice_grad = slice_grad * round_weight[..., None]
                 shift = shift * round_weight
             keep = None if seed is None else _dropout_keep((count, chunk, part.key_rows.shape[0] // count), seed,
-                                                           index, spec, queries)
+                                                           index, spec, queries.device)
             grad_q, grad_k, grad_v = _slice_backward(queries, keys, values, part, spec, slice_grad, shift, keep)
             # index_add_ accumulates repeated rows (a key serves several chunks) like
             # index_put_(accumulate=True), and is faster on CPU.
             grad_values.index_add_(0, part.key_rows, grad_v)
             grad_queries.index_add_(0, part.query_rows, grad_q)
             (grad_queries if spec.shared_qk else grad_keys).index_add_(0, part.key_rows, grad_k)
-        return grad_queries, grad_keys, grad_values, None, None, None, None
+        return (grad_queries.to(queries.dtype), None if grad_keys is None else grad_keys.to(keys.dtype),
+                grad_values.to(values.dtype), None, None, None, None)
 
 
 def chunked_attention(
@@ -362,7 +375,7 @@ def chunked_attention(
         budget = SLICE_SCORES.get(queries.device.type, SLICE_SCORES_ACCELERATOR)
         chunks_per_slice = max(1, budget // (layout.chunk_length * window))
     spec = AttentionSpec(keys is None, bool(causal), bool(self_mask), float(key_scale), float(dropout),
-                         int(chunks_per_slice), _position_dtype(length))
+                         int(chunks_per_slice), _position_dtype(length), accumulation_dtype(queries.dtype))
     seed = None
     if training and dropout > 0:
         seed = int(torch.randint(0, 2**62, (1,)).item())
