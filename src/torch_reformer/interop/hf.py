@@ -35,17 +35,16 @@ positions differ (every real position still matches); a loss that scores padded 
 (labels not -100 there) differs slightly too.
 
 ``transformers`` is optional and imported only inside ``from_hf`` and ``to_hf``;
-``convert_checkpoint`` works on files alone and does not need it.
+``convert_checkpoint`` works on files alone and does not need it (``checkpoint_files`` reads
+HF's weight files and creates the output folder).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -61,6 +60,7 @@ from ..model import (
     ReformerPreTrainedModel,
 )
 from ..serialization import CheckpointError, atomic_write_files, load_safetensors, read_json_object, safetensors_chunks
+from .checkpoint_files import load_hf_weights, output_folder
 
 # Our class name -> HF class name; both libraries' names appear in config.json "architectures".
 HF_CLASS_NAMES = {
@@ -94,7 +94,6 @@ _HF_MASK_CONSTANT = re.compile(r"\.self_attention\.(self_)?mask_value_float(16|3
 # Older transformers versions tied lm_head.decoder.bias to lm_head.bias and saved both names.
 _HF_LEGACY_BIAS, _LM_BIAS = "lm_head.decoder.bias", "lm_head.bias"
 
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Every tensor of a Reformer model is floating: the dtypes it may have (and safetensors files hold).
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -283,7 +282,7 @@ def _convert_hf_to_ours(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
     config = config_from_hf(config_dict)
     state = hf_state_to_ours(hf_state, _shapes_of(cls, config), f"HF checkpoint {src_dir}")
     model = _model_holding(cls, config, state)
-    with _output_folder(dst_dir):
+    with output_folder(dst_dir):
         model.save_pretrained(dst_dir)
     return Conversion("hf", hf_class_name, cls.__name__)
 
@@ -303,72 +302,12 @@ def _convert_ours_to_hf(src_dir: str, dst_dir: str, config_dict: dict) -> Conver
     hf_state = our_state_to_hf(state, _shapes_of(OUR_CLASSES[our_name], config), source=f"checkpoint {src_dir}")
     weights = safetensors_chunks(hf_state, metadata={"format": "pt"})
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    with _output_folder(dst_dir):
+    with output_folder(dst_dir):
         atomic_write_files({
             os.path.join(dst_dir, "model.safetensors"): weights,
             os.path.join(dst_dir, CONFIG_NAME): [text.encode("utf-8")],
         })
     return Conversion("torch_reformer", our_name, hf_class_name)
-
-
-def load_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF checkpoint folder: safetensors (single or sharded) first, else
-    ``pytorch_model.bin`` (single or sharded) through ``torch.load(weights_only=True)``."""
-    directory = os.fspath(directory)
-    for filename in _HF_WEIGHT_FILES:
-        index_path = os.path.join(directory, filename + ".index.json")
-        if os.path.isfile(os.path.join(directory, filename)):
-            return _load_weight_file(os.path.join(directory, filename))
-        if os.path.isfile(index_path):
-            state: dict[str, torch.Tensor] = {}
-            for shard in _shard_files(index_path):
-                for name, tensor in _load_weight_file(os.path.join(directory, shard)).items():
-                    if state.setdefault(name, tensor) is not tensor:
-                        raise CheckpointError(f"{directory}: tensor {name} is in more than one of the shards "
-                                              f"{os.path.basename(index_path)} lists")
-            return state
-    raise CheckpointError(
-        f"{directory} holds no HF weights: expected model.safetensors or pytorch_model.bin (or their sharded index)"
-    )
-
-
-def _shard_files(index_path: str) -> list[str]:
-    """The weight files a sharded checkpoint's index lists (relative to its folder), checked."""
-    weight_map = _read_json(index_path).get("weight_map")
-    if weight_map == {}:
-        raise CheckpointError(f"{index_path} lists no weight files in its 'weight_map'")
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(name, str) and isinstance(shard, str) and shard for name, shard in weight_map.items()):
-        raise CheckpointError(f"{index_path} is malformed: its 'weight_map' must be an object mapping each tensor "
-                              f"name to the file holding it, got {json.dumps(weight_map)[:100]}")
-    shards = sorted(set(weight_map.values()))
-    outside = [shard for shard in shards if os.path.isabs(shard) or ".." in re.split(r"[\\/]", shard)]
-    if outside:
-        raise CheckpointError(f"{index_path} names weight files outside its folder: {_first(outside)}")
-    return shards
-
-
-def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for a damaged or unsafe file
-        raise CheckpointError(f"{path} is damaged or is not a plain PyTorch state dict of tensors "
-                              f"({_torch_load_reason(error)}): save the weights again, e.g. as model.safetensors") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat name -> tensor state dict")
-    return state
-
-
-def _torch_load_reason(error: Exception) -> str:
-    """The gist of a ``torch.load`` failure, without torch's advice to load with ``weights_only=False``
-    (which runs code from the file, and would not help a damaged one)."""
-    text = str(error).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load", 1)[0]
-    gist = " ".join(text.split()).split(". ", 1)[0].rstrip(".")
-    return gist or type(error).__name__
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -465,28 +404,6 @@ def _check_dtypes(state: Mapping[str, torch.Tensor], source: str) -> None:
                 f"{source}: tensor {name} has dtype {tensor.dtype}, but Reformer weights are float32, float16, "
                 "bfloat16 or float64: the file is damaged or holds other weights (cast them to float32 and save again)"
             )
-
-
-@contextlib.contextmanager
-def _output_folder(dst_dir: str) -> Iterator[None]:
-    """Create ``dst_dir`` (and its missing parents) around the writing; if that fails, remove what was
-    created here. A folder that existed before (empty) is kept, emptied again."""
-    created = []  # folders that do not exist yet, innermost first
-    path = os.path.abspath(dst_dir)
-    while not os.path.exists(path):
-        created.append(path)
-        path = os.path.dirname(path)
-    try:
-        os.makedirs(dst_dir, exist_ok=True)
-        yield
-    except BaseException:
-        if created:
-            shutil.rmtree(created[-1], ignore_errors=True)
-        else:
-            for name in os.listdir(dst_dir):
-                entry = os.path.join(dst_dir, name)
-                shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
-        raise
 
 
 def _first(names: list[str], count: int = 5) -> str:
