@@ -36,11 +36,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import warnings
 from dataclasses import InitVar, dataclass
 from typing import Any
+
+from .config_values import int_or_int_tuple, label_map, plain_numbers, require_float, require_int, require_sequence
 
 CONFIG_NAME = "config.json"  # the config file inside a saved model folder
 
@@ -163,31 +164,31 @@ class ReformerConfig:
 
     def _check_types(self) -> None:
         for field in dataclasses.fields(self):  # e.g. numpy integers, so JSON and the checks see ints
-            setattr(self, field.name, _plain_numbers(getattr(self, field.name)))
+            setattr(self, field.name, plain_numbers(getattr(self, field.name)))
         for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
-            _require_int(name, getattr(self, name))
+            require_int(name, getattr(self, name))
         for name in ("hash_seed", "bos_token_id", "pad_token_id"):
             if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name))
+                require_int(name, getattr(self, name))
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in _PROBABILITIES + ("axial_norm_std", "initializer_range", "layer_norm_eps"):
-            setattr(self, name, _require_float(name, getattr(self, name)))
+            setattr(self, name, require_float(name, getattr(self, name)))
         if self.classifier_dropout is not None:
-            self.classifier_dropout = _require_float("classifier_dropout", self.classifier_dropout)
+            self.classifier_dropout = require_float("classifier_dropout", self.classifier_dropout)
         for name in ("hidden_act", "memory_mode"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.position_embedding_type, (str, type(None))):
             raise TypeError(f"position_embedding_type must be a string or None, got {self.position_embedding_type!r}")
-        self.attn_layers = _require_sequence("attn_layers", self.attn_layers, str)
-        self.axial_pos_shape = _require_sequence("axial_pos_shape", self.axial_pos_shape, int)
-        self.axial_pos_embds_dim = _require_sequence("axial_pos_embds_dim", self.axial_pos_embds_dim, int)
-        self.num_buckets = _int_or_int_tuple("num_buckets", self.num_buckets)
-        self.eos_token_id = _int_or_int_tuple("eos_token_id", self.eos_token_id)
-        self.id2label = _label_map("id2label", self.id2label, int, str)
-        self.label2id = _label_map("label2id", self.label2id, str, int)
+        self.attn_layers = require_sequence("attn_layers", self.attn_layers, str)
+        self.axial_pos_shape = require_sequence("axial_pos_shape", self.axial_pos_shape, int)
+        self.axial_pos_embds_dim = require_sequence("axial_pos_embds_dim", self.axial_pos_embds_dim, int)
+        self.num_buckets = int_or_int_tuple("num_buckets", self.num_buckets)
+        self.eos_token_id = int_or_int_tuple("eos_token_id", self.eos_token_id)
+        self.id2label = label_map("id2label", self.id2label, int, str)
+        self.label2id = label_map("label2id", self.label2id, str, int)
 
     def _reconcile_position_embedding_type(self) -> None:
         # HF's bool says axial (True) or learned (False); our string adds "none". The rule for
@@ -401,22 +402,6 @@ class ReformerConfig:
 _FIELD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ReformerConfig)}
 
 
-def _require_int(name: str, value: Any) -> None:
-    # bool is an int subclass in Python; a flag where a size belongs is a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-
-
-def _int_or_int_tuple(name: str, value: Any) -> int | tuple[int, ...] | None:
-    """None, an int, or a list/tuple of ints (returned as a tuple)."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return _require_sequence(name, value, int)
-    _require_int(name, value)
-    return value
-
-
 def _labels_follow(merged: dict[str, Any], overrides: dict[str, Any]) -> None:
     """Make ``num_labels`` follow ``id2label`` in ``merged`` (HF's rule), unless it is overridden."""
     id2label = merged.get("id2label")
@@ -430,54 +415,6 @@ def _labels_follow(merged: dict[str, Any], overrides: dict[str, Any]) -> None:
         warnings.warn(f"num_labels={merged['num_labels']!r} disagrees with the {len(id2label)} names in id2label: "
                       f"using num_labels={len(id2label)}, as transformers does", stacklevel=3)
     merged["num_labels"] = len(id2label)
-
-
-def _label_map(name: str, value: Any, key_type: type, value_type: type) -> dict | None:
-    """None, or a dict with ``key_type`` keys (ints also from the strings JSON writes) and ``value_type`` values."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise TypeError(f"{name} must be a dict or None, got {value!r}")
-    checked = {}
-    for key, item in value.items():
-        if key_type is int and isinstance(key, str) and key.strip().lstrip("-").isdigit():
-            key = int(key)
-        if isinstance(key, bool) or not isinstance(key, key_type) or isinstance(item, bool) or not isinstance(
-                item, value_type):
-            raise TypeError(f"{name} must map {key_type.__name__} keys to {value_type.__name__} values, got "
-                            f"{key!r}: {item!r}")
-        checked[key] = item
-    return checked
-
-
-def _require_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    return float(value)
-
-
-def _require_sequence(name: str, value: Any, item_type: type) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of {item_type.__name__}, got {value!r}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, item_type):
-            raise TypeError(f"{name} must hold only {item_type.__name__} values, got {item!r} in {value!r}")
-    return tuple(value)
-
-
-def _plain_numbers(value: Any) -> Any:
-    """Integral and real scalars of other types (numpy's) as Python int and float, also inside lists."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain_numbers(item) for item in value)
-    if isinstance(value, dict):
-        return {_plain_numbers(key): _plain_numbers(item) for key, item in value.items()}
-    return value
 
 
 def _to_json_value(value: Any) -> Any:
