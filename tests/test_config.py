@@ -221,6 +221,7 @@ def test_label_names_are_kept_and_read_back_with_int_keys(tmp_path):
     assert saved["id2label"] == {"0": "negative", "1": "positive"}  # JSON keys are strings
     loaded = ReformerConfig.from_json_file(tmp_path / "config.json")
     assert loaded == config and loaded.id2label == {0: "negative", 1: "positive"}
+    assert loaded.to_dict() == saved  # what the file holds, e.g. for comparing a resumed run's config
     assert loaded.label2id == {"negative": 0, "positive": 1}
     # num_labels follows id2label when not given, as HF's config.json files have it
     three = ReformerConfig.from_dict({"id2label": {"0": "a", "1": "b", "2": "c"}})

@@ -328,7 +328,8 @@ class ReformerConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field (tuples written as lists)."""
+        """Every field as ``config.json`` holds it: tuples as lists, label maps' keys as strings (so a
+        saved config's JSON compares equal to the ``to_dict()`` of the config it was loaded into)."""
         return {f.name: _to_json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
@@ -419,7 +420,7 @@ def _labels_follow(merged: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 def _to_json_value(value: Any) -> Any:
     if isinstance(value, dict):
-        return dict(value)  # a copy: the dict is the caller's to change
+        return {str(key): item for key, item in value.items()}  # a copy, with JSON's string keys
     return list(value) if isinstance(value, tuple) else value
 
 
