@@ -328,3 +328,9 @@ def test_config_save_and_from_pretrained_folders(tmp_path):
         ReformerConfig.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError):
         ReformerConfig.from_pretrained(tmp_path / "run", num_hashes=0)  # overrides are validated
+    # an override wins over the saved fields that follow from it
+    ReformerConfig(position_embedding_type="learned", num_labels=2, id2label={0: "a", 1: "b"}).save_pretrained(
+        tmp_path / "learned")
+    assert ReformerConfig.from_pretrained(tmp_path / "learned", axial_pos_embds=True).position_embedding_type == "axial"
+    relabelled = ReformerConfig.from_pretrained(tmp_path / "learned", num_labels=3)
+    assert (relabelled.num_labels, relabelled.id2label) == (3, None)

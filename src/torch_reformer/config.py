@@ -390,7 +390,7 @@ class ReformerConfig:
             raise FileNotFoundError(f"{os.fspath(directory)} holds no {CONFIG_NAME}: pass a folder written by "
                                     "save_pretrained or a config JSON file")
         config = cls.from_json_file(path)
-        return config if not overrides else cls.from_dict({**config.to_dict(), **overrides})
+        return config if not overrides else cls.from_dict(config.to_dict(), **overrides)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ReformerConfig:
