@@ -316,13 +316,20 @@ def test_convert_checks_a_training_checkpoint_against_its_manifest(tmp_path, cap
     code, out, err = run(["convert", checkpoint, tmp_path / "good"], capsys)
     assert code == 0 and "ReformerLM -> ReformerModelWithLMHead" in out, err
     weights = checkpoint / "model.safetensors"
-    damaged = bytearray(weights.read_bytes())
+    saved = weights.read_bytes()
+    damaged = bytearray(saved)
     damaged[-5] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(damaged))
     code, _, err = run(["convert", checkpoint, tmp_path / "bad"], capsys)
     assert_one_line_error(code, err)
     assert "model.safetensors does not match its checksum" in err
     assert not (tmp_path / "bad").exists()
+    weights.write_bytes(saved)
+    config = checkpoint / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 64', '"vocab_size": 65'))  # still valid JSON
+    code, _, err = run(["convert", checkpoint, tmp_path / "bad"], capsys)
+    assert_one_line_error(code, err)
+    assert "config.json does not match its checksum" in err
 
 
 def test_convert_refuses_damaged_weights_in_one_line_and_leaves_no_folder(tmp_path, capsys):

@@ -327,6 +327,15 @@ def test_convert_checkpoint_both_ways(tmp_path):
         assert getattr(back.config, field) == getattr(reference.config, field), field
 
 
+def test_a_manifest_is_checked_only_in_our_checkpoints(tmp_path):
+    hf_model("model", attn_layers=["local"]).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "manifest.json").write_text(json.dumps({"files": ["a list of someone else's"]}))
+    assert interop.convert_checkpoint(tmp_path / "hf", tmp_path / "ours").source_format == "hf"
+    (tmp_path / "ours" / "manifest.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(CheckpointError, match="corrupt manifest.json: it does not list config.json"):
+        interop.convert_checkpoint(tmp_path / "ours", tmp_path / "back")
+
+
 def test_convert_legacy_pytorch_bin_with_old_key_names(tmp_path):
     """Older transformers saved pickled weights, mask constants and a tied lm_head.decoder.bias."""
     reference = hf_model("mlm", attn_layers=["local", "lsh"]).eval()

@@ -266,11 +266,11 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     if os.path.isdir(os.path.join(src_dir, CHECKPOINT_DIR)) and not os.path.isfile(os.path.join(src_dir, WEIGHTS_NAME)):
         raise CheckpointError(f"{src_dir} is a training run folder: convert one of its checkpoints, e.g. "
                               f"{os.path.join(src_dir, CHECKPOINT_DIR, 'step-N')}")
-    if os.path.isfile(os.path.join(src_dir, MANIFEST)):  # a training checkpoint: its files carry checksums
-        verify_checkpoint(src_dir)
     config_dict = _read_json(os.path.join(src_dir, CONFIG_NAME))
     if _is_hf_config(config_dict):
         return _convert_hf_to_ours(src_dir, dst_dir, config_dict)
+    if os.path.isfile(os.path.join(src_dir, MANIFEST)):  # one of our training checkpoints: its files carry checksums
+        verify_checkpoint(src_dir)
     return _convert_ours_to_hf(src_dir, dst_dir, config_dict)
 
 
