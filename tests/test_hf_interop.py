@@ -419,7 +419,7 @@ def test_malformed_sharded_indexes_and_pickles_are_refused(tmp_path):
     folder.mkdir()
     index = folder / "model.safetensors.index.json"
     for weight_map, message in [(["a"], "'weight_map' must be an object"), ({"x": 3}, "'weight_map' must be an object"),
-                                ({}, "lists no weight files"), ({"x": "../elsewhere.safetensors"}, "outside its folder")]:
+                                ({}, "lists no weight files"), ({"x": "../other.safetensors"}, "outside its folder")]:
         index.write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(CheckpointError, match=message):
             interop.load_hf_weights(folder)

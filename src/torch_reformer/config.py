@@ -1,9 +1,9 @@
 """ReformerConfig: every hyper-parameter of a Reformer model, checked when it is built.
 
 Field names and defaults follow Hugging Face's ``ReformerConfig`` (including the generic
-``chunk_size_feed_forward``, ``num_labels``, ``id2label``/``label2id`` and ``problem_type`` it inherits) so a
-``config.json`` written by ``transformers`` loads here unchanged and users keep the names
-they know. Three fields are our own: ``memory_mode`` (how the layer stack trades memory for
+``chunk_size_feed_forward``, ``num_labels``, ``id2label``/``label2id`` and ``problem_type`` it
+inherits) so a ``config.json`` written by ``transformers`` loads here unchanged and users keep
+the names they know. Three fields are our own: ``memory_mode`` (how the layer stack trades memory for
 compute), ``kept_graph_layers`` (how many top layers keep their autograd graph instead of
 being rebuilt in backward) and ``position_embedding_type`` ("axial", "learned" or "none"; HF
 only has the ``axial_pos_embds`` bool, and the two are kept consistent).
@@ -22,7 +22,8 @@ passed, so configs compare equal after a JSON round trip (JSON writes them as li
 
 Validation runs at construction (``__post_init__`` calls ``validate()``): a wrong type
 raises ``TypeError``, a wrong value ``ValueError``, and each message says how to fix it.
-Call ``validate()`` again after mutating a field by hand.
+Call ``validate()`` again after mutating a field by hand. An ``eos_token_id`` may lie outside
+the vocabulary (HF's default 2 beside a smaller one): only generation uses it, and refuses it there.
 
 Length limits. With axial embeddings the longest sequence is the product of
 ``axial_pos_shape`` (the table's capacity), as in HF; ``max_position_embeddings`` then only

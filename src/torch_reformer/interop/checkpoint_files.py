@@ -68,8 +68,10 @@ def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged or unsafe file
-        raise CheckpointError(f"{path} is damaged or is not a plain PyTorch state dict of tensors "
-                              f"({_torch_load_reason(error)}): save the weights again, e.g. as model.safetensors") from None
+        raise CheckpointError(
+            f"{path} is damaged or is not a plain PyTorch state dict of tensors ({_torch_load_reason(error)}): "
+            "save the weights again, e.g. as model.safetensors"
+        ) from None
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
         raise CheckpointError(f"{path} does not hold a flat name -> tensor state dict")
     return state
