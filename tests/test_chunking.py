@@ -178,7 +178,7 @@ def test_masks_set_exactly_the_masked_scores_to_their_constants(dtype, causal, p
     part = sliced._Slice(None, None, None, query_positions, key_positions, ranks)
     scores = (torch.randn(count, chunk, window, generator=generator) * 3).to(dtype)
     for position_dtype in (torch.float32, torch.float64):
-        spec = sliced.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype, dtype)
+        spec = sliced.AttentionSpec(True, causal, True, 1.0, 0.0, 1, position_dtype, dtype, True)
         masked = scores.clone()
         sliced._mask_scores_(masked, part, spec)
         mask_value, self_mask_value = mask_values(dtype)
@@ -226,7 +226,7 @@ def test_chunked_attention_gradients_match_finite_differences(rounds, chunk, bef
 
 
 def test_dropout_keep_mask_is_u_at_least_p_scaled():
-    spec = sliced.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32, torch.float32)
+    spec = sliced.AttentionSpec(True, True, True, 1.0, 0.3, 1, torch.float32, torch.float32, True)
     keep = sliced._dropout_keep((40, 50, 60), 11, 2, spec, torch.device("cpu"))
     uniform = torch.rand((40, 50, 60), generator=torch.Generator().manual_seed(13))  # seed + index
     assert torch.equal(keep, (uniform >= 0.3).float() / 0.7)
@@ -270,6 +270,12 @@ def test_merge_rounds_weights_rounds_by_softmax_of_their_logsumexp():
     weights = lse.exp() / lse.exp().sum(-1, keepdim=True)
     assert torch.allclose(merge_rounds(outputs, lse), (outputs * weights[..., None]).sum(-2))
     assert torch.equal(merge_rounds(outputs[..., :1, :], lse[..., :1]), outputs[..., 0, :])
+    # At the self-mask value float32 rounds logsumexp(lse) (spacing 0.008): Trax/HF weights, kept by default.
+    self_only = torch.full((2,), -1e5)
+    rounded = torch.exp(self_only - torch.logsumexp(self_only, dim=0)).sum()
+    assert abs(rounded.item() - 1) > 1e-3
+    assert torch.allclose(merge_rounds(torch.ones(2, 1), self_only), rounded, rtol=1e-6)
+    assert torch.allclose(merge_rounds(torch.ones(2, 1), self_only, reference_rounding=False), torch.ones(1))
 
 
 def test_normalize_keys_definition():

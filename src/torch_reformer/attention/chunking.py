@@ -138,15 +138,23 @@ def _normalize_keys_backward(qk: Tensor, grad_keys: Tensor, epsilon: float = 1e-
     return grad_keys.sub_(qk * projection).mul_(scale)  # in place: no (…, D) temporary beyond qk * projection
 
 
-def merge_rounds(outputs: Tensor, logsumexp: Tensor) -> Tensor:
+def merge_rounds(outputs: Tensor, logsumexp: Tensor, *, reference_rounding: bool = True) -> Tensor:
     """Combine R hash rounds, (…, R, D) and (…, R) -> (…, D).
 
     Each round's output is weighted by softmax over rounds of its log-sum-exp: a round whose
     chunk held more of the query's attention mass counts more (Reformer paper, appendix A).
+    With ``reference_rounding`` the weights are computed as Trax and Hugging Face compute them,
+    exp(lse_r - logsumexp(lse)), so the numbers match theirs: a token that sees only itself in
+    every round has lse_r at the self-mask value (-1e5), where float32 rounds logsumexp(lse) to a
+    spacing of 0.008, and its weights sum to 1 within 0.4 % (in float64 within 1e-11). Without
+    it they are ``torch.softmax`` and sum to 1 to rounding.
     """
     if outputs.shape[-2] == 1:
         return outputs.squeeze(-2)
-    weights = torch.softmax(logsumexp, dim=-1)  # (…, R)
+    if reference_rounding:
+        weights = torch.exp(logsumexp - torch.logsumexp(logsumexp, dim=-1, keepdim=True))  # (…, R)
+    else:
+        weights = torch.softmax(logsumexp, dim=-1)
     return torch.einsum("...rd,...r->...d", outputs, weights)
 
 

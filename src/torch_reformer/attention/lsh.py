@@ -194,8 +194,12 @@ def lsh_decode_attention(
     mask_value, self_mask_value = mask_values(dtype)
     scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0].to(dtype), keys)  # (B, H, R, W)
     scores = scores.masked_fill(~real, mask_value).masked_fill(key_positions == newest, self_mask_value)
-    out = torch.einsum("bhrw,bhrwd->bhrd", torch.softmax(scores, dim=-1), window_values)  # (B, H, R, D)
-    return merge_rounds(out, torch.logsumexp(scores, dim=-1)).unsqueeze(2).to(query.dtype)  # (B, H, 1, D)
+    # Rounded as the forward pass rounds (``sliced._softmax_``): like Trax and HF for float32 and float64.
+    reference_rounding = dtype == query.dtype
+    logsumexp = torch.logsumexp(scores, dim=-1)  # (B, H, R)
+    probs = torch.exp(scores - logsumexp[..., None]) if reference_rounding else torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhrw,bhrwd->bhrd", probs, window_values)  # (B, H, R, D)
+    return merge_rounds(out, logsumexp, reference_rounding=reference_rounding).unsqueeze(2).to(query.dtype)
 
 
 def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int, before: int, after: int) -> Tensor:

@@ -21,7 +21,9 @@ once per call (the seed comes from the global RNG), so backward rebuilds the mas
 Precision. Half-precision inputs (bfloat16, float16) are widened to float32 slice by slice:
 scores, softmax, log-sum-exp, round weights and the output and gradient accumulators are
 float32, and results are returned in the input dtype (as fused attention kernels do). float32 and
-float64 inputs are computed in their own dtype.
+float64 inputs are computed in their own dtype, and their probabilities and round weights are
+rounded as Trax and Hugging Face round them (``_softmax_``, ``_round_normaliser``), which decides
+the output of a token that sees only itself (its log-sum-exps sit at the self-mask value).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class AttentionSpec(NamedTuple):
     chunks_per_slice: int
     position_dtype: torch.dtype  # float dtype that holds every position exactly (masks are built in it)
     compute_dtype: torch.dtype  # scores, softmax statistics and accumulators: float32 for half inputs
+    reference_rounding: bool  # probabilities and round weights rounded as Trax/HF do (``_softmax_``)
 
 
 class _Slice(NamedTuple):
@@ -197,6 +200,30 @@ def _exp_shifted_(scores: Tensor) -> Tensor:
     return row_max
 
 
+def _softmax_(scores: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """scores (S, C, J*C) <- their softmax over the last axis in place; returns each row's maximum
+    and log-sum-exp (S, C).
+
+    With ``spec.reference_rounding`` (float32 and float64 inputs) probabilities are exp(s - lse)
+    with the lse rounded to the scores' dtype, as Trax and HF compute them, so the numbers match
+    theirs: the lse of a row that sees only its own position sits near the self-mask value (-1e5,
+    spacing 0.008 in float32) and such a row sums to 1 within 0.4 %. A row that sees no key at all
+    has its lse near the mask value (-1e9, spacing 64), where exp(max - lse) could be off by e^32:
+    it is divided by its sum (every key then weighs the same). Without reference rounding (half
+    inputs, which have no reference to match and whose own rounding is finer than 0.4 % in float16)
+    every row is divided by its sum.
+    """
+    row_max = _exp_shifted_(scores)
+    row_sum = scores.sum(dim=-1)
+    logsumexp = row_sum.log().add_(row_max)
+    if not spec.reference_rounding:
+        scores.div_(row_sum[..., None])
+        return row_max, logsumexp
+    sees_a_key = row_max > mask_values(scores.dtype)[0]
+    scores.mul_(torch.where(sees_a_key, (row_max - logsumexp).exp_(), row_sum.reciprocal_())[..., None])
+    return row_max, logsumexp
+
+
 def _dropout_keep(shape, seed: int, index: int, spec: AttentionSpec, device: torch.device) -> Tensor:
     """The keep mask of slice ``index`` in the compute dtype, scaled by 1 / (1 - p); the same on every
     call with ``seed``."""
@@ -214,8 +241,8 @@ def _is_degenerate(row_max: Tensor, spec: AttentionSpec) -> Tensor:
 def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
     """Forward of ``_ChunkedAttention`` on rows: returns the output rows (rows, D) in the dtype of
     ``values``, and in the compute dtype the log-sum-exp of every slot (G*R*L,) and, with several
-    rounds, each row's running maximum and sum of the rounds' exp(log-sum-exp) (rows,) (None with
-    one round). Outputs are accumulated in the compute dtype."""
+    rounds, the rows' ``_round_normaliser`` (None with one round). Outputs are accumulated in the
+    compute dtype."""
     rows, width = values.shape
     keys = queries if keys is None else keys
     rounds, dtype = layout.shape[3], spec.compute_dtype
@@ -227,10 +254,7 @@ def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: 
         row_sum = queries.new_zeros(rows, dtype=dtype)
     for index, part in enumerate(_slices(layout, key_ranks, spec.chunks_per_slice)):
         scores, _, _, _ = _slice_scores(queries, keys, part, spec)
-        slice_max = _exp_shifted_(scores)
-        slice_sum = scores.sum(dim=-1)
-        scores.div_(slice_sum[..., None])
-        logsumexp = slice_sum.log_().add_(slice_max).view(-1)  # (S*C,)
+        logsumexp = _softmax_(scores, spec)[1].view(-1)  # (S*C,)
         slot_logsumexp[part.query_slots] = logsumexp
         if seed is not None:
             scores.mul_(_dropout_keep(scores.shape, seed, index, spec, scores.device))
@@ -248,18 +272,31 @@ def _attend_slices(queries, keys, values, layout: ChunkLayout, key_ranks, spec: 
         merged_sum = row_sum.index_select(0, part.query_rows).mul_(old_weight).add_(new_weight)
         row_sum.index_copy_(0, part.query_rows, merged_sum)
         row_max.index_copy_(0, part.query_rows, new_max)
-    if rounds > 1:
-        out.div_(row_sum[:, None])
-    return out.to(values.dtype), slot_logsumexp, row_max, row_sum
+    if rounds == 1:
+        return out.to(values.dtype), slot_logsumexp, None
+    shift, scale = _round_normaliser(row_max, row_sum, spec)  # out holds sum_r exp(lse_r - max) o_r
+    out.mul_((row_max.sub_(shift).exp_() if scale is None else scale)[:, None])
+    return out.to(values.dtype), slot_logsumexp, (shift, scale)
 
 
-def _round_weights(logsumexp: Tensor, row_max: Tensor, row_sum: Tensor, query_rows: Tensor) -> Tensor:
-    """Each slot's weight in its row's merge of rounds, (S, C): exp(lse_r - max) / sum, as forward
-    normalised it. exp(lse_r - row lse) would round the row lse of a masked row (about -1e5, spacing
-    0.008 in float32) and the weights would not sum to 1."""
-    shape = logsumexp.shape
-    weight = (logsumexp - row_max.index_select(0, query_rows).view(shape)).exp_()
-    return weight.div_(row_sum.index_select(0, query_rows).view(shape))
+def _round_normaliser(row_max: Tensor, row_sum: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor | None]:
+    """Per row (shift, scale), (rows,) each, such that round r weighs exp(lse_r - shift) * scale.
+
+    With reference rounding the shift is the row's log-sum-exp over its rounds rounded to the
+    compute dtype and there is no scale, as Trax and HF weigh rounds (see ``merge_rounds``);
+    otherwise the shift is the largest lse and the scale 1 / sum_r exp(lse_r - max), so the
+    weights sum to 1 exactly. ``row_sum`` holds sum_r exp(lse_r - max).
+    """
+    if spec.reference_rounding:
+        return row_sum.log().add_(row_max), None
+    return row_max, row_sum.reciprocal()
+
+
+def _round_weights(logsumexp: Tensor, normaliser: tuple[Tensor, Tensor | None], query_rows: Tensor) -> Tensor:
+    """Each slot's weight in its row's merge of rounds, (S, C), as forward weighed it."""
+    shift, scale = (None if x is None else x.index_select(0, query_rows).view(logsumexp.shape) for x in normaliser)
+    weight = (logsumexp - shift).exp_()
+    return weight if scale is None else weight.mul_(scale)
 
 
 def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, slice_grad, shift, keep):
@@ -273,10 +310,8 @@ def _slice_backward(queries, keys, values, part: _Slice, spec: AttentionSpec, sl
     width = values.shape[1]
     keys_in = queries if spec.shared_qk else keys
     scores, slice_queries, raw_keys, slice_keys = _slice_scores(queries, keys_in, part, spec)
-    slice_max = _exp_shifted_(scores)
-    # Normalised by the recomputed sum, exactly as forward did: exp(lse - max) would lose the sum of
-    # a row that sees no key, whose lse is about the mask constant (-1e9, spacing 64 in float32).
-    probs = scores.div_(scores.sum(dim=-1, keepdim=True))  # (S, C, J*C)
+    slice_max = _softmax_(scores, spec)[0]  # the probabilities of forward, recomputed by the same operations
+    probs = scores  # (S, C, J*C)
     slice_values = values.index_select(0, part.key_rows).view(probs.shape[0], -1, width).to(spec.compute_dtype)
     grad_probs = torch.bmm(slice_grad, slice_values.transpose(1, 2))  # (S, C, J*C)
     dropped = probs
@@ -301,15 +336,16 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
-        out, slot_logsumexp, row_max, row_sum = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
+        out, slot_logsumexp, normaliser = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
         ctx.layout, ctx.spec, ctx.seed = layout, spec, seed
-        save_with_output(ctx, (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out)
+        round_shift, round_scale = (None, None) if normaliser is None else normaliser
+        save_with_output(ctx, (queries, keys, values, slot_logsumexp, round_shift, round_scale, key_ranks), out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_create_graph("chunked LSH/local attention", ATTENTION_ONCE_ONLY)
-        (queries, keys, values, slot_logsumexp, row_max, row_sum, key_ranks), out = saved_and_output(ctx)
+        (queries, keys, values, slot_logsumexp, round_shift, round_scale, key_ranks), out = saved_and_output(ctx)
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
         if out is None:  # backward already ran once on this graph (retain_graph=True)
             out = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)[0]
@@ -328,9 +364,9 @@ class _ChunkedAttention(torch.autograd.Function):
             count, chunk = part.query_positions.shape
             slice_grad = grad_out.index_select(0, part.query_rows).view(count, chunk, width).to(dtype)
             shift = grad_dot_out.index_select(0, part.query_rows).view(count, chunk)
-            if row_max is not None:  # several rounds: each slot's share of its row's merged output
+            if round_shift is not None:  # several rounds: each slot's share of its row's merged output
                 logsumexp = slot_logsumexp.index_select(0, part.query_slots).view(count, chunk)
-                round_weight = _round_weights(logsumexp, row_max, row_sum, part.query_rows)
+                round_weight = _round_weights(logsumexp, (round_shift, round_scale), part.query_rows)
                 slice_grad = slice_grad * round_weight[..., None]
                 shift = shift * round_weight
             keep = None if seed is None else _dropout_keep((count, chunk, part.key_rows.shape[0] // count), seed,
@@ -375,7 +411,8 @@ def chunked_attention(
         budget = SLICE_SCORES.get(queries.device.type, SLICE_SCORES_ACCELERATOR)
         chunks_per_slice = max(1, budget // (layout.chunk_length * window))
     spec = AttentionSpec(keys is None, bool(causal), bool(self_mask), float(key_scale), float(dropout),
-                         int(chunks_per_slice), _position_dtype(length), accumulation_dtype(queries.dtype))
+                         int(chunks_per_slice), _position_dtype(length), accumulation_dtype(queries.dtype),
+                         accumulation_dtype(queries.dtype) == queries.dtype)
     seed = None
     if training and dropout > 0:
         seed = int(torch.randint(0, 2**62, (1,)).item())
