@@ -64,8 +64,9 @@ def dense_reference(queries, keys, values, sorted_positions, chunk, before, afte
             order = sorted_positions[b, h].reshape(-1)  # (R*L,), rounds end to end
             round_outs = torch.zeros(length, rounds, values.shape[-1], dtype=values.dtype)
             round_lses = torch.zeros(length, rounds, dtype=values.dtype)
-            for t in range(per_group):
-                window = [(t + o) % per_group for o in range(-before, after + 1)]
+            chunks = list(range(per_group))
+            for t in range(per_group):  # neighbour at offset o: the chunks rotated by list slicing, as Trax/HF
+                window = [(chunks[o:] + chunks[:o])[t] for o in range(-before, after + 1)]
                 key_pos = torch.cat([order[w * chunk:(w + 1) * chunk] for w in window])
                 query_pos = order[t * chunk:(t + 1) * chunk]
                 key_vectors = normalize_keys(queries[b, h, key_pos]) if shared else keys[b, h, key_pos]
@@ -91,6 +92,8 @@ CASES = [  # (rounds, chunk, before, after, causal, shared, padded)
     (3, 4, 2, 1, False, True, False),
     (2, 12, 0, 0, False, True, True),  # one chunk per round: the exact path of short sequences
     (1, 4, 3, 0, True, True, False),  # more neighbours than chunks: a chunk appears twice in its window
+    (2, 4, 7, 1, True, True, True),  # offsets beyond the 6 chunks give the chunk itself, as in Trax/HF
+    (1, 4, 4, 3, False, False, True),
 ]
 
 

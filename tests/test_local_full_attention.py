@@ -17,14 +17,15 @@ from torch_reformer.attention.sliced import chunked_attention
 
 
 def banded_counts(length, chunk_length, before, after):
-    """(L, L): how often key k is in the window of query q: q's chunk and its neighbours, indices mod N."""
+    """(L, L): how often key k is in the window of query q: q's chunk and its neighbours, the
+    neighbours at offset i taken as Trax and HF take them, from the chunks rotated by list slicing."""
     if length <= chunk_length:
         return torch.ones(length, length)
-    num_chunks = length // chunk_length
+    chunks = list(range(length // chunk_length))
     counts = torch.zeros(length, length)
     for query in range(length):
         for offset in range(-before, after + 1):
-            chunk = (query // chunk_length + offset) % num_chunks
+            chunk = (chunks[offset:] + chunks[:offset])[query // chunk_length]
             counts[query, chunk * chunk_length : (chunk + 1) * chunk_length] += 1
     return counts
 
@@ -89,7 +90,7 @@ def assert_same_outputs_and_grads(out, expected, inputs, out_atol=1e-12, grad_at
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("before, after", [(1, 0), (2, 1), (0, 0), (0, 3)])
+@pytest.mark.parametrize("before, after", [(1, 0), (2, 1), (0, 0), (0, 3), (8, 0), (1, 7)])  # 6 chunks
 @pytest.mark.parametrize("padded", [False, True])
 def test_local_equals_banded_reference(causal, before, after, padded):
     queries, keys, values = qkv(2, 2, 24, 5)
@@ -172,7 +173,7 @@ def test_local_module_pads_internally(length, chunk):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("before, after, length", [(1, 0, 32), (2, 1, 32), (1, 0, 8)])
+@pytest.mark.parametrize("before, after, length", [(1, 0, 32), (2, 1, 32), (1, 0, 8), (5, 0, 32), (1, 6, 32)])
 def test_local_matches_hf(causal, before, after, length):
     transformers = pytest.importorskip("transformers")
     from transformers.models.reformer.modeling_reformer import LocalSelfAttention as HFLocal
@@ -211,7 +212,7 @@ def sliced_local(queries, keys, values, chunk_length, before, after, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length, chunk, before, after", [(64, 4, 1, 0), (64, 4, 2, 1), (12, 4, 2, 2), (8, 4, 1, 0),
-                                                          (40, 8, 0, 2)])
+                                                          (40, 8, 0, 2), (16, 4, 5, 0), (16, 4, 2, 6)])
 def test_banded_path_equals_sliced_core_across_many_slices(monkeypatch, causal, length, chunk, before, after):
     # A tiny slice budget makes every slice one or two chunks, so the first and last slices wrap
     # around and the middle ones use the shared interior mask.

@@ -19,11 +19,13 @@ def visible_counts(bucket_ids, chunk_length, before, after):
     """(B, H, R, L, L): how many times each key position sits in each query's window, per round.
 
     From the definition: sort every round by (bucket, position) with Python's sort, lay the rounds
-    end to end, cut chunks, a chunk's window is itself and its neighbours (indices mod the count).
+    end to end, cut chunks, a chunk's window is itself and its neighbours, the neighbour at offset i
+    taken as Trax and HF take it, from the chunks rotated by list slicing (chunks[i:] + chunks[:i]).
     """
     batch, heads, rounds, length = bucket_ids.shape
     counts = torch.zeros(batch, heads, rounds, length, length)
     num_chunks = rounds * length // chunk_length
+    chunks = list(range(num_chunks))
     for b in range(batch):
         for h in range(heads):
             order = []
@@ -32,7 +34,7 @@ def visible_counts(bucket_ids, chunk_length, before, after):
                 order += sorted(range(length), key=lambda position: (ids[position], position))
             slots = torch.tensor(order).view(num_chunks, chunk_length)
             for chunk in range(num_chunks):
-                window = torch.cat([slots[(chunk + o) % num_chunks] for o in range(-before, after + 1)])
+                window = torch.cat([slots[(chunks[o:] + chunks[:o])[chunk]] for o in range(-before, after + 1)])
                 slot = torch.arange(chunk * chunk_length, (chunk + 1) * chunk_length)
                 index = (slot // length)[:, None], slots[chunk][:, None], window[None, :]
                 counts[b, h].index_put_(index, torch.ones(chunk_length, len(window)), accumulate=True)
@@ -116,7 +118,7 @@ def test_lsh_equals_dense_reference_fp64(causal, num_hashes, num_buckets, padded
         assert torch.allclose(grad, expected_grad, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("before, after", [(0, 0), (2, 1), (0, 2)])
+@pytest.mark.parametrize("before, after", [(0, 0), (2, 1), (0, 2), (20, 0), (2, 19)])  # 18 chunks
 def test_other_neighbour_windows(before, after):
     qk, values = make_inputs(1, 2, 24, 4, seed=3)
     ids = bucket_ids_for(qk, 3, 4, None)
@@ -438,18 +440,18 @@ def test_bad_input_is_refused_with_a_clear_message():
 # ---------------------------------------------------------------------------------------- Hugging Face parity
 
 
-def _hf_pair(num_hashes, num_buckets, causal, dtype, chunk=8):
+def _hf_pair(num_hashes, num_buckets, causal, dtype, chunk=8, before=1, after=0):
     transformers = pytest.importorskip("transformers")
     from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSH
 
     config = transformers.ReformerConfig(
         hidden_size=32, num_attention_heads=2, attention_head_size=16, num_hashes=num_hashes,
-        num_buckets=num_buckets, lsh_attn_chunk_length=chunk, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+        num_buckets=num_buckets, lsh_attn_chunk_length=chunk, lsh_num_chunks_before=before, lsh_num_chunks_after=after,
         is_decoder=causal, hash_seed=7, attn_layers=["lsh"], lsh_attention_probs_dropout_prob=0.0,
     )
     hf = HFLSH(config).eval().to(dtype)
     ours = LSHSelfAttention(32, 2, 16, num_hashes=num_hashes, num_buckets=num_buckets, chunk_length=chunk,
-                            causal=causal, hash_seed=7).eval().to(dtype)
+                            num_chunks_before=before, num_chunks_after=after, causal=causal, hash_seed=7).eval().to(dtype)
     ours.query_key.weight.data.copy_(hf.query_key.weight)
     ours.value.weight.data.copy_(hf.value.weight)
     return hf, ours
@@ -481,6 +483,14 @@ def test_matches_hf_lsh_layer_float32(num_buckets, causal, num_hashes, length, p
     torch.manual_seed(0)
     hf, ours = _hf_pair(num_hashes, num_buckets, causal, torch.float32)
     assert _compare_with_hf(hf, ours, length, torch.float32, padded) <= 1e-5
+
+
+@pytest.mark.parametrize("num_hashes, before, after", [(1, 5, 0), (2, 9, 2), (1, 1, 4), (2, 2, 1)])
+def test_windows_reaching_past_the_chunk_count_match_hf(num_hashes, before, after):
+    # Length 16 in chunks of 4: 4 chunks per round. HF takes offsets of at least the chunk count as 0.
+    torch.manual_seed(2)
+    hf, ours = _hf_pair(num_hashes, 4, False, torch.float32, chunk=4, before=before, after=after)
+    assert _compare_with_hf(hf, ours, 16, torch.float32, False) <= 1e-5
 
 
 @pytest.mark.parametrize("num_buckets, num_hashes", [(8, 2), ([4, 6], 4)])

@@ -5,7 +5,7 @@ S chunks and B' batch rows per part, D head dim.
 
 In the natural order a chunk's neighbours are whole blocks of the (B, H, N, C, D) queries, keys
 and values: chunk t attends to chunks t - before … t + after (mod N, wrapping like the sliced
-core in ``sliced``), so no per-row gathers are needed. The work is cut into parts: S query
+core in ``sliced``; offsets of N or more in magnitude give chunk t itself, ``neighbour_offsets``), so no per-row gathers are needed. The work is cut into parts: S query
 chunks of one batch row, or whole short sequences of several rows, so that each kernel call gets
 a similar amount of work. For each part we copy the neighbour blocks of keys and values into
 (B' * H, S, J*C, D) windows, run by run, and hand them with the part's queries to the kernel
@@ -24,7 +24,7 @@ core does; windows exist for one part at a time.
 Masks are additive (0 or -inf). Away from the ends of the sequence every chunk sees its window
 the same way: earlier chunks whole, its own chunk up to the diagonal and no later chunk (causal),
 so one (C, J*C) mask serves all of them. Chunks whose window wraps around (the first ``before``
-and the last ``after``) get their mask from positions, the rule the sliced core applies to every
+and the last ``after``, counting only offsets below N) get their mask from positions, the rule the sliced core applies to every
 chunk. No row is ever fully masked: a causal query sees itself, and without causality nothing is
 masked; that is why this path takes no padding mask.
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..autograd_checks import ATTENTION_ONCE_ONLY, refuse_create_graph
+from .chunking import neighbour_offsets
 from .sliced import saved_and_output, save_with_output
 
 # Window elements per part (B' * H * S * J * C * D, for keys and again for values). At 16K tokens on
@@ -67,10 +68,9 @@ def banded_attention_applies(queries: Tensor, key_mask: Tensor | None, dropout: 
             and not (training and dropout > 0))
 
 
-def _window_mask(chunks: Tensor, num_chunks: int, before: int, after: int, chunk_length: int, dtype) -> Tensor:
-    """Causal additive mask (S, C, J*C) of query ``chunks`` (S,) from positions."""
-    offsets = torch.arange(-before, after + 1, device=chunks.device)
-    neighbours = (chunks[:, None] + offsets) % num_chunks  # (S, J)
+def _window_mask(chunks: Tensor, num_chunks: int, offsets: list[int], chunk_length: int, dtype) -> Tensor:
+    """Causal additive mask (S, C, J*C) of query ``chunks`` (S,) from positions; ``offsets`` from ``neighbour_offsets``."""
+    neighbours = (chunks[:, None] + torch.tensor(offsets, device=chunks.device)) % num_chunks  # (S, J)
     within = torch.arange(chunk_length, device=chunks.device)
     query_positions = chunks[:, None] * chunk_length + within  # (S, C)
     key_positions = (neighbours[..., None] * chunk_length + within).flatten(1)  # (S, J*C)
@@ -83,8 +83,10 @@ class _Plan:
 
     def __init__(self, shape: tuple[int, ...], before: int, after: int, causal: bool, dtype, device):
         batch, heads, self.num_chunks, self.chunk_length, width = shape
-        self.before, self.after, self.causal = before, after, causal
-        self.window = before + 1 + after
+        self.causal = causal
+        self.offsets = neighbour_offsets(before, after, self.num_chunks)
+        self.window = len(self.offsets)
+        self.reach_before, self.reach_after = -min(self.offsets), max(self.offsets)  # farthest chunks reached
         per_chunk = heads * self.window * self.chunk_length * width  # window elements of one chunk
         chunks_per_part = max(1, SLICE_WINDOW_ELEMENTS // per_chunk)
         # Short sequences: whole sequences of several batch rows per part, so the kernel calls stay few.
@@ -97,24 +99,24 @@ class _Plan:
         ]
         self.dtype, self.device = dtype, device
         # A chunk whose window does not wrap; its mask serves every such chunk.
-        middle = torch.tensor([min(before, self.num_chunks - 1)], device=device)
+        middle = torch.tensor([min(self.reach_before, self.num_chunks - 1)], device=device)
         self.interior_mask = self._positional_mask(middle)[0] if causal else None  # (C, J*C)
 
     def _positional_mask(self, chunks: Tensor) -> Tensor:
-        return _window_mask(chunks, self.num_chunks, self.before, self.after, self.chunk_length, self.dtype)
+        return _window_mask(chunks, self.num_chunks, self.offsets, self.chunk_length, self.dtype)
 
     def mask(self, part: slice) -> Tensor | None:
         """The additive mask of the query chunks in ``part``: (C, J*C), (1, S, C, J*C) or None."""
         if not self.causal:
             return None
-        if self.before <= part.start and part.stop <= self.num_chunks - self.after:
+        if self.reach_before <= part.start and part.stop <= self.num_chunks - self.reach_after:
             return self.interior_mask
         return self._positional_mask(torch.arange(part.start, part.stop, device=self.device))[None]
 
     def runs(self, part: slice):
         """For each window slot j and offset: (chunks of the part, source chunks) in at most two runs each."""
         count = part.stop - part.start
-        for slot, offset in enumerate(range(-self.before, self.after + 1)):
+        for slot, offset in enumerate(self.offsets):
             start = (part.start + offset) % self.num_chunks
             if start + count <= self.num_chunks:
                 yield slot, slice(0, count), slice(start, start + count)

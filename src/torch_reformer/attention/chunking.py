@@ -8,8 +8,10 @@ LSH attention sorts each round's positions by bucket, lays the R sorted rounds e
 (R * L slots per group), cuts them into chunks of C and lets every chunk attend to itself and
 its neighbours. Local attention is the same with the identity order and one round. Neighbours
 wrap around: the first chunk looks back at the last one (for LSH, the first chunk of round r
-looks back at the end of round r - 1), as in Trax and Hugging Face. The attention itself is
-computed by the sliced core in ``sliced``.
+looks back at the end of round r - 1), as in Trax and Hugging Face. A window that reaches as far
+as the number of chunks or farther does not wrap again: those offsets give the chunk itself, as
+the look-adjacent concatenation of Trax and HF does (``neighbour_offsets``). The attention itself
+is computed by the sliced core in ``sliced``.
 
 Masks replace scores by finite constants (never -inf, so a row whose keys are all masked stays
 finite). ``MASK_VALUES`` holds them in one place:
@@ -49,6 +51,17 @@ def sort_by_bucket(bucket_ids: Tensor) -> Tensor:
     sort by (round, bucket, position), which is what HF/Trax compute with round offsets.
     """
     return torch.sort(bucket_ids, dim=-1, stable=True).indices
+
+
+def neighbour_offsets(before: int, after: int, num_chunks: int) -> list[int]:
+    """Offsets of the J = before + 1 + after chunks that a chunk attends to, among ``num_chunks``
+    chunks that wrap around (chunk t sees chunks (t + offset) mod ``num_chunks``).
+
+    Trax and HF build the window of offset i by concatenating x[i:] and x[:i] along the chunks;
+    Python slicing clamps, so an offset whose magnitude reaches the number of chunks gives the
+    chunk itself (offset 0), not the offset modulo the count. Below that it is plain wrapping.
+    """
+    return [offset if abs(offset) < num_chunks else 0 for offset in range(-before, after + 1)]
 
 
 class ChunkLayout(NamedTuple):

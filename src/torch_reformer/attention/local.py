@@ -39,6 +39,7 @@ from torch_reformer.attention.chunking import (
     chunk_layout,
     mask_values,
     merge_heads,
+    neighbour_offsets,
     pad_sequence,
     split_heads,
 )
@@ -104,7 +105,7 @@ def local_decode_attention(
         key_positions = torch.arange(newest + 1, device=device)  # (t+1,)
     else:
         num_chunks = padded_length // chunk_length
-        offsets = torch.arange(-num_chunks_before, num_chunks_after + 1, device=device)
+        offsets = torch.tensor(neighbour_offsets(num_chunks_before, num_chunks_after, num_chunks), device=device)
         window_chunks = (newest // chunk_length + offsets) % num_chunks  # (J,)
         key_positions = (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
     index = key_positions.clamp(max=newest)  # (W,); later positions are padding and get masked

@@ -40,6 +40,7 @@ from torch_reformer.attention.chunking import (
     mask_values,
     merge_heads,
     merge_rounds,
+    neighbour_offsets,
     normalize_keys,
     pad_sequence,
     sort_by_bucket,
@@ -214,7 +215,7 @@ def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int,
     round_start = torch.arange(rounds, device=padded.device) * padded_length
     chunk = (round_start + rank) // chunk_length  # (B, H, R)
     num_chunks = rounds * padded_length // chunk_length
-    offsets = torch.arange(-before, after + 1, device=padded.device)
+    offsets = torch.tensor(neighbour_offsets(before, after, num_chunks), device=padded.device)
     window_chunks = (chunk[..., None] + offsets) % num_chunks  # (B, H, R, J)
     slots = window_chunks[..., None] * chunk_length + torch.arange(chunk_length, device=padded.device)  # (B,H,R,J,C)
     flat_sorted = sorted_positions.view(batch, heads, rounds * padded_length)

@@ -39,6 +39,7 @@ from .chunking import (
     _normalize_keys_backward,
     accumulation_dtype,
     mask_values,
+    neighbour_offsets,
     normalize_keys,
     slot_key_ranks,
 )
@@ -88,7 +89,7 @@ def _slices(layout: ChunkLayout, key_ranks: Tensor | None, chunks_per_slice: int
     per_round = length // chunk
     device = layout.slot_rows.device
     group_start = torch.arange(batch * heads, device=device)[:, None] * per_group  # (G, 1)
-    offsets = torch.arange(-layout.before, layout.after + 1, device=device)  # (J,)
+    offsets = torch.tensor(neighbour_offsets(layout.before, layout.after, per_group), device=device)  # (J,)
     in_chunk = torch.arange(chunk, device=device)
     for round_index in range(rounds):
         chunks = (group_start + round_index * per_round + torch.arange(per_round, device=device)).view(-1)
