@@ -81,13 +81,24 @@ def test_auto_num_buckets_follows_hf_rule_from_the_current_length():
     transformers = pytest.importorskip("transformers")
     from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSH
 
-    for length in (256, 4096, 8192, 32768, 131072):
+    # HF: the count from the length, the factorisation limit from max_position_embeddings.
+    cases = [(length, chunk, length) for length in (256, 4096, 8192, 32768, 131072) for chunk in (64,)]
+    cases += [(64, 4, 4096), (4096, 4, 64), (8192, 64, 524288), (1024, 8, 4096)]
+    for length, chunk, max_position_embeddings in cases:
         config = transformers.ReformerConfig(
-            attn_layers=["lsh"], lsh_attn_chunk_length=64, num_buckets=None, max_position_embeddings=length
+            attn_layers=["lsh"], lsh_attn_chunk_length=chunk, num_buckets=None,
+            max_position_embeddings=max_position_embeddings,
         )
         layer = HFLSH(config)
         layer._set_num_buckets(length)
-        assert auto_num_buckets(length, 64) == layer.num_buckets
+        assert auto_num_buckets(length, chunk, max_position_embeddings) == layer.num_buckets
+        if max_position_embeddings == length:
+            assert auto_num_buckets(length, chunk) == layer.num_buckets  # a standalone layer's default
+
+
+def test_factorisation_limit_comes_from_the_position_range():
+    assert auto_num_buckets(64, 4) == [4, 8]  # limit 2 * max(sqrt(16), 4) = 8 from the length alone
+    assert auto_num_buckets(64, 4, 4096) == 32  # limit 2 * max(sqrt(1024), 4) = 64, as HF
 
 
 def test_seeded_rotations_equal_a_fresh_global_seed_draw_and_leave_the_global_rng_alone():

@@ -440,7 +440,7 @@ def test_bad_input_is_refused_with_a_clear_message():
 # ---------------------------------------------------------------------------------------- Hugging Face parity
 
 
-def _hf_pair(num_hashes, num_buckets, causal, dtype, chunk=8, before=1, after=0):
+def _hf_pair(num_hashes, num_buckets, causal, dtype, chunk=8, before=1, after=0, max_position_embeddings=None):
     transformers = pytest.importorskip("transformers")
     from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSH
 
@@ -451,7 +451,8 @@ def _hf_pair(num_hashes, num_buckets, causal, dtype, chunk=8, before=1, after=0)
     )
     hf = HFLSH(config).eval().to(dtype)
     ours = LSHSelfAttention(32, 2, 16, num_hashes=num_hashes, num_buckets=num_buckets, chunk_length=chunk,
-                            num_chunks_before=before, num_chunks_after=after, causal=causal, hash_seed=7).eval().to(dtype)
+                            num_chunks_before=before, num_chunks_after=after, causal=causal, hash_seed=7,
+                            max_position_embeddings=max_position_embeddings).eval().to(dtype)
     ours.query_key.weight.data.copy_(hf.query_key.weight)
     ours.value.weight.data.copy_(hf.value.weight)
     return hf, ours
@@ -483,6 +484,17 @@ def test_matches_hf_lsh_layer_float32(num_buckets, causal, num_hashes, length, p
     torch.manual_seed(0)
     hf, ours = _hf_pair(num_hashes, num_buckets, causal, torch.float32)
     assert _compare_with_hf(hf, ours, length, torch.float32, padded) <= 1e-5
+
+
+def test_automatic_bucket_count_matches_hf_given_the_position_range():
+    # HF's config has max_position_embeddings=4096: at length 64 in chunks of 4 the count is 32, not
+    # factorised; taken from the length alone the limit would be 8 and the count [4, 8].
+    torch.manual_seed(3)
+    hf, ours = _hf_pair(1, None, False, torch.float32, chunk=4, max_position_embeddings=4096)
+    assert ours.bucket_spec(64) == 32
+    assert _compare_with_hf(hf, ours, 64, torch.float32, False) <= 1e-5
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LSHSelfAttention(8, 2, 4, max_position_embeddings=0)
 
 
 @pytest.mark.parametrize("num_hashes, before, after", [(1, 5, 0), (2, 9, 2), (1, 1, 4), (2, 2, 1)])

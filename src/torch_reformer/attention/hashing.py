@@ -58,17 +58,19 @@ def rotation_width(num_buckets: BucketSpec) -> int:
     return sum(factor // 2 for factor in bucket_factors(num_buckets))
 
 
-def auto_num_buckets(length: int, chunk_length: int) -> int | list[int]:
+def auto_num_buckets(length: int, chunk_length: int, max_position_embeddings: int | None = None) -> int | list[int]:
     """The bucket count for a sequence of ``length`` when none is configured.
 
     About two buckets per chunk (2 * length / chunk_length, rounded down to a power of two,
-    at least 2), as the Reformer paper recommends. Above 2 * max(sqrt(length / chunk_length),
+    at least 2), as the Reformer paper recommends. Above 2 * max(sqrt(span / chunk_length),
     chunk_length) the count is split into two power-of-two factors so the rotation stays small.
-    Computed per call from the current length; nothing is stored.
+    The span is the model's position range ``max_position_embeddings``, as in HF, or ``length``
+    for a layer that knows no model. Computed per call; nothing is stored.
     """
     chunks = max(length // chunk_length, 1)
     exponent = max((2 * chunks).bit_length() - 1, 1)
-    limit = 2 * max(int(chunks**0.5), chunk_length)
+    span = length if max_position_embeddings is None else max_position_embeddings
+    limit = 2 * max(int((span // chunk_length) ** 0.5), chunk_length)
     if 2**exponent <= limit:
         return 2**exponent
     return [2 ** (exponent // 2), 2 ** (exponent - exponent // 2)]

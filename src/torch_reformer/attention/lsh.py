@@ -226,7 +226,9 @@ class LSHSelfAttention(nn.Module):
     """Multi-head LSH self-attention, (B, L, hidden_size) -> (B, L, hidden_size).
 
     ``num_hashes`` and ``num_buckets`` are plain attributes and may be changed between calls;
-    ``num_buckets=None`` picks the count from each call's (padded) length. Rotations come from
+    ``num_buckets=None`` picks the count from each call's (padded) length, factorised above a limit
+    taken from ``max_position_embeddings`` (the model's position range, as in HF; by default the
+    call's length, see ``hashing.auto_num_buckets``). Rotations come from
     the ``rotations`` argument, else hashing fixed for the calling thread
     (``hashing_fixed_in_this_thread``, which generation uses), else the ``fixed_rotations``
     attribute, else ``hash_seed`` through a private generator, else the global RNG.
@@ -252,15 +254,17 @@ class LSHSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         hash_seed: int | None = None,
+        max_position_embeddings: int | None = None,
     ):
         super().__init__()
         check_layer_sizes(hidden_size, num_heads, head_size, dropout)
         check_chunking(chunk_length, num_chunks_before, num_chunks_after)
-        _check_hashing(num_hashes, num_buckets)
+        _check_hashing(num_hashes, num_buckets, max_position_embeddings)
         if hash_seed is not None and (isinstance(hash_seed, bool) or not isinstance(hash_seed, int)):
             raise TypeError(f"hash_seed must be an int or None, got {hash_seed!r}")
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.num_hashes, self.num_buckets = num_hashes, num_buckets
+        self.max_position_embeddings = max_position_embeddings
         self.chunk_length = chunk_length
         self.num_chunks_before, self.num_chunks_after = num_chunks_before, num_chunks_after
         self.causal, self.dropout, self.hash_seed = bool(causal), float(dropout), hash_seed
@@ -288,7 +292,8 @@ class LSHSelfAttention(nn.Module):
         if fixed is not None:
             return fixed[0]
         if self.num_buckets is None:
-            return auto_num_buckets(length, self.chunk_length)
+            _check_hashing(self.num_hashes, None, self.max_position_embeddings)
+            return auto_num_buckets(length, self.chunk_length, self.max_position_embeddings)
         return self.num_buckets
 
     def draw_rotations(
@@ -443,8 +448,16 @@ class LSHSelfAttention(nn.Module):
         return self.output(merge_heads(out))
 
 
-def _check_hashing(num_hashes: int, num_buckets) -> None:
+def _check_hashing(num_hashes: int, num_buckets, max_position_embeddings: int | None = None) -> None:
     if isinstance(num_hashes, bool) or not isinstance(num_hashes, int) or num_hashes < 1:
         raise ValueError(f"num_hashes must be a positive int, got {num_hashes!r}")
     if num_buckets is not None:
         bucket_factors(num_buckets)
+    if max_position_embeddings is not None and (
+        isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int)
+        or max_position_embeddings < 1
+    ):
+        raise ValueError(
+            f"max_position_embeddings must be a positive int (the model's position range) or None, got "
+            f"{max_position_embeddings!r}"
+        )
