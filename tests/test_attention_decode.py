@@ -120,6 +120,44 @@ def test_lsh_decoding_hashes_with_its_fixed_rotations_only():
         assert (steps[-1] - layer(hidden)[:, -1:]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["lsh-2-hashes-chunk-8", "local", "full"])
+def test_a_cache_of_another_batch_size_is_refused(name):
+    layer, _ = make(name, 16)
+    cache = layer.init_cache(2, 16)
+    with torch.no_grad():
+        for inputs in (torch.randn(1, 5, 16), torch.randn(3, 5, 16)):
+            with pytest.raises(ValueError, match="holds 2 batch rows but the inputs have"):
+                layer.prefill(inputs, cache)
+        layer.prefill(torch.randn(2, 5, 16), cache)
+        with pytest.raises(ValueError, match=r"init_cache\(1, max_length\)"):
+            layer.decode_step(torch.randn(1, 1, 16), cache)
+    assert cache.length == 5
+
+
+@pytest.mark.parametrize("name", ["lsh-1-hash", "local"])
+def test_a_padded_length_that_is_no_chunk_multiple_is_refused(name):
+    layer, _ = make(name, 16)  # chunk length 4
+    cache = layer.init_cache(1, 16)
+    with torch.no_grad():
+        layer.prefill(torch.randn(1, 5, 16), cache, padded_length=8)
+        with pytest.raises(ValueError, match="padded_length=10 is not a multiple of chunk_length=4"):
+            layer.decode_step(torch.randn(1, 1, 16), cache, padded_length=10)
+        assert cache.length == 5  # nothing was stored
+        layer.decode_step(torch.randn(1, 1, 16), cache, padded_length=8)
+        with pytest.raises(ValueError, match="shorter"):
+            layer.decode_step(torch.randn(1, 1, 16), cache, padded_length=4)
+        assert cache.length == 6
+
+
+@pytest.mark.parametrize("name", ["lsh-2-hashes-chunk-8", "local", "full"])
+def test_an_empty_batch_decodes(name):
+    layer, _ = make(name, 16)
+    cache = layer.init_cache(0, 16)
+    with torch.no_grad():
+        assert layer.prefill(torch.randn(0, 9, 16), cache).shape == (0, 9, 16)
+        assert layer.decode_step(torch.randn(0, 1, 16), cache).shape == (0, 1, 16)
+
+
 def test_decoding_errors_are_clear():
     for layer in (LSHSelfAttention(8, 2, 4, num_buckets=4, chunk_length=4), LocalSelfAttention(8, 2, 4),
                   FullSelfAttention(8, 2, 4)):

@@ -404,6 +404,16 @@ def test_dropout_acts_only_in_training():
         assert torch.equal(layer(hidden), dropped) and not torch.allclose(dropped, evaluated)
 
 
+@pytest.mark.parametrize("length", [10, 12, 3])  # padded, a chunk multiple (the banded path), one chunk
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_empty_batch_gives_an_empty_output(length, masked):
+    for layer in (LocalSelfAttention(8, 2, 4, chunk_length=4), FullSelfAttention(8, 2, 4)):
+        hidden = torch.randn(0, length, 8, requires_grad=True)
+        out = layer(hidden, torch.ones(0, length) if masked else None)
+        out.sum().backward()
+        assert out.shape == hidden.grad.shape == (0, length, 8)
+
+
 def test_bad_input_is_refused_with_a_clear_message():
     for layer in (LocalSelfAttention(8, 2, 4), FullSelfAttention(8, 2, 4)):
         with pytest.raises(ValueError, match="hidden_size=8"):

@@ -437,6 +437,36 @@ def test_bad_input_is_refused_with_a_clear_message():
                       chunk_length=4)
 
 
+def test_numpy_integers_and_the_seed_range():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 10, 8)
+    layer = LSHSelfAttention(8, 2, 4, num_buckets=np.int64(4), chunk_length=4, hash_seed=np.int64(3))
+    same = LSHSelfAttention(8, 2, 4, num_buckets=4, chunk_length=4, hash_seed=3)
+    same.load_state_dict(layer.state_dict())
+    assert layer.num_buckets == 4 and type(layer.num_buckets) is int and layer.hash_seed == 3
+    assert torch.equal(layer(hidden), same(hidden))
+    layer.num_buckets = [np.int32(2), 2]
+    assert layer(hidden).shape == (1, 10, 8)
+    assert LSHSelfAttention(8, 2, 4, num_buckets=8, hash_seed=2**64 - 1).draw_rotations(8).shape == (2, 4, 1, 4)
+    for seed in (2**64, -(2**63) - 1):  # what torch.Generator.manual_seed refuses
+        with pytest.raises(ValueError, match="hash_seed"):
+            LSHSelfAttention(8, 2, 4, hash_seed=seed)
+    layer.hash_seed = 2**64
+    with pytest.raises(ValueError, match="hash_seed"):
+        layer(hidden)
+
+
+@pytest.mark.parametrize("length", [10, 12, 3])  # padded, a chunk multiple, one chunk
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_empty_batch_gives_an_empty_output(length, masked):
+    layer = LSHSelfAttention(8, 2, 4, num_hashes=2, num_buckets=4, chunk_length=4)
+    hidden = torch.randn(0, length, 8, requires_grad=True)
+    out = layer(hidden, torch.ones(0, length) if masked else None)
+    out.sum().backward()
+    assert out.shape == hidden.grad.shape == (0, length, 8)
+
+
 # ---------------------------------------------------------------------------------------- Hugging Face parity
 
 

@@ -33,8 +33,21 @@ class AttentionCache:
     def max_length(self) -> int:
         return self.keys.shape[2]
 
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise unless inputs of ``batch_size`` rows fit this cache."""
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"the cache holds {self.batch_size} batch rows but the inputs have {batch_size}: create the cache "
+                f"for this batch (init_cache({batch_size}, max_length)), or pick its rows with cache.reorder(rows)"
+            )
+
     def append(self, keys: Tensor, values: Tensor, key_mask: Tensor, bucket_ids: Tensor | None = None) -> None:
         """Store n new positions: keys/values (B, H, n, D), key_mask (B, n), bucket_ids (B, H, R, n)."""
+        self.check_batch(keys.shape[0])
         start, stop = self.length, self.length + keys.shape[2]
         if stop > self.max_length:
             raise ValueError(

@@ -69,6 +69,19 @@ def check_decode_inputs(hidden_new: Tensor, attention_mask_new: Tensor | None, h
     return key_mask
 
 
+def check_decode_padding(padded_length: int, chunk_length: int, decoded: int) -> None:
+    """A decode step's ``padded_length`` must cover the ``decoded`` positions and be a length the
+    forward pass computes on: at most one chunk, or a multiple of ``chunk_length``."""
+    if padded_length < decoded:
+        raise ValueError(f"padded_length={padded_length} is shorter than the {decoded} positions decoded")
+    if padded_length > chunk_length and padded_length % chunk_length:
+        raise ValueError(
+            f"padded_length={padded_length} is not a multiple of chunk_length={chunk_length}: pass the length the "
+            f"forward pass pads the sequence to (a multiple of every chunk length in the model, such as "
+            f"{-(-padded_length // chunk_length) * chunk_length}), or None for this layer's own padding"
+        )
+
+
 def check_causal_for_decoding(causal: bool) -> None:
     if not causal:
         raise ValueError("incremental decoding needs a causal layer (causal=True): later tokens would change earlier outputs")

@@ -108,8 +108,8 @@ def slot_key_ranks(layout: ChunkLayout, key_mask: Tensor | None) -> Tensor | Non
     """
     if key_mask is None:
         return None
-    batch, length = layout.shape[:2]
-    positions = layout.positions.view(batch, -1)  # the groups of one batch row are adjacent
+    batch, length, heads, rounds = layout.shape
+    positions = layout.positions.view(batch, heads * rounds * length)  # the groups of one batch row are adjacent
     real = torch.gather(key_mask, 1, positions)
     return torch.where(real, positions, length).view(-1)
 

@@ -128,6 +128,7 @@ class FullSelfAttention(nn.Module):
         ``padded_length`` is accepted for a uniform interface; padding does not change full attention.
         """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        cache.check_batch(hidden_states.shape[0])
         queries, keys, values = self._project(hidden_states)  # (B, H, n, D)
         out = full_attention(queries, keys, values, causal=True, key_mask=key_mask)
         real = torch.ones_like(keys[:, 0, :, 0], dtype=torch.bool) if key_mask is None else key_mask
@@ -140,6 +141,7 @@ class FullSelfAttention(nn.Module):
     ) -> Tensor:
         """Output (B, 1, hidden) for one new position appended to ``cache``."""
         key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        cache.check_batch(hidden_new.shape[0])
         queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
         cache.append(keys, values, key_mask)
         return self.output(merge_heads(full_decode_attention(queries, cache)))

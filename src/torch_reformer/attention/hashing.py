@@ -19,6 +19,7 @@ so the global random state is never touched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +28,15 @@ from torch import Tensor
 BucketSpec = int | Sequence[int]
 
 
+def is_integer(value) -> bool:
+    """True for Python and NumPy integers (``numbers.Integral``), not for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def bucket_factors(num_buckets: BucketSpec) -> tuple[int, ...]:
-    """Validate ``num_buckets`` (an even int or a non-empty list of even ints) and return its factors."""
-    if isinstance(num_buckets, int):
+    """Validate ``num_buckets`` (an even int or a non-empty list of even ints; NumPy integers are
+    fine) and return its factors as Python ints."""
+    if is_integer(num_buckets):
         factors = (num_buckets,)
     elif isinstance(num_buckets, Sequence):
         factors = tuple(num_buckets)
@@ -37,9 +44,10 @@ def bucket_factors(num_buckets: BucketSpec) -> tuple[int, ...]:
         raise TypeError(f"num_buckets must be an even int or a list of even ints, got {num_buckets!r}")
     if not factors:
         raise ValueError("num_buckets is an empty list: give an even int such as 64 or even factors such as [8, 8]")
+    if not all(is_integer(factor) for factor in factors):
+        raise TypeError(f"num_buckets must be an int or a list of ints, got {num_buckets!r}")
+    factors = tuple(int(factor) for factor in factors)
     for factor in factors:
-        if isinstance(factor, bool) or not isinstance(factor, int):
-            raise TypeError(f"num_buckets must be an int or a list of ints, got {num_buckets!r}")
         if factor < 2 or factor % 2:
             raise ValueError(
                 f"num_buckets={num_buckets!r}: every bucket count (or factor) must be an even number >= 2, "
@@ -76,6 +84,24 @@ def auto_num_buckets(length: int, chunk_length: int, max_position_embeddings: in
     return [2 ** (exponent // 2), 2 ** (exponent - exponent // 2)]
 
 
+# The seeds torch.Generator.manual_seed accepts (negative ones wrap around to unsigned 64-bit values).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_hash_seed(seed) -> int | None:
+    """``seed`` as a Python int (or None) after checking it is an integer that a generator accepts."""
+    if seed is None:
+        return None
+    if not is_integer(seed):
+        raise TypeError(f"hash_seed must be an int or None, got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(
+            f"hash_seed={seed} is outside the range a torch.Generator accepts, [-2**63, 2**64 - 1]: use a smaller "
+            "seed (e.g. seed % 2**64)"
+        )
+    return int(seed)
+
+
 def draw_rotations(
     num_heads: int,
     head_size: int,
@@ -95,6 +121,7 @@ def draw_rotations(
     shape = (num_heads, head_size, num_hashes, rotation_width(num_buckets))
     device = torch.device("cpu") if device is None else torch.device(device)
     generator = None
+    seed = check_hash_seed(seed)
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
@@ -134,7 +161,7 @@ def hash_vectors(vectors: Tensor, rotations: Tensor, num_buckets: BucketSpec) ->
     batch, _, length, _ = vectors.shape
     # The projections of a long sequence are (B, H, R, L, F): at a million tokens and F = 192 they
     # would take 6 GiB, so positions are hashed in blocks of at most HASH_BLOCK_ELEMENTS projections.
-    block = max(1, HASH_BLOCK_ELEMENTS // (batch * num_heads * rotations.shape[2] * rotations.shape[3]))
+    block = max(1, HASH_BLOCK_ELEMENTS // max(1, batch * num_heads * rotations.shape[2] * rotations.shape[3]))
     bucket_ids = vectors.new_empty((batch, num_heads, rotations.shape[2], length), dtype=torch.long)
     with torch.no_grad():
         for start in range(0, length, block):

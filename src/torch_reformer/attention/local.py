@@ -32,6 +32,7 @@ from torch_reformer.attention.checks import (
     check_causal_for_decoding,
     check_chunking,
     check_decode_inputs,
+    check_decode_padding,
     check_layer_sizes,
 )
 from torch_reformer.attention.chunking import (
@@ -99,6 +100,7 @@ def local_decode_attention(
     the query attends to the chunks around its own (wrapping as the forward pass does, so with
     ``num_chunks_after`` > 0 the last chunks also see the first ones).
     """
+    check_decode_padding(padded_length, chunk_length, cache.length)
     newest = cache.length - 1
     device = query.device
     if padded_length <= chunk_length:
@@ -205,6 +207,7 @@ class LocalSelfAttention(nn.Module):
     ) -> Tensor:
         """Attend over a prompt (B, n, hidden) as ``forward`` does and store its keys and values."""
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        cache.check_batch(hidden_states.shape[0])
         length = hidden_states.shape[1]
         padded_length = self.padded_length(length) if padded_length is None else padded_length
         hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
@@ -224,11 +227,11 @@ class LocalSelfAttention(nn.Module):
         (by default this layer's own padding).
         """
         key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        cache.check_batch(hidden_new.shape[0])
+        padded_length = self.padded_length(cache.length + 1) if padded_length is None else padded_length
+        check_decode_padding(padded_length, self.chunk_length, cache.length + 1)  # before the cache changes
         queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
         cache.append(keys, values, key_mask)
-        padded_length = self.padded_length(cache.length) if padded_length is None else padded_length
-        if padded_length < cache.length:
-            raise ValueError(f"padded_length={padded_length} is shorter than the {cache.length} positions decoded")
         out = local_decode_attention(
             queries, cache, padded_length=padded_length, chunk_length=self.chunk_length,
             num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,

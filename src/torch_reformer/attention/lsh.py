@@ -31,6 +31,7 @@ from torch_reformer.attention.checks import (
     check_causal_for_decoding,
     check_chunking,
     check_decode_inputs,
+    check_decode_padding,
     check_layer_sizes,
 )
 from torch_reformer.attention.chunking import (
@@ -50,8 +51,10 @@ from torch_reformer.attention.hashing import (
     assign_padding_bucket,
     auto_num_buckets,
     bucket_factors,
+    check_hash_seed,
     draw_rotations,
     hash_vectors,
+    is_integer,
     rotation_width,
     total_buckets,
 )
@@ -175,6 +178,7 @@ def lsh_decode_attention(
     laid end to end, and the query attends to exactly those slots. Work is O(R * t) integers for
     the sort plus O(R * W * D) for the attention.
     """
+    check_decode_padding(padded_length, chunk_length, cache.length)
     batch, heads, _, head_size = query.shape
     length = cache.length
     newest = length - 1
@@ -186,7 +190,7 @@ def lsh_decode_attention(
     rounds, window = key_positions.shape[2], key_positions.shape[3]
     real = key_positions <= newest  # slots of later (padding) positions are hidden
     index = key_positions.clamp(max=newest).view(batch, heads, rounds * window)  # (B, H, R*W)
-    real &= torch.gather(cache.key_mask[:, :length], 1, index.view(batch, -1)).view_as(real)
+    real &= torch.gather(cache.key_mask[:, :length], 1, index.flatten(1)).view_as(real)
     gather_index = index[..., None].expand(batch, heads, rounds * window, head_size)
     dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
     keys = normalize_keys(torch.gather(qk, 2, gather_index).to(dtype)).view(batch, heads, rounds, window, head_size)
@@ -219,7 +223,7 @@ def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int,
     window_chunks = (chunk[..., None] + offsets) % num_chunks  # (B, H, R, J)
     slots = window_chunks[..., None] * chunk_length + torch.arange(chunk_length, device=padded.device)  # (B,H,R,J,C)
     flat_sorted = sorted_positions.view(batch, heads, rounds * padded_length)
-    return torch.gather(flat_sorted, 2, slots.view(batch, heads, -1)).view(batch, heads, rounds, -1)
+    return torch.gather(flat_sorted, 2, slots.flatten(2)).view(batch, heads, rounds, slots.shape[3] * chunk_length)
 
 
 class LSHSelfAttention(nn.Module):
@@ -260,10 +264,10 @@ class LSHSelfAttention(nn.Module):
         check_layer_sizes(hidden_size, num_heads, head_size, dropout)
         check_chunking(chunk_length, num_chunks_before, num_chunks_after)
         _check_hashing(num_hashes, num_buckets, max_position_embeddings)
-        if hash_seed is not None and (isinstance(hash_seed, bool) or not isinstance(hash_seed, int)):
-            raise TypeError(f"hash_seed must be an int or None, got {hash_seed!r}")
+        hash_seed = check_hash_seed(hash_seed)
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
-        self.num_hashes, self.num_buckets = num_hashes, num_buckets
+        self.num_hashes = num_hashes
+        self.num_buckets = int(num_buckets) if is_integer(num_buckets) else num_buckets
         self.max_position_embeddings = max_position_embeddings
         self.chunk_length = chunk_length
         self.num_chunks_before, self.num_chunks_after = num_chunks_before, num_chunks_after
@@ -413,6 +417,7 @@ class LSHSelfAttention(nn.Module):
         of all its chunk lengths); by default this layer's own ``padded_length(n)``.
         """
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
+        cache.check_batch(hidden_states.shape[0])
         length = hidden_states.shape[1]
         padded_length = self.padded_length(length) if padded_length is None else padded_length
         hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
@@ -435,12 +440,12 @@ class LSHSelfAttention(nn.Module):
         (by default this layer's own padding), with the cache's rotations and bucket count.
         """
         key_mask = check_decode_inputs(hidden_new, attention_mask_new, self.hidden_size)
+        cache.check_batch(hidden_new.shape[0])
+        padded_length = self.padded_length(cache.length + 1) if padded_length is None else padded_length
+        check_decode_padding(padded_length, self.chunk_length, cache.length + 1)  # before the cache changes
         qk, values = self._project(hidden_new)  # (B, H, 1, D)
         bucket_ids = assign_padding_bucket(hash_vectors(qk, cache.rotations, cache.num_buckets), key_mask, cache.num_buckets)
         cache.append(qk, values, key_mask, bucket_ids)
-        padded_length = self.padded_length(cache.length) if padded_length is None else padded_length
-        if padded_length < cache.length:
-            raise ValueError(f"padded_length={padded_length} is shorter than the {cache.length} positions decoded")
         out = lsh_decode_attention(
             qk, cache, padded_length=padded_length, chunk_length=self.chunk_length,
             num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,

@@ -85,6 +85,8 @@ class _Slice(NamedTuple):
 def _slices(layout: ChunkLayout, key_ranks: Tensor | None, chunks_per_slice: int) -> Iterator[_Slice]:
     """The query chunks in slices, round after round, so a slice never holds two slots of one row."""
     batch, length, heads, rounds = layout.shape
+    if batch * heads == 0:  # an empty batch has no chunks
+        return
     chunk, per_group = layout.chunk_length, layout.chunks_per_group
     per_round = length // chunk
     device = layout.slot_rows.device
@@ -425,4 +427,4 @@ def chunked_attention(
         rows(queries), None if keys is None else rows(keys), rows(values), layout,
         slot_key_ranks(layout, key_mask), spec, seed,
     )
-    return out.view(batch, length, heads, -1).transpose(1, 2)
+    return out.view(batch, length, heads, values.shape[-1]).transpose(1, 2)
