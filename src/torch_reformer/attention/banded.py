@@ -5,9 +5,10 @@ S chunks and B' batch rows per part, D head dim.
 
 In the natural order a chunk's neighbours are whole blocks of the (B, H, N, C, D) queries, keys
 and values: chunk t attends to chunks t - before … t + after (mod N, wrapping like the sliced
-core in ``sliced``; offsets of N or more in magnitude give chunk t itself, ``neighbour_offsets``), so no per-row gathers are needed. The work is cut into parts: S query
-chunks of one batch row, or whole short sequences of several rows, so that each kernel call gets
-a similar amount of work. For each part we copy the neighbour blocks of keys and values into
+core in ``sliced``; an offset of N or more in magnitude gives chunk t itself, see
+``chunking.neighbour_offsets``), so no per-row gathers are needed. The work is cut into parts:
+S query chunks of one batch row, or whole short sequences of several rows, so that each kernel
+call gets a similar amount of work. For each part we copy the neighbour blocks of keys and values into
 (B' * H, S, J*C, D) windows, run by run, and hand them with the part's queries to the kernel
 behind ``F.scaled_dot_product_attention`` on CPU
 (``aten::_scaled_dot_product_flash_attention_for_cpu``): scores, masked softmax and weighted
@@ -24,9 +25,9 @@ core does; windows exist for one part at a time.
 Masks are additive (0 or -inf). Away from the ends of the sequence every chunk sees its window
 the same way: earlier chunks whole, its own chunk up to the diagonal and no later chunk (causal),
 so one (C, J*C) mask serves all of them. Chunks whose window wraps around (the first ``before``
-and the last ``after``, counting only offsets below N) get their mask from positions, the rule the sliced core applies to every
-chunk. No row is ever fully masked: a causal query sees itself, and without causality nothing is
-masked; that is why this path takes no padding mask.
+and the last ``after``, counting offsets below N) get their mask from positions, the rule the
+sliced core applies to every chunk. No row is ever fully masked: a causal query sees itself, and
+without causality nothing is masked; that is why this path takes no padding mask.
 
 ``banded_attention_applies`` says when this path is used: on CPU, with no padding mask and no
 attention dropout, in a torch build that has the kernel. Everything else goes through the sliced
@@ -69,7 +70,7 @@ def banded_attention_applies(queries: Tensor, key_mask: Tensor | None, dropout: 
 
 
 def _window_mask(chunks: Tensor, num_chunks: int, offsets: list[int], chunk_length: int, dtype) -> Tensor:
-    """Causal additive mask (S, C, J*C) of query ``chunks`` (S,) from positions; ``offsets`` from ``neighbour_offsets``."""
+    """Causal additive mask (S, C, J*C) of query ``chunks`` (S,) from positions (``offsets``: ``neighbour_offsets``)."""
     neighbours = (chunks[:, None] + torch.tensor(offsets, device=chunks.device)) % num_chunks  # (S, J)
     within = torch.arange(chunk_length, device=chunks.device)
     query_positions = chunks[:, None] * chunk_length + within  # (S, C)
