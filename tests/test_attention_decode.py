@@ -158,6 +158,30 @@ def test_an_empty_batch_decodes(name):
         assert layer.decode_step(torch.randn(0, 1, 16), cache).shape == (0, 1, 16)
 
 
+def test_local_cache_without_look_ahead_keeps_only_its_window():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(16, 2, 8, chunk_length=4, num_chunks_before=2, causal=True).eval()
+    cache = layer.init_cache(2, 4000)
+    assert cache.keys.shape == cache.values.shape == (2, 2, 12, 8) and cache.key_mask.shape == (2, 12)
+    hidden = torch.randn(2, 41, 16)
+    mask = torch.ones(2, 41, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded prompt longer than the window
+    with torch.no_grad():
+        layer.prefill(hidden[:, :17], cache, mask[:, :17], padded_length=24)
+        for t in range(17, 41):  # the ring wraps around several times; padding as a model with chunks 4 and 8
+            padded = -(-(t + 1) // 8) * 8
+            step = layer.decode_step(hidden[:, t : t + 1], cache, padded_length=padded)
+            inputs = torch.nn.functional.pad(hidden[:, : t + 1], (0, 0, 0, padded - t - 1))
+            expected = layer(inputs, torch.nn.functional.pad(mask[:, : t + 1], (0, padded - t - 1)))[:, t : t + 1]
+            assert (step - expected).abs().max() <= 1e-5, t
+    look_ahead = LocalSelfAttention(16, 2, 8, chunk_length=4, num_chunks_after=1, causal=True)
+    assert look_ahead.init_cache(1, 50).keys.shape[2] == 50  # the last chunks see the first ones
+    layer.num_chunks_before = 3  # a wider window than the cache keeps
+    with pytest.raises(ValueError, match="keeps the latest 12 positions"):
+        layer.decode_step(torch.randn(2, 1, 16), cache)
+    assert cache.length == 41  # refused before anything was stored
+
+
 def test_decoding_errors_are_clear():
     for layer in (LSHSelfAttention(8, 2, 4, num_buckets=4, chunk_length=4), LocalSelfAttention(8, 2, 4),
                   FullSelfAttention(8, 2, 4)):

@@ -1,6 +1,6 @@
 """The per-layer cache of past keys and values for causal incremental decoding.
 
-Shapes: B batch, H heads, M cached positions, D head size, R hash rounds.
+Shapes: B batch, H heads, M stored positions, D head size, R hash rounds.
 """
 
 from __future__ import annotations
@@ -12,26 +12,37 @@ from torch import Tensor
 class AttentionCache:
     """Keys, values and padding mask of past positions for causal incremental decoding.
 
-    ``keys``/``values`` (B, H, M, D) and ``key_mask`` (B, M) have room for M = ``max_length``
-    positions; ``length`` are filled. LSH layers also keep ``bucket_ids`` (B, H, R, M) and the
-    hashing fixed for the whole generation (``rotations``, ``num_buckets``).
+    Up to ``max_length`` positions can be appended; ``length`` have been. ``keys``/``values``
+    (B, H, M, D) and ``key_mask`` (B, M) store M = ``capacity`` of them: all (M = ``max_length``),
+    or with ``window`` only the latest ``window`` positions, in a ring (position p in slot
+    p mod M; ``slots`` maps positions to slots), for layers that never look farther back. LSH
+    layers also keep ``bucket_ids`` (B, H, R, M) and the hashing fixed for the whole generation
+    (``rotations``, ``num_buckets``).
     """
 
     def __init__(self, batch_size: int, max_length: int, num_heads: int, head_size: int, *, device=None,
-                 dtype=None, num_hashes: int | None = None, rotations: Tensor | None = None, num_buckets=None):
-        shape = (batch_size, num_heads, max_length, head_size)
+                 dtype=None, num_hashes: int | None = None, rotations: Tensor | None = None, num_buckets=None,
+                 window: int | None = None):
+        self.max_length = max_length
+        capacity = max_length if window is None else min(window, max_length)
+        shape = (batch_size, num_heads, capacity, head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.key_mask = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.bucket_ids = None
         if num_hashes is not None:
-            self.bucket_ids = torch.zeros(batch_size, num_heads, num_hashes, max_length, dtype=torch.long, device=device)
+            self.bucket_ids = torch.zeros(batch_size, num_heads, num_hashes, capacity, dtype=torch.long, device=device)
         self.rotations, self.num_buckets = rotations, num_buckets
         self.length = 0
 
     @property
-    def max_length(self) -> int:
+    def capacity(self) -> int:
+        """How many positions are stored: ``max_length``, or the window of a ring cache."""
         return self.keys.shape[2]
+
+    def slots(self, positions: Tensor) -> Tensor:
+        """Where ``positions`` (any shape) are stored; only the latest ``capacity`` positions are."""
+        return positions % self.capacity
 
     @property
     def batch_size(self) -> int:
@@ -54,11 +65,13 @@ class AttentionCache:
                 f"the cache holds {self.max_length} positions and {start} are used; cannot add {keys.shape[2]} "
                 "more: create it with a larger max_length"
             )
-        self.keys[:, :, start:stop] = keys
-        self.values[:, :, start:stop] = values
-        self.key_mask[:, start:stop] = key_mask
+        kept = min(stop - start, self.capacity)  # a ring keeps the latest positions only
+        slots = self.slots(torch.arange(stop - kept, stop, device=self.keys.device))  # (kept,)
+        self.keys[:, :, slots] = keys[:, :, keys.shape[2] - kept :]
+        self.values[:, :, slots] = values[:, :, values.shape[2] - kept :]
+        self.key_mask[:, slots] = key_mask[:, key_mask.shape[1] - kept :]
         if self.bucket_ids is not None:
-            self.bucket_ids[..., start:stop] = bucket_ids
+            self.bucket_ids[..., slots] = bucket_ids[..., bucket_ids.shape[-1] - kept :]
         self.length = stop
 
     def reorder(self, rows: Tensor) -> None:

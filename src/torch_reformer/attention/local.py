@@ -95,12 +95,13 @@ def local_decode_attention(
 ) -> Tensor:
     """Causal local attention of the newest cached position t, (B, H, 1, D) -> (B, H, 1, D).
 
-    ``cache`` holds keys, values and the padding mask of positions
-    0..t. Equals row t of a causal forward pass over the sequence padded to ``padded_length``:
-    the query attends to the chunks around its own (wrapping as the forward pass does, so with
-    ``num_chunks_after`` > 0 the last chunks also see the first ones).
+    ``cache`` holds keys, values and the padding mask of positions 0..t (or of the latest ones,
+    ``init_cache``). Equals row t of a causal forward pass over the sequence padded to
+    ``padded_length``: the query attends to the chunks around its own (wrapping as the forward
+    pass does, so with ``num_chunks_after`` > 0 the last chunks also see the first ones).
     """
     check_decode_padding(padded_length, chunk_length, cache.length)
+    _check_cache_window(cache, chunk_length, num_chunks_before, num_chunks_after)
     newest = cache.length - 1
     device = query.device
     if padded_length <= chunk_length:
@@ -110,13 +111,34 @@ def local_decode_attention(
         offsets = torch.tensor(neighbour_offsets(num_chunks_before, num_chunks_after, num_chunks), device=device)
         window_chunks = (newest // chunk_length + offsets) % num_chunks  # (J,)
         key_positions = (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
-    index = key_positions.clamp(max=newest)  # (W,); later positions are padding and get masked
+    index = cache.slots(key_positions.clamp(max=newest))  # (W,); later positions are padding and get masked
     real = (key_positions <= newest) & cache.key_mask[:, index]  # (B, W)
     dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
     scores = torch.matmul(query.to(dtype), cache.keys[:, :, index].to(dtype).transpose(-1, -2))  # (B, H, 1, W)
     scores = scores.mul_(1 / math.sqrt(query.shape[-1])).masked_fill(~real[:, None, None, :], mask_values(dtype)[0])
     out = torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index].to(dtype))  # (B, H, 1, D)
     return out.to(query.dtype)
+
+
+def _look_back(chunk_length: int, num_chunks_before: int, num_chunks_after: int) -> int | None:
+    """How many of the latest positions a causal decode step can see: None for all of them.
+
+    Without look-ahead a query in chunk c sees chunks c - before .. c and later chunks reached by
+    wrapping around, which are future positions and hidden; with look-ahead the last chunks wrap
+    around to the first ones, so every position may be needed.
+    """
+    return None if num_chunks_after else (num_chunks_before + 1) * chunk_length
+
+
+def _check_cache_window(cache: AttentionCache, chunk_length: int, before: int, after: int) -> None:
+    """Raise if ``cache`` keeps fewer of the latest positions than a window of these settings needs."""
+    needed = _look_back(chunk_length, before, after)
+    if cache.capacity < cache.max_length and (needed is None or needed > cache.capacity):
+        raise ValueError(
+            f"the cache keeps the latest {cache.capacity} positions, but chunk_length={chunk_length}, "
+            f"num_chunks_before={before} and num_chunks_after={after} need "
+            f"{'all of them' if needed is None else needed}: create the cache with init_cache after changing these"
+        )
 
 
 class LocalSelfAttention(nn.Module):
@@ -193,13 +215,18 @@ class LocalSelfAttention(nn.Module):
     def init_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> AttentionCache:
         """An empty decoding cache for ``max_length`` positions.
 
-        It keeps every past key and value: with ``num_chunks_after`` > 0 the wrap-around makes
-        the last chunks attend to the first ones, so the look-back window alone is not enough.
+        Without look-ahead (``num_chunks_after`` = 0, as in causal language models) it keeps only
+        the window a step can see, the latest (``num_chunks_before`` + 1) * ``chunk_length``
+        positions, in a ring. With look-ahead the last chunks wrap around to the first ones, so it
+        keeps every past key and value.
         """
         check_causal_for_decoding(self.causal)
         device = self.query.weight.device if device is None else device
         dtype = self.query.weight.dtype if dtype is None else dtype
-        return AttentionCache(batch_size, max_length, self.num_heads, self.head_size, device=device, dtype=dtype)
+        return AttentionCache(
+            batch_size, max_length, self.num_heads, self.head_size, device=device, dtype=dtype,
+            window=_look_back(self.chunk_length, self.num_chunks_before, self.num_chunks_after),
+        )
 
     def prefill(
         self, hidden_states: Tensor, cache: AttentionCache, attention_mask: Tensor | None = None, *,
@@ -208,6 +235,7 @@ class LocalSelfAttention(nn.Module):
         """Attend over a prompt (B, n, hidden) as ``forward`` does and store its keys and values."""
         key_mask = check_attention_inputs(hidden_states, attention_mask, self.hidden_size)
         cache.check_batch(hidden_states.shape[0])
+        _check_cache_window(cache, self.chunk_length, self.num_chunks_before, self.num_chunks_after)
         length = hidden_states.shape[1]
         padded_length = self.padded_length(length) if padded_length is None else padded_length
         hidden_states, padded_mask = pad_sequence(hidden_states, key_mask, padded_length)
@@ -230,6 +258,7 @@ class LocalSelfAttention(nn.Module):
         cache.check_batch(hidden_new.shape[0])
         padded_length = self.padded_length(cache.length + 1) if padded_length is None else padded_length
         check_decode_padding(padded_length, self.chunk_length, cache.length + 1)  # before the cache changes
+        _check_cache_window(cache, self.chunk_length, self.num_chunks_before, self.num_chunks_after)
         queries, keys, values = self._project(hidden_new)  # (B, H, 1, D)
         cache.append(keys, values, key_mask)
         out = local_decode_attention(
