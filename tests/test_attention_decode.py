@@ -199,3 +199,22 @@ def test_decoding_errors_are_clear():
     lsh.prefill(torch.randn(1, 5, 8), cache)
     with pytest.raises(ValueError, match="padded_length"):
         lsh.decode_step(torch.randn(1, 1, 8), cache, padded_length=4)
+
+
+@pytest.mark.parametrize("name", ["lsh-2-hashes-chunk-8", "local"])
+def test_decode_attention_ignores_autocast_as_the_forward_pass_does(name):
+    from torch_reformer.attention.local import local_decode_attention
+    from torch_reformer.attention.lsh import lsh_decode_attention
+
+    layer, rotations = make(name, 20)
+    cache = layer.init_cache(1, 20, **({} if rotations is None else dict(rotations=rotations)))
+    with torch.no_grad():
+        layer.prefill(torch.randn(1, 19, 16), cache)
+        query = torch.randn(1, 2, 1, 8)
+        cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.ones(1, 1, dtype=torch.bool),
+                     None if cache.bucket_ids is None else torch.zeros(1, 2, 2, 1, dtype=torch.long))
+        attend = lsh_decode_attention if rotations is not None else local_decode_attention
+        settings = dict(padded_length=24, chunk_length=layer.chunk_length, num_chunks_before=1, num_chunks_after=0)
+        plain = attend(query, cache, **settings)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(attend(query, cache, **settings), plain)

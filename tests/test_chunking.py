@@ -348,3 +348,20 @@ def test_shared_keys_without_the_self_mask_have_exact_gradients():
     assert torch.autograd.gradcheck(
         lambda q, v: chunked_attention(q, None, v, layout, causal=True, self_mask=False, chunks_per_slice=1), tensors
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_leaves_the_core_in_its_own_precision(dtype):
+    # Under autocast the products would run in bfloat16 again, and the statistics would not fit
+    # their float32 buffers: the core turns autocast off and gives what it gives outside it.
+    layout = chunk_layout(random_sorted_positions(1, 2, 2, 16, seed=2)[1], 4, 1, 0)
+    inputs = [torch.randn(1, 2, 16, 8, dtype=dtype, requires_grad=True) for _ in range(2)]
+
+    def run():
+        out = chunked_attention(inputs[0], None, inputs[1], layout, causal=True, self_mask=True)
+        return (out, *torch.autograd.grad(out.float().square().sum(), inputs))
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, under_autocast))

@@ -103,21 +103,27 @@ def local_decode_attention(
     check_decode_padding(padded_length, chunk_length, cache.length)
     _check_cache_window(cache, chunk_length, num_chunks_before, num_chunks_after)
     newest = cache.length - 1
-    device = query.device
-    if padded_length <= chunk_length:
-        key_positions = torch.arange(newest + 1, device=device)  # (t+1,)
-    else:
-        num_chunks = padded_length // chunk_length
-        offsets = torch.tensor(neighbour_offsets(num_chunks_before, num_chunks_after, num_chunks), device=device)
-        window_chunks = (newest // chunk_length + offsets) % num_chunks  # (J,)
-        key_positions = (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
+    key_positions = _decode_window(newest, padded_length, chunk_length, num_chunks_before, num_chunks_after,
+                                   query.device)  # (W,)
     index = cache.slots(key_positions.clamp(max=newest))  # (W,); later positions are padding and get masked
     real = (key_positions <= newest) & cache.key_mask[:, index]  # (B, W)
-    dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
-    scores = torch.matmul(query.to(dtype), cache.keys[:, :, index].to(dtype).transpose(-1, -2))  # (B, H, 1, W)
-    scores = scores.mul_(1 / math.sqrt(query.shape[-1])).masked_fill(~real[:, None, None, :], mask_values(dtype)[0])
-    out = torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index].to(dtype))  # (B, H, 1, D)
+    dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32 (no autocast)
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(query.to(dtype), cache.keys[:, :, index].to(dtype).transpose(-1, -2))  # (B, H, 1, W)
+        scores = scores.mul_(1 / math.sqrt(query.shape[-1])).masked_fill(~real[:, None, None, :], mask_values(dtype)[0])
+        out = torch.matmul(torch.softmax(scores, dim=-1), cache.values[:, :, index].to(dtype))  # (B, H, 1, D)
     return out.to(query.dtype)
+
+
+def _decode_window(newest: int, padded_length: int, chunk_length: int, before: int, after: int, device) -> Tensor:
+    """Positions (W,) that position ``newest`` attends to in a sequence padded to ``padded_length``;
+    those after ``newest`` are padding."""
+    if padded_length <= chunk_length:
+        return torch.arange(newest + 1, device=device)  # (t+1,)
+    num_chunks = padded_length // chunk_length
+    offsets = torch.tensor(neighbour_offsets(before, after, num_chunks), device=device)
+    window_chunks = (newest // chunk_length + offsets) % num_chunks  # (J,)
+    return (window_chunks[:, None] * chunk_length + torch.arange(chunk_length, device=device)).view(-1)
 
 
 def _look_back(chunk_length: int, num_chunks_before: int, num_chunks_after: int) -> int | None:

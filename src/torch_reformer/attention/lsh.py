@@ -195,16 +195,21 @@ def lsh_decode_attention(
     dtype = accumulation_dtype(query.dtype)  # as the forward pass: half inputs attend in float32
     keys = normalize_keys(torch.gather(qk, 2, gather_index).to(dtype)).view(batch, heads, rounds, window, head_size)
     window_values = torch.gather(values, 2, gather_index).to(dtype).view(batch, heads, rounds, window, head_size)
-
     mask_value, self_mask_value = mask_values(dtype)
-    scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0].to(dtype), keys)  # (B, H, R, W)
-    scores = scores.masked_fill(~real, mask_value).masked_fill(key_positions == newest, self_mask_value)
-    # Rounded as the forward pass rounds (``sliced._softmax_``): like Trax and HF for float32 and float64.
-    reference_rounding = dtype == query.dtype
+    with torch.autocast(query.device.type, enabled=False):  # the forward pass runs without autocast too
+        scores = torch.einsum("bhd,bhrwd->bhrw", query[:, :, 0].to(dtype), keys)  # (B, H, R, W)
+        scores = scores.masked_fill(~real, mask_value).masked_fill(key_positions == newest, self_mask_value)
+        return _merge_decoded_rounds(scores, window_values, dtype == query.dtype).unsqueeze(2).to(query.dtype)
+
+
+def _merge_decoded_rounds(scores: Tensor, window_values: Tensor, reference_rounding: bool) -> Tensor:
+    """Softmax of masked ``scores`` (B, H, R, W) over ``window_values`` (B, H, R, W, D), rounds merged:
+    (B, H, D). Rounded as the forward pass rounds (``sliced._softmax_``): like Trax and HF for
+    float32 and float64 inputs."""
     logsumexp = torch.logsumexp(scores, dim=-1)  # (B, H, R)
     probs = torch.exp(scores - logsumexp[..., None]) if reference_rounding else torch.softmax(scores, dim=-1)
     out = torch.einsum("bhrw,bhrwd->bhrd", probs, window_values)  # (B, H, R, D)
-    return merge_rounds(out, logsumexp, reference_rounding=reference_rounding).unsqueeze(2).to(query.dtype)
+    return merge_rounds(out, logsumexp, reference_rounding=reference_rounding)
 
 
 def _decode_window(cache: AttentionCache, padded_length: int, chunk_length: int, before: int, after: int) -> Tensor:

@@ -339,7 +339,9 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, values, layout: ChunkLayout, key_ranks, spec: AttentionSpec, seed):
-        out, slot_logsumexp, normaliser = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
+        # Autocast would run the products in half precision again: the core picks its own (module docstring).
+        with torch.autocast(queries.device.type, enabled=False):
+            out, slot_logsumexp, normaliser = _attend_slices(queries, keys, values, layout, key_ranks, spec, seed)
         ctx.layout, ctx.spec, ctx.seed = layout, spec, seed
         round_shift, round_scale = (None, None) if normaliser is None else normaliser
         save_with_output(ctx, (queries, keys, values, slot_logsumexp, round_shift, round_scale, key_ranks), out)
@@ -347,6 +349,11 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _ChunkedAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         refuse_create_graph("chunked LSH/local attention", ATTENTION_ONCE_ONLY)
         (queries, keys, values, slot_logsumexp, round_shift, round_scale, key_ranks), out = saved_and_output(ctx)
         layout, spec, seed = ctx.layout, ctx.spec, ctx.seed
