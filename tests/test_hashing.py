@@ -149,3 +149,11 @@ def test_hashing_matches_hf_for_the_same_seed():
         ours = hash_vectors(vectors, draw_rotations(2, 8, 3, num_buckets, seed=11), num_buckets)
         offsets = torch.arange(3).view(1, 1, 3, 1) * total_buckets(num_buckets)
         assert torch.equal((ours + offsets).flatten(2), hf_ids)
+
+
+def test_hashing_projects_in_the_rotations_dtype_under_autocast_too():
+    vectors = torch.randn(2, 2, 512, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    rotations = draw_rotations(2, 16, 2, 64, seed=0)
+    plain = hash_vectors(vectors, rotations, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would project in bfloat16: some ids moved
+        assert torch.equal(hash_vectors(vectors, rotations, 64), plain)

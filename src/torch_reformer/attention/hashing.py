@@ -147,8 +147,8 @@ def hash_vectors(vectors: Tensor, rotations: Tensor, num_buckets: BucketSpec) ->
     """Bucket ids (B, H, R, L) in [0, total_buckets) for ``vectors`` (B, H, L, D).
 
     ``rotations`` (H, D, R, F) must match the heads, head size and the bucket spec. The
-    projection runs in the rotations' dtype (float32 by default) so half-precision inputs
-    hash as robustly as full precision ones. No gradient flows through hashing.
+    projection runs in the rotations' dtype (float32 by default), autocast or not, so
+    half-precision inputs hash as robustly as full precision ones. No gradient flows through hashing.
     """
     factors = bucket_factors(num_buckets)
     num_heads, head_size = vectors.shape[1], vectors.shape[3]
@@ -163,7 +163,7 @@ def hash_vectors(vectors: Tensor, rotations: Tensor, num_buckets: BucketSpec) ->
     # would take 6 GiB, so positions are hashed in blocks of at most HASH_BLOCK_ELEMENTS projections.
     block = max(1, HASH_BLOCK_ELEMENTS // max(1, batch * num_heads * rotations.shape[2] * rotations.shape[3]))
     bucket_ids = vectors.new_empty((batch, num_heads, rotations.shape[2], length), dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(vectors.device.type, enabled=False):
         for start in range(0, length, block):
             part = vectors[:, :, start : start + block].detach().to(rotations.dtype)  # (B, H, l, D)
             rotated = torch.einsum("bhld,hdrf->bhrlf", part, rotations)  # (B, H, R, l, F)
